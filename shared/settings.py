@@ -1,0 +1,137 @@
+"""One typed settings object, loaded from ``JETCUT_*`` environment variables.
+
+Every field maps to ``JETCUT_<FIELD_NAME_UPPER>``; values are validated at start-up and a bad
+value fails fast with the variable's name in the message. The entry point loads settings once
+and hands them down: nothing reads the environment anywhere else.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Annotated, Literal
+
+import msgspec
+
+PREFIX = "JETCUT_"
+
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+
+
+class SettingsError(ValueError):
+    """A ``JETCUT_*`` variable is missing, malformed or out of range."""
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Everything a jetcut process can be configured with (see docs/configuration.md)."""
+
+    # --- NATS -------------------------------------------------------------------------
+    nats_url: str = "nats://127.0.0.1:4222"
+    """Comma-separated seed URLs; a client connects to any and fails over to the others."""
+    nats_creds: str | None = None
+    nats_tls_ca: str | None = None
+    replicas: PositiveInt = 1
+    """Stream and KV replicas: 1 embedded, 3 on a cluster."""
+
+    # --- embedded stack (jetcut dev) --------------------------------------------------
+    data_dir: str = ".jetcut"
+    """Where ``jetcut dev`` keeps nats-server's JetStream files and the local store."""
+    nats_port: Port = 4222
+    """Client port of the embedded nats-server (0 picks a free one)."""
+
+    # --- object store -----------------------------------------------------------------
+    store: Literal["local", "s3"] = "local"
+    store_dir: str | None = None
+    """Local-directory store root (default: ``<data_dir>/store``)."""
+    s3_endpoint: str = "127.0.0.1:9000"
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_secure: bool = False
+    s3_region: str | None = None
+    bucket: str = "jetcut"
+
+    # --- HTTP gateway -----------------------------------------------------------------
+    http_host: str = "127.0.0.1"
+    http_port: Port = 8080
+    public_url: str | None = None
+    """Base URL clients use to reach the gateway (default: http://<http_host>:<http_port>)."""
+    max_upload_bytes: PositiveInt = 20 * 1024**3
+    default_tenant: str = "default"
+
+    # --- consumers --------------------------------------------------------------------
+    ack_wait_s: Positive = 30.0
+    max_deliver: PositiveInt = 5
+    concurrency: PositiveInt = 1
+    """Tasks a stage worker runs at once (its consumer's MaxAckPending)."""
+    backoff_base_s: Positive = 1.0
+    backoff_max_s: Positive = 60.0
+    fetch_timeout_s: Positive = 5.0
+    drain_grace_s: Positive = 30.0
+    watchdog_s: Positive = 30.0
+    """A pull loop that saw nothing for this long while its consumer has pending work
+    rebuilds its subscription (nats.py #504, #986)."""
+
+    # --- media ------------------------------------------------------------------------
+    ffmpeg: str | None = None
+    ffprobe: str | None = None
+    work_dir: str | None = None
+    """Parent of per-step private temp dirs (default: the system temp dir)."""
+    ffmpeg_threads: int = 0
+    """``-threads`` for encoders; 0 lets ffmpeg choose."""
+    timeout_min_s: Positive = 60.0
+    timeout_max_s: Positive = 6 * 3600.0
+    timeout_per_media_s: Positive = 10.0
+    """A step may take this many seconds per second of input media (times the stage cost)."""
+
+    # --- observability ----------------------------------------------------------------
+    metrics_port: Port = 0
+    """Port for ``/metrics`` in ``jetcut run`` (0: off). The gateway always serves it."""
+    otel_exporter: Literal["none", "console", "otlp"] = "none"
+    otel_endpoint: str = "http://127.0.0.1:4318"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @property
+    def store_root(self) -> str:
+        return self.store_dir or os.path.join(self.data_dir, "store")
+
+    @property
+    def nats_servers(self) -> list[str]:
+        return [u.strip() for u in self.nats_url.split(",") if u.strip()]
+
+    @property
+    def base_url(self) -> str:
+        return self.public_url or f"http://{self.http_host}:{self.http_port}"
+
+
+def env_name(field: str) -> str:
+    return PREFIX + field.upper()
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+    """Build settings from ``JETCUT_*`` variables (plus explicit overrides, which win).
+
+    Raises:
+        SettingsError: naming the variable whose value is invalid.
+    """
+    environ = os.environ if environ is None else environ
+    fields = set(Settings.__struct_fields__)
+    raw: dict[str, object] = {}
+    for name, value in environ.items():
+        if not name.startswith(PREFIX):
+            continue
+        field = name[len(PREFIX) :].lower()
+        if field not in fields:
+            raise SettingsError(f"{name} is not a jetcut setting")
+        raw[field] = value
+    raw.update(overrides)
+    try:
+        return msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        # msgspec names the field as `$.field`; show the variable a user would set.
+        text = str(exc)
+        for field in fields:
+            if f"$.{field}" in text:
+                text = text.replace(f"$.{field}", env_name(field))
+        raise SettingsError(f"invalid setting: {text}") from exc
