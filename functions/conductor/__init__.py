@@ -1,0 +1,3 @@
+from functions.conductor.handler import function
+
+__all__ = ["function"]

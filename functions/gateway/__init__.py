@@ -1,0 +1,3 @@
+from functions.gateway.app import function
+
+__all__ = ["function"]

@@ -1,0 +1,52 @@
+"""gateway — the HTTP API for people and programs.
+
+Serves (on JETCUT_HTTP_HOST:JETCUT_HTTP_PORT):
+  POST /v1/uploads?filename=   stream a file into the store (constant memory)
+  POST /v1/jobs                validate and submit a job; 202 only after the PubAck
+  GET  /v1/jobs/{id}           status, steps, progress, error
+  GET  /v1/jobs/{id}/outputs   output files with download links
+  GET  /v1/jobs/{id}/outputs/{step}/{name}   stream one output
+  GET  /healthz /readyz /metrics
+Emits: jobs.submit (Nats-Msg-Id = job id, so a retried request never makes two jobs)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import uvicorn
+
+from functions.gateway.routes import build_app
+from shared.function import Function, Services
+
+log = logging.getLogger(__name__)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handlers: the runtime owns SIGTERM/SIGINT and drains."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[no-untyped-def]
+        yield
+
+
+async def serve(services: Services, stop: asyncio.Event) -> None:
+    settings = services.settings
+    config = uvicorn.Config(
+        build_app(services), host=settings.http_host, port=settings.http_port,
+        log_level="warning", lifespan="on", access_log=False,
+    )
+    server = _Server(config)
+    serving = asyncio.create_task(server.serve())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait([serving, stopping], return_when=asyncio.FIRST_COMPLETED)
+    server.should_exit = True
+    stopping.cancel()
+    await serving
+    if not stop.is_set():
+        raise RuntimeError("HTTP server stopped unexpectedly (port in use?)")
+
+
+function = Function(name="gateway", doc=__doc__ or "", service=serve)

@@ -1,0 +1,328 @@
+"""HTTP routes of the gateway. Errors always have one shape: {error: {code, message, details}}."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import tempfile
+import time
+import unicodedata
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+from litestar import Litestar, Request, Response, get, post
+from litestar.exceptions import HTTPException, NotFoundException, ValidationException
+from litestar.params import FromPath, FromQuery
+from litestar.response import Stream
+
+from shared.bus import PublishFailed
+from shared.errors import ErrorCode, JetcutError, ObjectNotFound
+from shared.events import ErrorInfo, InputRef, JobSubmit, StepSpec
+from shared.function import Services
+from shared.ids import job_id_for, new_job_id, new_upload_id
+from shared.jobstate import JobRecord, fail_job
+from shared.jobstore import JobNotFound
+from shared.recipes import resolve
+
+log = logging.getLogger(__name__)
+CHUNK = 1 << 20
+
+
+class ApiError(JetcutError):
+    """An error answered to the client with an HTTP status."""
+
+    def __init__(self, status: int, code: ErrorCode, message: str,
+                 details: dict[str, Any] | None = None) -> None:
+        super().__init__(message, code=code, details=details)
+        self.status = status
+
+
+class JobRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Body of POST /v1/jobs: a recipe (or inline steps) and the uploads it works on."""
+
+    recipe: str | None = None
+    steps: dict[str, StepSpec] | None = None
+    input: str | None = None
+    """An upload id (``u...``) or a store key under ``uploads/<tenant>/``."""
+    inputs: list[str] = []
+    params: dict[str, Any] = {}
+
+
+class UploadView(msgspec.Struct):
+    upload_id: str
+    key: str
+    filename: str
+    size: int
+    sha256: str
+
+
+class StepView(msgspec.Struct):
+    stage: str
+    status: str
+    attempt: int
+    progress: float
+    started_at: float | None
+    finished_at: float | None
+    error: ErrorInfo | None
+    outputs: dict[str, str]
+
+
+class JobView(msgspec.Struct):
+    job_id: str
+    status: str
+    recipe: str | None
+    progress: float
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    error: ErrorInfo | None
+    steps: dict[str, StepView]
+    links: dict[str, str]
+
+
+class OutputView(msgspec.Struct):
+    step: str
+    name: str
+    key: str
+    url: str
+
+
+def error_response(status: int, error: ErrorInfo) -> Response[Any]:
+    return Response({"error": msgspec.to_builtins(error)}, status_code=status)
+
+
+def tenant_of(request: Request[Any, Any, Any]) -> str:
+    """The caller's tenant. API keys map to tenants in a later change; until then, one."""
+    services: Services = request.app.state.services
+    return services.settings.default_tenant
+
+
+def safe_filename(name: str) -> str:
+    """A display name only (keys are built from minted ids); still keep it boring."""
+    name = unicodedata.normalize("NFKC", os.path.basename(name.replace("\\", "/")))
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "upload"
+    return name[:100]
+
+
+def view(record: JobRecord, base: str) -> JobView:
+    return JobView(
+        job_id=record.job_id, status=record.status, recipe=record.recipe,
+        progress=record.progress, created_at=record.created_at, started_at=record.started_at,
+        finished_at=record.finished_at, error=record.error,
+        steps={
+            name: StepView(stage=s.stage, status=s.status, attempt=s.attempt,
+                           progress=s.progress, started_at=s.started_at,
+                           finished_at=s.finished_at, error=s.error, outputs=s.outputs)
+            for name, s in record.steps.items()
+        },
+        links={"self": f"{base}/v1/jobs/{record.job_id}",
+               "outputs": f"{base}/v1/jobs/{record.job_id}/outputs"},
+    )
+
+
+async def load_job(services: Services, tenant: str, job_id: str) -> JobRecord:
+    """Another tenant's job is indistinguishable from a missing one (404, never 403)."""
+    try:
+        record = await services.jobs.get(job_id)
+    except (JobNotFound, ValueError):
+        record = None
+    except Exception as exc:  # nats-py rejects malformed keys with its own error types
+        if type(exc).__name__ != "InvalidKeyError":
+            raise
+        record = None
+    if record is None or record.tenant != tenant:
+        raise ApiError(404, ErrorCode.NOT_FOUND, f"no job {job_id!r}")
+    return record
+
+
+@post("/v1/uploads", request_max_body_size=None, status_code=201)
+async def upload(
+    request: Request[Any, Any, Any], filename: FromQuery[str] = "upload"
+) -> UploadView:
+    services: Services = request.app.state.services
+    tenant = tenant_of(request)
+    limit = services.settings.max_upload_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, ErrorCode.PAYLOAD_TOO_LARGE, f"uploads are limited to {limit} bytes")
+    upload_id = new_upload_id()
+    name = safe_filename(filename)
+    key = f"uploads/{tenant}/{upload_id}/{name}"
+    digest = hashlib.sha256()
+    size = 0
+    # Spool to disk, never to memory: multi-GB uploads use constant memory.
+    with tempfile.NamedTemporaryFile(dir=services.settings.work_dir, prefix="upload-") as spool:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, ErrorCode.PAYLOAD_TOO_LARGE,
+                               f"uploads are limited to {limit} bytes")
+            digest.update(chunk)
+            spool.write(chunk)
+        spool.flush()
+        if size == 0:
+            raise ApiError(400, ErrorCode.INVALID_REQUEST, "the upload is empty")
+        await services.store.put_file(key, spool.name)
+    return UploadView(upload_id=upload_id, key=key, filename=name, size=size,
+                      sha256=digest.hexdigest())
+
+
+async def resolve_input(services: Services, tenant: str, ref: str) -> InputRef:
+    prefix = f"uploads/{tenant}/"
+    if ref.startswith(prefix):
+        key = ref
+    elif re.fullmatch(r"u[a-z2-7]{26}", ref):
+        found = await services.store.list(f"{prefix}{ref}/")
+        if not found:
+            raise ApiError(422, ErrorCode.INPUT_NOT_FOUND, f"no upload {ref!r}")
+        key = found[0].key
+    else:
+        raise ApiError(422, ErrorCode.INVALID_REQUEST,
+                       f"input {ref!r} must be an upload id or a key under {prefix}")
+    try:
+        info = await services.store.stat(key)
+    except (ObjectNotFound, JetcutError):
+        raise ApiError(422, ErrorCode.INPUT_NOT_FOUND, f"no upload at {key!r}") from None
+    return InputRef(key=key, filename=key.rsplit("/", 1)[-1], size=info.size)
+
+
+@post("/v1/jobs", status_code=202)
+async def submit(request: Request[Any, Any, Any]) -> Response[Any]:
+    services: Services = request.app.state.services
+    tenant = tenant_of(request)
+    try:
+        body = msgspec.json.decode(await request.body(), type=JobRequest)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ApiError(400, ErrorCode.INVALID_REQUEST, f"bad job request: {exc}") from exc
+    refs = ([body.input] if body.input else []) + list(body.inputs)
+    if not refs:
+        raise ApiError(422, ErrorCode.INVALID_REQUEST, "a job needs 'input' or 'inputs'")
+    resolve(body.recipe, body.steps, body.params, len(refs))  # invalid_recipe before queueing
+    inputs = [await resolve_input(services, tenant, ref) for ref in refs]
+    idem = request.headers.get("idempotency-key")
+    if idem is not None and not 1 <= len(idem) <= 255:
+        raise ApiError(400, ErrorCode.INVALID_REQUEST, "Idempotency-Key must be 1-255 chars")
+    job_id = job_id_for(tenant, idem) if idem else new_job_id()
+    now = time.time()
+    record = JobRecord(job_id=job_id, tenant=tenant, recipe=body.recipe, inputs=inputs,
+                       params=body.params, idempotency_key=idem, created_at=now)
+    created = await services.jobs.create(record)
+    if not created:
+        existing = await load_job(services, tenant, job_id)
+        return Response(msgspec.to_builtins(view(existing, services.settings.base_url)),
+                        status_code=200 if existing.status != "queued" else 202)
+    event = JobSubmit(job_id=job_id, tenant=tenant, recipe=body.recipe, steps=body.steps,
+                      inputs=inputs, params=body.params, idempotency_key=idem,
+                      submitted_at=now)
+    try:
+        await services.bus.publish(services.names.submit, event, msg_id=job_id)
+    except PublishFailed as exc:
+        await services.jobs.update(job_id, lambda r: fail_job(r, ErrorInfo(
+            code=str(ErrorCode.BUS_UNAVAILABLE), message="the job could not be queued")))
+        raise ApiError(503, ErrorCode.BUS_UNAVAILABLE, "the job queue is unavailable; retry",
+                       {"retry_after_s": 1}) from exc
+    return Response(msgspec.to_builtins(view(record, services.settings.base_url)),
+                    status_code=202,
+                    headers={"Location": f"{services.settings.base_url}/v1/jobs/{job_id}"})
+
+
+@get("/v1/jobs/{job_id:str}")
+async def get_job(request: Request[Any, Any, Any], job_id: FromPath[str]) -> JobView:
+    services: Services = request.app.state.services
+    record = await load_job(services, tenant_of(request), job_id)
+    return view(record, services.settings.base_url)
+
+
+@get("/v1/jobs/{job_id:str}/outputs")
+async def list_outputs(request: Request[Any, Any, Any], job_id: FromPath[str]) -> dict[str, Any]:
+    services: Services = request.app.state.services
+    record = await load_job(services, tenant_of(request), job_id)
+    base = services.settings.base_url
+    outputs = [
+        OutputView(step=step, name=name, key=key,
+                   url=f"{base}/v1/jobs/{job_id}/outputs/{step}/{name}")
+        for step, state in record.steps.items() for name, key in state.outputs.items()
+    ]
+    return {"job_id": job_id, "status": record.status, "outputs": msgspec.to_builtins(outputs)}
+
+
+@get("/v1/jobs/{job_id:str}/outputs/{step:str}/{name:str}")
+async def download(request: Request[Any, Any, Any], job_id: FromPath[str], step: FromPath[str],
+                   name: FromPath[str]) -> Stream:
+    services: Services = request.app.state.services
+    record = await load_job(services, tenant_of(request), job_id)
+    state = record.steps.get(step)
+    key = state.outputs.get(name) if state else None
+    if key is None:
+        raise ApiError(404, ErrorCode.NOT_FOUND, f"job {job_id} has no output {step}/{name}")
+    info = await services.store.stat(key)
+    filename = key.rsplit("/", 1)[-1]
+
+    async def body() -> AsyncIterator[bytes]:
+        async for chunk in services.store.iter_chunks(key, CHUNK):
+            yield chunk
+
+    return Stream(body(), media_type=info.content_type or "application/octet-stream",
+                  headers={"Content-Length": str(info.size),
+                           "Content-Disposition": f'attachment; filename="{filename}"'})
+
+
+@get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@get("/readyz")
+async def readyz(request: Request[Any, Any, Any]) -> Response[Any]:
+    services: Services = request.app.state.services
+    checks: dict[str, str] = {}
+    checks["nats"] = "ok" if services.bus.nc.is_connected else "disconnected"
+    try:
+        await services.store.check()
+        checks["store"] = "ok"
+    except Exception as exc:
+        checks["store"] = f"error: {exc}"
+    ready = all(v == "ok" for v in checks.values())
+    return Response({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+
+@get("/metrics", media_type="text/plain; version=0.0.4")
+async def metrics(request: Request[Any, Any, Any]) -> bytes:
+    services: Services = request.app.state.services
+    return services.telemetry.metrics_text()
+
+
+def _on_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    if isinstance(exc, ApiError):
+        return error_response(exc.status, ErrorInfo(code=str(exc.code), message=exc.message,
+                                                    details=exc.details))
+    if isinstance(exc, JetcutError):
+        status = 422 if exc.non_retryable else 503
+        return error_response(status, ErrorInfo(code=str(exc.code), message=exc.message,
+                                                details=exc.details))
+    if isinstance(exc, ValidationException):
+        return error_response(400, ErrorInfo(code=str(ErrorCode.INVALID_REQUEST),
+                                             message=str(exc.detail)))
+    if isinstance(exc, NotFoundException):
+        return error_response(404, ErrorInfo(code=str(ErrorCode.NOT_FOUND),
+                                             message="no such resource"))
+    if isinstance(exc, HTTPException):
+        return error_response(exc.status_code, ErrorInfo(code=str(ErrorCode.INVALID_REQUEST),
+                                                         message=str(exc.detail)))
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(500, ErrorInfo(code=str(ErrorCode.INTERNAL),
+                                         message="internal error; it has been logged"))
+
+
+def build_app(services: Services) -> Litestar:
+    app = Litestar(
+        route_handlers=[upload, submit, get_job, list_outputs, download, healthz, readyz,
+                        metrics],
+        exception_handlers={Exception: _on_error},
+        debug=False,
+    )
+    app.state.services = services
+    return app

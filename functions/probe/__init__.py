@@ -1,0 +1,3 @@
+from functions.probe.handler import function
+
+__all__ = ["function"]

@@ -1,0 +1,3 @@
+from functions.thumbnail.handler import function
+
+__all__ = ["function"]

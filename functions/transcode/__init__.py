@@ -1,0 +1,3 @@
+from functions.transcode.handler import function
+
+__all__ = ["function"]

@@ -1,0 +1,151 @@
+"""Publishing on the bus: headers every message carries, and retries that never double work.
+
+A PubAck is the only commit point. A publish that times out, or finds no responder while the
+server restarts, is retried with the *same* ``Nats-Msg-Id``, so the stream stores it once.
+Every message carries W3C ``traceparent`` and CloudEvents ``ce-*`` headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+import uuid
+from datetime import UTC, datetime
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext, api
+
+from shared.events import Event, JobEvent, encode
+from shared.settings import Settings
+from shared.subjects import Names
+from shared.telemetry import Telemetry, subject_kind
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_PUBLISH = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.js.errors.NoStreamResponseError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.StaleConnectionError,
+    nats.js.errors.ServiceUnavailableError,
+)
+
+
+class PublishFailed(Exception):
+    """Every attempt of a publish failed; the message may or may not be stored."""
+
+
+async def connect(settings: Settings, *, name: str) -> NATS:
+    """Connect to any seed and keep reconnecting forever (the bus is never optional)."""
+    tls: ssl.SSLContext | None = None
+    if settings.nats_tls_ca:
+        tls = ssl.create_default_context(cafile=settings.nats_tls_ca)
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats error: %s", exc)
+
+    async def on_disconnected() -> None:
+        log.warning("nats disconnected; reconnecting")
+
+    async def on_reconnected() -> None:
+        log.info("nats reconnected")
+
+    return await nats.connect(
+        servers=settings.nats_servers,
+        name=name,
+        user_credentials=settings.nats_creds,
+        tls=tls,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.25,
+        connect_timeout=5,
+        error_cb=on_error,
+        disconnected_cb=on_disconnected,
+        reconnected_cb=on_reconnected,
+    )
+
+
+class Bus:
+    """Publishes events with trace context, CloudEvents headers and idempotent retries."""
+
+    def __init__(
+        self, nc: NATS, names: Names, telemetry: Telemetry, *, source: str,
+        publish_attempts: int = 8, publish_timeout_s: float = 5.0,
+    ) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream(timeout=publish_timeout_s)
+        self.names = names
+        self.telemetry = telemetry
+        self.source = source
+        self.publish_attempts = publish_attempts
+        self.publish_timeout_s = publish_timeout_s
+
+    def headers(self, event: Event, msg_id: str) -> dict[str, str]:
+        tag = str(type(event).__struct_config__.tag)
+        headers = {
+            "Nats-Msg-Id": msg_id,
+            "ce-specversion": "1.0",
+            "ce-type": f"io.jetcut.{tag}",
+            "ce-source": self.source,
+            "ce-id": msg_id,
+            "ce-time": datetime.now(UTC).isoformat(),
+            "content-type": "application/json",
+        }
+        return self.telemetry.inject(headers)
+
+    async def publish(
+        self, subject: str, event: Event, *, msg_id: str | None = None,
+        extra_headers: dict[str, str] | None = None,
+    ) -> api.PubAck:
+        """Publish to a stream and wait for its PubAck, retrying with the same message id.
+
+        Raises:
+            PublishFailed: when no attempt got a PubAck.
+        """
+        msg_id = msg_id or uuid.uuid4().hex
+        payload = encode(event)
+        kind = subject_kind(self.names.strip(subject))
+        with self.telemetry.publish_span(self.names.strip(subject)):
+            headers = self.headers(event, msg_id)
+            if extra_headers:
+                headers.update(extra_headers)
+            delay = 0.1
+            for attempt in range(1, self.publish_attempts + 1):
+                try:
+                    ack = await self.js.publish(
+                        subject, payload, headers=headers, timeout=self.publish_timeout_s
+                    )
+                except RETRYABLE_PUBLISH as exc:
+                    if attempt == self.publish_attempts:
+                        self.telemetry.publishes.labels(kind, "failed").inc()
+                        raise PublishFailed(f"publish to {subject} failed: {exc!r}") from exc
+                    log.info("publish to %s failed (%r); retry %d", subject, exc, attempt)
+                    await asyncio.sleep(delay * (0.5 + random.random()))
+                    delay = min(delay * 2, 2.0)
+                    continue
+                outcome = "retried" if attempt > 1 else "ok"
+                self.telemetry.publishes.labels(kind, outcome).inc()
+                return ack
+        raise AssertionError("unreachable")
+
+    async def emit(self, event: JobEvent, *, durable: bool = False) -> None:
+        """Announce job lifecycle/progress on ``events.<tenant>.<job_id>``.
+
+        Status changes are published durably; progress ticks are fire-and-forget (the EVENTS
+        stream still captures them) because a lost tick is harmless and the next one follows.
+        """
+        subject = self.names.events(event.tenant, event.job_id)
+        if durable:
+            await self.publish(subject, event)
+            return
+        msg_id = uuid.uuid4().hex
+        try:
+            await self.nc.publish(subject, encode(event), headers=self.headers(event, msg_id))
+        except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:
+            log.debug("progress event dropped: %r", exc)

@@ -1,0 +1,264 @@
+"""The durable pull-consumer loop every function runs, and how it settles messages.
+
+* Backpressure: a process fetches only when it has a free slot (``concurrency``), and long
+  tasks one at a time, so work waits in the stream, not in a worker's buffer.
+* Heartbeats: ``in_progress()`` every AckWait/3 while a handler runs; a killed worker stops
+  heartbeating and its task is redelivered within one AckWait.
+* Settlement from exceptions (see ``shared.function``); poison messages and exhausted
+  retries are copied to the DLQ stream before they are terminated.
+* Watchdog: pull subscriptions can silently stop after a server restart (nats.py #504) or
+  stall in ``fetch`` (#986); a loop that sees nothing for ``watchdog_s`` while its consumer
+  reports pending work rebuilds its subscription.
+* Drain: on stop, fetching ends at once; in-flight handlers get ``drain_grace_s`` to finish,
+  then are cancelled and their messages nak'ed for immediate redelivery elsewhere. Nothing
+  unfinished is ever acked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from shared.errors import ErrorCode, RetryLater
+from shared.events import DeadLetter, ErrorInfo, decode
+from shared.function import Context, Delivery, Subscription, error_info
+from shared.retry import backoff_delay
+
+log = logging.getLogger(__name__)
+
+TRANSIENT_FETCH = (
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.StaleConnectionError,
+    nats.errors.NoRespondersError,
+    nats.js.errors.ServiceUnavailableError,
+)
+
+
+class ConsumerLoop:
+    """Fetch, handle and settle messages of one subscription until told to stop."""
+
+    def __init__(
+        self, sub: Subscription[Any], ctx: Context, *, stream: str, subject: str,
+        ensure_consumer: Any,
+    ) -> None:
+        self.sub = sub
+        self.ctx = ctx
+        self.stream = stream
+        self.subject = subject
+        self.ensure_consumer = ensure_consumer
+        settings = ctx.services.settings
+        self.settings = settings
+        self.concurrency = sub.concurrency or settings.concurrency
+        self.js: JetStreamContext = ctx.services.bus.js
+        self.telemetry = ctx.services.telemetry
+        self.kind = ctx.services.names.strip(subject)
+        self.inflight: dict[asyncio.Task[None], Msg] = {}
+        self.psub: JetStreamContext.PullSubscription | None = None
+        self.last_activity = time.monotonic()
+        self.rebuilds = 0
+
+    async def _subscribe(self) -> None:
+        if self.psub is not None:
+            with contextlib.suppress(Exception):
+                await self.psub.unsubscribe()
+        self.psub = await self.js.pull_subscribe_bind(durable=self.sub.durable, stream=self.stream)
+        self.last_activity = time.monotonic()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self._subscribe()
+        try:
+            while not stop.is_set():
+                free = self.concurrency - len(self.inflight)
+                if free <= 0:
+                    await self._wait_for_slot(stop)
+                    continue
+                msgs = await self._fetch(min(free, self.sub.batch))
+                for msg in msgs:
+                    task = asyncio.create_task(self._handle(msg))
+                    self.inflight[task] = msg
+                    task.add_done_callback(self.inflight.pop)
+        finally:
+            await self._drain()
+            if self.psub is not None:
+                with contextlib.suppress(Exception):
+                    await self.psub.unsubscribe()
+
+    async def _wait_for_slot(self, stop: asyncio.Event) -> None:
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait([*self.inflight, stopper], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+
+    async def _fetch(self, batch: int) -> list[Msg]:
+        assert self.psub is not None
+        try:
+            msgs = await self.psub.fetch(batch, timeout=self.settings.fetch_timeout_s)
+        except nats.errors.TimeoutError:
+            await self._watchdog()
+            return []
+        except TRANSIENT_FETCH as exc:
+            log.info("%s: fetch interrupted (%r); retrying", self.sub.durable, exc)
+            await asyncio.sleep(0.5)
+            return []
+        except nats.js.errors.NotFoundError:
+            log.warning("%s: consumer missing; re-provisioning", self.sub.durable)
+            await self.ensure_consumer()
+            await self._subscribe()
+            return []
+        self.last_activity = time.monotonic()
+        return msgs
+
+    async def _watchdog(self) -> None:
+        if time.monotonic() - self.last_activity < self.settings.watchdog_s:
+            return
+        self.last_activity = time.monotonic()
+        try:
+            info = await self.js.consumer_info(self.stream, self.sub.durable)
+        except nats.js.errors.NotFoundError:
+            await self.ensure_consumer()
+            await self._subscribe()
+            return
+        except Exception as exc:  # the server may be mid-restart; look again next round
+            log.info("%s: watchdog could not read consumer info: %r", self.sub.durable, exc)
+            return
+        if (info.num_pending or 0) > 0 and (info.num_ack_pending or 0) < (
+            info.config.max_ack_pending or 1
+        ):
+            self.rebuilds += 1
+            log.warning(
+                "%s: %d pending but nothing fetched for %.0fs; rebuilding subscription",
+                self.sub.durable, info.num_pending, self.settings.watchdog_s,
+            )
+            await self._subscribe()
+
+    async def _heartbeat(self, msg: Msg) -> None:
+        interval = max(0.5, self.settings.ack_wait_s / 3)
+        while True:
+            await asyncio.sleep(interval)
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+
+    async def _handle(self, msg: Msg) -> None:
+        meta = msg.metadata
+        delivery = Delivery(
+            subject=msg.subject, number=meta.num_delivered or 1,
+            max_deliver=self.settings.max_deliver, stream_seq=meta.sequence.stream,
+        )
+        ctx = self.ctx.for_delivery(delivery)
+        function = self.ctx.function
+        in_flight = self.telemetry.in_flight.labels(function)
+        in_flight.inc()
+        started = time.monotonic()
+        outcome = "ack"
+        with self.telemetry.consume_span(self.kind, msg.headers, function=function) as span:
+            heartbeat = asyncio.create_task(self._heartbeat(msg))
+            try:
+                outcome = await self._settle(msg, ctx)
+            except asyncio.CancelledError:
+                # Drain ran out of grace: hand the message back for immediate redelivery.
+                outcome = "nak"
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(msg.nak())
+                raise
+            finally:
+                heartbeat.cancel()
+                in_flight.dec()
+                span.set_attribute("jetcut.outcome", outcome)
+                span.set_attribute("messaging.message.delivery_count", delivery.number)
+                self.telemetry.messages.labels(function, self.kind, outcome).inc()
+                self.telemetry.handler_seconds.labels(function, self.kind, outcome).observe(
+                    time.monotonic() - started
+                )
+
+    async def _settle(self, msg: Msg, ctx: Context) -> str:
+        try:
+            event = decode(self.sub.event_type, msg.data)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            error = ErrorInfo(
+                code=str(ErrorCode.INVALID_EVENT),
+                message=f"cannot decode {self.sub.event_type.__name__}: {exc}",
+            )
+            log.warning("%s: poison message seq=%s: %s", self.sub.durable,
+                        ctx.delivery.stream_seq, error.message)
+            await self._dead_letter(msg, ctx, error)
+            await msg.term()
+            return "dead_letter"
+        try:
+            await self.sub.handler(event, ctx)
+        except RetryLater as exc:
+            await msg.nak(delay=exc.delay)
+            return "retry_later"
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            return await self._settle_failure(msg, ctx, event, exc)
+        await msg.ack()
+        return "ack"
+
+    async def _settle_failure(self, msg: Msg, ctx: Context, event: Any, exc: Exception) -> str:
+        error = error_info(exc)
+        permanent = bool(getattr(exc, "non_retryable", False))
+        if not permanent and not ctx.delivery.last:
+            delay = backoff_delay(
+                ctx.delivery.number, base_s=self.settings.backoff_base_s,
+                max_s=self.settings.backoff_max_s,
+            )
+            log.info("%s: transient failure (delivery %d/%d), retry in %.1fs: %s",
+                     self.sub.durable, ctx.delivery.number, ctx.delivery.max_deliver, delay,
+                     error.message)
+            await msg.nak(delay=delay)
+            return "nak"
+        if not permanent:
+            error = ErrorInfo(
+                code=str(ErrorCode.RETRIES_EXHAUSTED),
+                message=f"gave up after {ctx.delivery.number} attempts; last error: "
+                f"{error.code}: {error.message}",
+                details={"last_error": error.code},
+            )
+        try:
+            if self.sub.on_failure is not None:
+                await self.sub.on_failure(event, error, ctx)
+            if not permanent or self.sub.on_failure is None:
+                await self._dead_letter(msg, ctx, error)
+        except Exception as hook_exc:
+            # Recording the failure failed (bus or store down): keep the message and retry.
+            log.warning("%s: could not record failure (%r); will retry", self.sub.durable,
+                        hook_exc)
+            await msg.nak(delay=self.settings.backoff_base_s)
+            return "nak"
+        await msg.term()
+        log.info("%s: terminated (%s): %s", self.sub.durable, error.code, error.message)
+        return "term" if permanent and self.sub.on_failure is not None else "dead_letter"
+
+    async def _dead_letter(self, msg: Msg, ctx: Context, error: ErrorInfo) -> None:
+        services = ctx.services
+        entry = DeadLetter(
+            function=ctx.function, subject=services.names.strip(msg.subject), data=msg.data,
+            headers=dict(msg.headers or {}), error=error, num_delivered=ctx.delivery.number,
+            stream_seq=ctx.delivery.stream_seq,
+        )
+        msg_id = f"dlq:{self.stream}:{ctx.delivery.stream_seq}"
+        await services.bus.publish(services.names.dlq(ctx.function), entry, msg_id=msg_id)
+
+    async def _drain(self) -> None:
+        if not self.inflight:
+            return
+        log.info("%s: draining %d in-flight message(s)", self.sub.durable, len(self.inflight))
+        _, pending = await asyncio.wait(
+            list(self.inflight), timeout=self.settings.drain_grace_s
+        )
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)

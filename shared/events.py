@@ -1,0 +1,189 @@
+"""Every message on the bus, as frozen, tagged, versioned msgspec Structs.
+
+Bus events never forbid unknown fields, so a newer publisher can add a field without breaking
+an older consumer; new fields always get defaults. Decoding is strict about types, and a
+message that fails it is never retried: the consumer loop dead-letters it with the error.
+Encoders and decoders are built once, at import.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal, TypeVar
+
+import msgspec
+
+SCHEMA_VERSION = 1
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    """Base of all bus events: a ``type`` tag and a ``schema_version``."""
+
+    schema_version: int = SCHEMA_VERSION
+
+
+class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """A failure as users see it: a stable code, a message, optional details."""
+
+    code: str
+    message: str
+    details: dict[str, Any] = {}
+
+
+class InputRef(msgspec.Struct, frozen=True, kw_only=True):
+    """A job input already in the object store (an upload, or a MinIO drop)."""
+
+    key: str
+    filename: str = ""
+    size: int | None = None
+
+
+class StepSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One step of a pipeline: which stage runs it, what it uses, with which params.
+
+    ``uses`` names earlier steps or job inputs (``:input`` is the first, ``:input/<n>`` the
+    n-th). This is user input, so unknown fields are refused rather than ignored.
+    """
+
+    stage: str
+    uses: list[str] = []
+    params: dict[str, Any] = {}
+
+
+class JobSubmit(Event, tag="job.submit", kw_only=True):
+    """Ask for a job. Published by the gateway, ingest, or any other service.
+
+    ``job_id`` may be left out: the conductor then derives one from the idempotency key
+    (or the stream sequence), so a redelivered submit never makes two jobs.
+    """
+
+    job_id: str | None = None
+    tenant: str = "default"
+    recipe: str | None = None
+    steps: dict[str, StepSpec] | None = None
+    inputs: list[InputRef] = []
+    params: dict[str, Any] = {}
+    idempotency_key: str | None = None
+    submitted_at: float = msgspec.field(default_factory=time.time)
+
+
+class TaskInput(msgspec.Struct, frozen=True, kw_only=True):
+    """What a step receives from one thing it uses: object keys and upstream metadata."""
+
+    ref: str
+    files: dict[str, str] = {}
+    """Logical name -> object key."""
+    meta: dict[str, Any] = {}
+
+
+class StageTask(Event, tag="stage.task", kw_only=True):
+    """One attempt of one step, on ``stages.<stage>``; its Nats-Msg-Id is job:step:attempt."""
+
+    job_id: str
+    tenant: str
+    step: str
+    stage: str
+    attempt: int
+    params: dict[str, Any] = {}
+    inputs: list[TaskInput] = []
+    timeout_s: float = 600.0
+    media_duration_s: float | None = None
+
+
+class StageComplete(Event, tag="stage.complete", kw_only=True):
+    """A step attempt finished (``error`` set when it failed for good)."""
+
+    job_id: str
+    tenant: str
+    step: str
+    attempt: int
+    outputs: dict[str, str] = {}
+    meta: dict[str, Any] = {}
+    error: ErrorInfo | None = None
+    elapsed_s: float = 0.0
+    from_checkpoint: bool = False
+
+
+class JobCancel(Event, tag="job.cancel", kw_only=True):
+    job_id: str
+    tenant: str = "default"
+    reason: str = ""
+
+
+class JobRetry(Event, tag="job.retry", kw_only=True):
+    job_id: str
+    tenant: str = "default"
+
+
+class JobCleanup(Event, tag="job.cleanup", kw_only=True):
+    job_id: str
+    tenant: str = "default"
+    keep_outputs: bool = True
+
+
+JobEventKind = Literal["status", "step", "progress"]
+
+
+class JobEvent(Event, tag="job.event", kw_only=True):
+    """Lifecycle and progress of a job on ``events.<tenant>.<job_id>`` (SSE, CLI, audit)."""
+
+    job_id: str
+    tenant: str
+    kind: JobEventKind
+    status: str | None = None
+    step: str | None = None
+    step_status: str | None = None
+    progress: float | None = None
+    error: ErrorInfo | None = None
+    at: float = msgspec.field(default_factory=time.time)
+
+
+class DeadLetter(Event, tag="dead.letter", kw_only=True):
+    """A message that could not be processed, kept with everything needed to replay it."""
+
+    function: str
+    subject: str
+    data: bytes
+    headers: dict[str, str] = {}
+    error: ErrorInfo
+    num_delivered: int = 1
+    stream_seq: int | None = None
+    at: float = msgspec.field(default_factory=time.time)
+
+
+BUS_EVENTS: tuple[type[Event], ...] = (
+    JobSubmit,
+    StageTask,
+    StageComplete,
+    JobCancel,
+    JobRetry,
+    JobCleanup,
+    JobEvent,
+    DeadLetter,
+)
+
+E = TypeVar("E", bound=Event)
+
+_encoder = msgspec.json.Encoder()
+_decoders: dict[type[Event], msgspec.json.Decoder[Any]] = {
+    cls: msgspec.json.Decoder(cls) for cls in BUS_EVENTS
+}
+
+
+def encode(event: Event) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode(cls: type[E], data: bytes) -> E:
+    """Decode ``data`` as ``cls``; raises ``msgspec.ValidationError``/``DecodeError``."""
+    result: E = _decoders[cls].decode(data)
+    return result
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """JSON Schema of every bus event, keyed by type tag, for non-Python publishers."""
+    out: dict[str, dict[str, Any]] = {}
+    for cls in BUS_EVENTS:
+        schema = msgspec.json.schema(cls)
+        out[str(cls.__struct_config__.tag)] = schema
+    return out

@@ -1,0 +1,139 @@
+"""How a function is declared: a name, the subjects it consumes, and a handler per subject.
+
+A handler takes one event Struct and a ``Context`` and returns; it never sees the NATS
+message. The consumer loop (``shared.consumer``) settles the message from what the handler
+did: return -> ack, ``RetryLater`` -> nak(delay), non-retryable error -> term, anything else
+-> nak with backoff until MaxDeliver.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from shared.events import ErrorInfo, Event
+from shared.settings import Settings
+from shared.subjects import Names
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from shared.bus import Bus
+    from shared.jobstore import JobStore
+    from shared.media import Binaries, FFmpegRunner
+    from shared.store import ObjectStore
+    from shared.telemetry import Telemetry
+
+E = TypeVar("E", bound=Event)
+
+
+@dataclass(frozen=True)
+class Services:
+    """The process's connections, wired once by the entry point and handed to every handler."""
+
+    settings: Settings
+    names: Names
+    bus: Bus
+    jobs: JobStore
+    store: ObjectStore
+    telemetry: Telemetry
+    media: Callable[[], tuple[Binaries, FFmpegRunner]]
+    """ffmpeg is located on first use, so functions that never run it never need it."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    subject: str = ""
+    number: int = 1
+    max_deliver: int = 1
+    stream_seq: int | None = None
+
+    @property
+    def last(self) -> bool:
+        """True on the final delivery: a transient failure now exhausts the retries."""
+        return self.number >= self.max_deliver
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a handler gets besides its event: services, delivery info, a logger."""
+
+    services: Services
+    function: str
+    delivery: Delivery = field(default_factory=Delivery)
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("jetcut"))
+
+    def for_delivery(self, delivery: Delivery) -> Context:
+        return replace(self, delivery=delivery)
+
+
+Handler = Callable[[E, Context], Awaitable[None]]
+FailureHook = Callable[[E, ErrorInfo, Context], Awaitable[None]]
+Service = Callable[[Services, "asyncio.Event"], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Subscription(Generic[E]):
+    """One durable pull consumer and the handler for its messages."""
+
+    family: str
+    """Stream family: ``jobs`` or ``stages``."""
+    subject: Callable[[Names], str]
+    durable: str
+    event_type: type[E]
+    handler: Handler[E]
+    concurrency: int | None = None
+    """Messages handled at once by one process (None: settings.concurrency)."""
+    batch: int = 1
+    """Messages per fetch. Long tasks fetch one at a time so their AckWait does not tick
+    while they wait in a local buffer."""
+    on_failure: FailureHook[E] | None = None
+    """Called before a message is terminated for good (non-retryable or exhausted)."""
+
+
+@dataclass
+class Function:
+    """A named unit of deployment: ``jetcut run <name>`` runs exactly this."""
+
+    name: str
+    doc: str = ""
+    subscriptions: list[Subscription[Any]] = field(default_factory=list)
+    service: Service | None = None
+    """A long-running coroutine besides the consumers (the gateway's HTTP server)."""
+
+    def subscribe(
+        self,
+        family: str,
+        subject: Callable[[Names], str],
+        event_type: type[E],
+        *,
+        durable: str | None = None,
+        concurrency: int | None = None,
+        batch: int = 1,
+        on_failure: FailureHook[E] | None = None,
+    ) -> Callable[[Handler[E]], Handler[E]]:
+        """Register the decorated coroutine as the handler of ``subject``."""
+
+        def register(handler: Handler[E]) -> Handler[E]:
+            self.subscriptions.append(
+                Subscription(
+                    family=family, subject=subject,
+                    durable=durable or f"{self.name}-{handler.__name__.removeprefix('on_')}",
+                    event_type=event_type, handler=handler, concurrency=concurrency,
+                    batch=batch, on_failure=on_failure,
+                )
+            )
+            return handler
+
+        return register
+
+
+def error_info(exc: BaseException) -> ErrorInfo:
+    """The user-facing form of an exception (unexpected ones become ``internal``)."""
+    from shared.errors import ErrorCode, JetcutError
+
+    if isinstance(exc, JetcutError):
+        return ErrorInfo(code=str(exc.code), message=exc.message, details=exc.details)
+    return ErrorInfo(code=str(ErrorCode.INTERNAL), message=f"{type(exc).__name__}: {exc}")

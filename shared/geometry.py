@@ -1,0 +1,37 @@
+"""Output geometry from probed media info: display size, fitting, even dimensions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shared.errors import ErrorCode, PermanentError
+
+
+def fit(width: int, height: int, max_width: int, max_height: int) -> tuple[int, int]:
+    """Largest even size within the bounds that keeps the aspect ratio (never upscales).
+
+    Even, because yuv420p (what every player decodes) subsamples chroma by two.
+    """
+    scale = min(1.0, max_width / width, max_height / height)
+    return max(2, int(width * scale) // 2 * 2), max(2, int(height * scale) // 2 * 2)
+
+
+def video_stream(media: dict[str, Any]) -> dict[str, Any]:
+    """The first video stream of probe metadata, or ``no_video_stream``."""
+    for stream in media.get("streams", []):
+        if stream.get("codec_type") == "video":
+            return dict(stream)
+    raise PermanentError(ErrorCode.NO_VIDEO_STREAM, "the input has no video stream")
+
+
+def display_size(video: dict[str, Any]) -> tuple[int, int]:
+    """Width and height as shown: swapped for a stream rotated by 90 or 270 degrees
+    (ffmpeg auto-rotates on decode, so outputs come out upright at this size)."""
+    width, height = int(video["width"]), int(video["height"])
+    if abs(int(video.get("rotation") or 0)) % 180 == 90:
+        return height, width
+    return width, height
+
+
+def has_audio(media: dict[str, Any]) -> bool:
+    return any(s.get("codec_type") == "audio" for s in media.get("streams", []))

@@ -1,0 +1,110 @@
+"""Job records in the JetStream KV bucket ``jobs``, changed only by compare-and-set.
+
+``update`` re-reads and re-applies the change whenever another writer got there first, so a
+change is a pure function of the latest record and concurrent writers never lose updates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
+
+import msgspec
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.kv import KeyValue
+
+from shared.errors import ErrorCode, JetcutError
+from shared.jobstate import JobRecord
+
+T = TypeVar("T")
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(JobRecord)
+MAX_CAS_ATTEMPTS = 64
+
+
+class JobNotFound(JetcutError):
+    code = ErrorCode.NOT_FOUND
+    non_retryable = True
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job {job_id!r}", details={"job_id": job_id})
+        self.job_id = job_id
+
+
+class NoChange(Exception):
+    """Raised by a mutation to leave the record as it is (skips the write)."""
+
+
+class JobStore:
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+
+    async def get(self, job_id: str) -> JobRecord:
+        record, _ = await self.get_with_revision(job_id)
+        return record
+
+    async def get_with_revision(self, job_id: str) -> tuple[JobRecord, int]:
+        try:
+            entry = await self.kv.get(job_id)
+        except KeyNotFoundError as exc:
+            raise JobNotFound(job_id) from exc
+        if entry.value is None or entry.revision is None:
+            raise JobNotFound(job_id)
+        return _decoder.decode(entry.value), entry.revision
+
+    async def create(self, record: JobRecord) -> bool:
+        """Store a new record; False when the job already exists (idempotent submit)."""
+        try:
+            await self.kv.create(record.job_id, _encoder.encode(record))
+        except KeyWrongLastSequenceError:
+            return False
+        return True
+
+    async def update(
+        self, job_id: str, mutate: Callable[[JobRecord], T]
+    ) -> tuple[JobRecord, T | None]:
+        """Apply ``mutate`` to the latest record and write it back with compare-and-set.
+
+        ``mutate`` may raise ``NoChange`` to skip the write; the result is then ``None``.
+
+        Raises:
+            JobNotFound: no such job.
+        """
+        for attempt in range(MAX_CAS_ATTEMPTS):
+            record, revision = await self.get_with_revision(job_id)
+            try:
+                result = mutate(record)
+            except NoChange:
+                return record, None
+            try:
+                await self.kv.update(job_id, _encoder.encode(record), last=revision)
+            except KeyWrongLastSequenceError:
+                # Lost the race: back off a little (jittered) and re-apply to the new revision.
+                await asyncio.sleep(random.random() * 0.005 * (attempt + 1))
+                continue
+            return record, result
+        raise JetcutError(f"job {job_id}: too much contention on the job record")
+
+    async def watch(self, job_id: str) -> AsyncIterator[JobRecord]:
+        """Yield the record now and after every change (for waiters and live views)."""
+        watcher = await self.kv.watch(job_id)
+        try:
+            async for entry in watcher:
+                if entry is None or entry.value is None:
+                    continue
+                yield _decoder.decode(entry.value)
+        finally:
+            await watcher.stop()
+
+    async def job_ids(self) -> list[str]:
+        try:
+            return list(await self.kv.keys())
+        except NoKeysError:
+            return []
+
+
+def encode_record(record: JobRecord) -> bytes:
+    return _encoder.encode(record)

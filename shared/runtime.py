@@ -1,0 +1,150 @@
+"""The process runtime: connect, provision, run functions' consumers and services, drain.
+
+One ``Runtime`` serves any set of functions: ``jetcut run transcode`` serves one, and
+``jetcut dev`` serves all of them in one process. Functions never wire clients themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+from functools import partial
+
+from nats.aio.client import Client as NATS
+
+from shared.bus import Bus, connect
+from shared.consumer import ConsumerLoop
+from shared.function import Context, Function, Services, Subscription
+from shared.jobstore import JobStore
+from shared.settings import Settings
+from shared.store import ObjectStore, open_store
+from shared.streams import consumer_config, provision
+from shared.subjects import Names
+from shared.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+
+class MediaTools:
+    """Locates ffmpeg on first use and keeps one runner for the process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._tools: tuple[object, object] | None = None
+
+    def __call__(self):  # type: ignore[no-untyped-def]
+        if self._tools is None:
+            from shared.media import FFmpegRunner, find_binaries
+
+            binaries = find_binaries(self.settings)
+            self._tools = (binaries, FFmpegRunner(binaries, threads=self.settings.ffmpeg_threads))
+        return self._tools
+
+
+class Runtime:
+    """Everything one process needs to serve some functions."""
+
+    def __init__(
+        self, settings: Settings, functions: list[Function], *, service_name: str,
+        telemetry: Telemetry | None = None, store: ObjectStore | None = None,
+    ) -> None:
+        self.settings = settings
+        self.functions = functions
+        self.service_name = service_name
+        self.names = Names(settings.namespace)
+        self.telemetry = telemetry or Telemetry(
+            service_name, exporter=settings.otel_exporter, otlp_endpoint=settings.otel_endpoint
+        )
+        self._store = store
+        self.nc: NATS | None = None
+        self.services: Services | None = None
+        self.stop_event = asyncio.Event()
+        self.tasks: list[asyncio.Task[None]] = []
+        self.loops: list[ConsumerLoop] = []
+
+    def _stream_of(self, sub: Subscription[object]) -> str:
+        return {"jobs": self.names.jobs_stream, "stages": self.names.stages_stream}[sub.family]
+
+    def _consumer(self, sub: Subscription[object]):  # type: ignore[no-untyped-def]
+        s = self.settings
+        return consumer_config(
+            durable=sub.durable, subject=sub.subject(self.names), ack_wait=s.ack_wait_s,
+            max_deliver=s.max_deliver, max_ack_pending=s.max_ack_pending, replicas=s.replicas,
+        )
+
+    async def start(self) -> Services:
+        """Connect, provision streams/KV/consumers, and start every consumer and service."""
+        self.nc = await connect(self.settings, name=self.service_name)
+        bus = Bus(self.nc, self.names, self.telemetry, source=f"jetcut/{self.service_name}")
+        subs = [sub for fn in self.functions for sub in fn.subscriptions]
+        kv = await provision(
+            bus.js, self.names, self.settings,
+            [(self._stream_of(sub), self._consumer(sub)) for sub in subs],
+        )
+        store = self._store or open_store(self.settings)
+        await store.ensure_ready()
+        self.services = Services(
+            settings=self.settings, names=self.names, bus=bus, jobs=JobStore(kv), store=store,
+            telemetry=self.telemetry, media=MediaTools(self.settings),
+        )
+        for fn in self.functions:
+            ctx = Context(services=self.services, function=fn.name,
+                          log=logging.getLogger(f"jetcut.{fn.name}"))
+            for sub in fn.subscriptions:
+                loop = ConsumerLoop(
+                    sub, ctx, stream=self._stream_of(sub), subject=sub.subject(self.names),
+                    ensure_consumer=partial(self._ensure_consumer, sub),
+                )
+                self.loops.append(loop)
+                self._spawn(loop.run(self.stop_event), f"{fn.name}:{sub.durable}")
+            if fn.service is not None:
+                self._spawn(fn.service(self.services, self.stop_event), f"{fn.name}:service")
+        return self.services
+
+    async def _ensure_consumer(self, sub: Subscription[object]) -> None:
+        assert self.services is not None
+        await self.services.bus.js.add_consumer(self._stream_of(sub), self._consumer(sub))
+
+    def _spawn(self, coro, name: str) -> None:  # type: ignore[no-untyped-def]
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(self._on_task_done)
+        self.tasks.append(task)
+
+    def _on_task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or self.stop_event.is_set():
+            return
+        exc = task.exception()
+        if exc is not None:
+            # A crashed loop must not go unnoticed: stop the process so a supervisor restarts it.
+            log.error("%s crashed: %r; stopping", task.get_name(), exc, exc_info=exc)
+            self.stop_event.set()
+
+    async def stop(self) -> None:
+        """Stop fetching, let in-flight work finish (or hand it back), then disconnect."""
+        self.stop_event.set()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.nc is not None and not self.nc.is_closed:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+        if self.services is not None:
+            await self.services.store.close()
+        self.telemetry.shutdown()
+
+    async def serve_until_signalled(self, on_ready: Callable[[Services], None] | None = None) -> None:
+        """Run until SIGTERM/SIGINT (or a crashed loop), then stop gracefully."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop_event.set)
+        try:
+            services = await self.start()
+            if on_ready:
+                on_ready(services)
+            await self.stop_event.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await self.stop()

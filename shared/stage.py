@@ -1,0 +1,251 @@
+"""Turns a pure stage handler into a function with checkpoints, fencing and progress.
+
+The handler gets a ``StageTask`` and a ``StageContext`` (local input files, a private work
+dir, the ffmpeg runner, a progress callback) and returns the files it made. The wrapper:
+
+1. drops the task if its job is finished or its attempt is no longer current (the fence);
+2. if the step's ``manifest.json`` exists, reports the checkpoint instead of redoing work;
+3. marks the step running, downloads inputs, runs the handler with heartbeats;
+4. uploads outputs to ``jobs/<job_id>/<step>/``, writes ``manifest.json`` last, and
+   publishes ``jobs.stage.complete`` with a deterministic message id;
+5. on a permanent failure (or exhausted retries) publishes a failed completion instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import mimetypes
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import msgspec
+
+from shared.errors import ErrorCode, ObjectNotFound, PermanentError
+from shared.events import ErrorInfo, JobEvent, StageComplete, StageTask, TaskInput
+from shared.function import Context, Function, Services
+from shared.jobstate import JobRecord, is_current, mark_running, set_progress
+from shared.jobstore import JobNotFound, NoChange
+from shared.recipes import Params, decode_params
+
+P = TypeVar("P", bound=Params)
+log = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 1.0
+
+
+class Manifest(msgspec.Struct, frozen=True, kw_only=True):
+    """Written last under ``jobs/<job_id>/<step>/``: its presence means the step is done."""
+
+    job_id: str
+    step: str
+    stage: str
+    attempt: int
+    outputs: dict[str, str]
+    sizes: dict[str, int] = {}
+    etags: dict[str, str] = {}
+    meta: dict[str, Any] = {}
+    elapsed_s: float = 0.0
+    created_at: float = msgspec.field(default_factory=time.time)
+
+
+class StageResult(msgspec.Struct, kw_only=True):
+    files: dict[str, Path] = {}
+    """Logical output name -> file in the work dir (uploaded under its file name)."""
+    meta: dict[str, Any] = {}
+
+
+@dataclass
+class StageContext(Generic[P]):
+    task: StageTask
+    params: P
+    workdir: Path
+    services: Services
+    inputs: dict[str, dict[str, Path]] = field(default_factory=dict)
+    """ref (``:input``, ``probe``, ...) -> logical name -> local file."""
+    meta: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """ref -> metadata an upstream step reported (e.g. probe's media info)."""
+    progress: Callable[[float], Awaitable[None]] = field(default=lambda f: _noop(f))
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def input_file(self, ref: str = ":input", name: str = "media") -> Path:
+        try:
+            return self.inputs[ref][name]
+        except KeyError:
+            raise PermanentError(
+                ErrorCode.INVALID_RECIPE, f"step {self.task.step!r} needs {ref}/{name} as input"
+            ) from None
+
+    def upstream_meta(self, stage_ref: str) -> dict[str, Any]:
+        try:
+            return self.meta[stage_ref]
+        except KeyError:
+            raise PermanentError(
+                ErrorCode.INVALID_RECIPE, f"step {self.task.step!r} needs step {stage_ref!r}"
+            ) from None
+
+
+async def _noop(_: float) -> None:
+    return None
+
+
+StageHandler = Callable[[StageTask, StageContext[P]], Awaitable[StageResult]]
+
+
+def step_prefix(job_id: str, step: str) -> str:
+    return f"jobs/{job_id}/{step}/"
+
+
+def manifest_key(job_id: str, step: str) -> str:
+    return step_prefix(job_id, step) + "manifest.json"
+
+
+_manifest_decoder = msgspec.json.Decoder(Manifest)
+
+
+def stage(name: str, handler: StageHandler[P], *, doc: str = "",
+          concurrency: int | None = None) -> Function:
+    """Build the function that serves ``stages.<name>`` with ``handler``."""
+    fn = Function(name=name, doc=doc)
+
+    async def on_task(task: StageTask, ctx: Context) -> None:
+        await run_task(name, handler, task, ctx)
+
+    async def on_failure(task: StageTask, error: ErrorInfo, ctx: Context) -> None:
+        await report(ctx.services, task, error=error)
+
+    fn.subscribe("stages", lambda n: n.stage(name), StageTask, durable=f"stage-{name}",
+                 concurrency=concurrency, on_failure=on_failure)(on_task)
+    return fn
+
+
+async def report(
+    services: Services, task: StageTask, *, outputs: dict[str, str] | None = None,
+    meta: dict[str, Any] | None = None, error: ErrorInfo | None = None, elapsed_s: float = 0.0,
+    from_checkpoint: bool = False,
+) -> None:
+    done = StageComplete(
+        job_id=task.job_id, tenant=task.tenant, step=task.step, attempt=task.attempt,
+        outputs=outputs or {}, meta=meta or {}, error=error, elapsed_s=elapsed_s,
+        from_checkpoint=from_checkpoint,
+    )
+    await services.bus.publish(
+        services.names.stage_complete, done,
+        msg_id=f"{task.job_id}:{task.step}:{task.attempt}:complete",
+    )
+
+
+async def run_task(name: str, handler: StageHandler[P], task: StageTask, ctx: Context) -> None:
+    services = ctx.services
+    log_ = ctx.log
+    try:
+        record = await services.jobs.get(task.job_id)
+    except JobNotFound:
+        log_.warning("task for unknown job %s dropped", task.job_id)
+        return
+    if not is_current(record, task.step, task.attempt):
+        log_.info("stale task %s:%s:%d dropped (job %s)", task.job_id, task.step, task.attempt,
+                  record.status)
+        return
+
+    checkpoint = await _read_manifest(services, task)
+    if checkpoint is not None:
+        log_.info("step %s/%s done before (checkpoint); not re-running", task.job_id, task.step)
+        await report(services, task, outputs=checkpoint.outputs, meta=checkpoint.meta,
+                     elapsed_s=checkpoint.elapsed_s, from_checkpoint=True)
+        return
+
+    def running(rec: JobRecord) -> bool:
+        if not mark_running(rec, task.step, task.attempt):
+            raise NoChange
+        return True
+
+    _, took = await services.jobs.update(task.job_id, running)
+    if not took:
+        log_.info("task %s:%s:%d became stale; dropped", task.job_id, task.step, task.attempt)
+        return
+    await services.bus.emit(JobEvent(job_id=task.job_id, tenant=task.tenant, kind="step",
+                                     step=task.step, step_status="running"))
+    try:
+        params = decode_params(name, task.params)
+    except ValueError as exc:
+        raise PermanentError(ErrorCode.INVALID_RECIPE, f"step {task.step!r}: {exc}") from exc
+
+    _, runner = services.media()
+    started = time.monotonic()
+    async with runner.workdir(services.settings.work_dir) as workdir:
+        sctx: StageContext[Any] = StageContext(
+            task=task, params=params, workdir=workdir, services=services,
+            progress=_progress_reporter(services, task),
+        )
+        await _download_inputs(services, task.inputs, workdir, sctx)
+        result = await handler(task, sctx)
+        outputs, sizes, etags = {}, {}, {}
+        prefix = step_prefix(task.job_id, task.step)
+        for logical, path in result.files.items():
+            key = prefix + path.name
+            content_type = mimetypes.guess_type(path.name)[0]
+            info = await services.store.put_file(key, path, content_type=content_type)
+            outputs[logical], sizes[logical], etags[logical] = key, info.size, info.etag
+    elapsed = time.monotonic() - started
+    manifest = Manifest(job_id=task.job_id, step=task.step, stage=name, attempt=task.attempt,
+                        outputs=outputs, sizes=sizes, etags=etags, meta=result.meta,
+                        elapsed_s=round(elapsed, 3))
+    await services.store.put_bytes(manifest_key(task.job_id, task.step),
+                                   msgspec.json.encode(manifest), "application/json")
+    services.telemetry.ffmpeg_seconds.labels(name).observe(elapsed)
+    await report(services, task, outputs=outputs, meta=result.meta, elapsed_s=round(elapsed, 3))
+
+
+async def _read_manifest(services: Services, task: StageTask) -> Manifest | None:
+    try:
+        data = await services.store.get_bytes(manifest_key(task.job_id, task.step))
+    except ObjectNotFound:
+        return None
+    return _manifest_decoder.decode(data)
+
+
+async def _download_inputs(
+    services: Services, inputs: list[TaskInput], workdir: Path, sctx: StageContext[Any]
+) -> None:
+    for index, item in enumerate(inputs):
+        sctx.meta[item.ref] = item.meta
+        local: dict[str, Path] = {}
+        target_dir = workdir / "in" / str(index)
+        target_dir.mkdir(parents=True, exist_ok=True)
+        for logical, key in item.files.items():
+            path = target_dir / f"{logical}{Path(key).suffix.lower()[:8]}"
+            try:
+                await services.store.get_file(key, path)
+            except ObjectNotFound as exc:
+                raise PermanentError(ErrorCode.INPUT_NOT_FOUND,
+                                     f"input {item.ref}/{logical} is missing: {key}") from exc
+            local[logical] = path
+        sctx.inputs[item.ref] = local
+
+
+def _progress_reporter(services: Services, task: StageTask) -> Callable[[float], Awaitable[None]]:
+    last = 0.0
+
+    async def progress(fraction: float) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last < PROGRESS_EVERY_S and fraction < 1.0:
+            return
+        last = now
+
+        def update(rec: JobRecord) -> None:
+            if not set_progress(rec, task.step, task.attempt, fraction):
+                raise NoChange
+
+        try:
+            record, _ = await services.jobs.update(task.job_id, update)
+            await services.bus.emit(JobEvent(job_id=task.job_id, tenant=task.tenant,
+                                             kind="progress", step=task.step,
+                                             progress=record.progress))
+        except Exception as exc:  # progress is best effort; the work goes on
+            log.debug("progress update failed: %r", exc)
+
+    return progress

