@@ -21,6 +21,7 @@ def _setup_logging(settings: Settings) -> None:
         level=settings.log_level, stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
@@ -52,6 +53,14 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         server.stop()
         print("jetcut dev stopped", flush=True)
+    return _exit_code(runtime)
+
+
+def _exit_code(runtime: Any) -> int:
+    """Non-zero when a loop crashed, so a supervisor sees the failure and restarts us."""
+    if runtime.crashed:
+        print(f"jetcut: stopped because {', '.join(runtime.crashed)} crashed", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -73,7 +82,7 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         log.info("%s ready (nats %s)", fn.name, settings.nats_url)
 
     asyncio.run(runtime.serve_until_signalled(on_ready=ready))
-    return 0
+    return _exit_code(runtime)
 
 
 def cmd_schema(settings: Settings, args: argparse.Namespace) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functions import conductor, gateway, probe, thumbnail, transcode
+from functions import conductor, gateway, noop, probe, thumbnail, transcode
 from shared.function import Function
 
 FUNCTIONS: dict[str, Function] = {
@@ -13,5 +13,6 @@ FUNCTIONS: dict[str, Function] = {
         probe.function,
         transcode.function,
         thumbnail.function,
+        noop.function,
     )
 }

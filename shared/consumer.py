@@ -104,7 +104,8 @@ class ConsumerLoop:
         assert self.psub is not None
         try:
             msgs = await self.psub.fetch(batch, timeout=self.settings.fetch_timeout_s)
-        except nats.errors.TimeoutError:
+        except (nats.errors.TimeoutError, TimeoutError):
+            # nats-py raises its own TimeoutError for batch=1 and the builtin for batch>1.
             await self._watchdog()
             return []
         except TRANSIENT_FETCH as exc:

@@ -26,6 +26,10 @@ class ProbeParams(Params):
     pass
 
 
+class NoopParams(Params):
+    pass
+
+
 class TranscodeParams(Params):
     vcodec: Literal["h264"] = "h264"
     crf: int = msgspec.field(default=23)
@@ -68,6 +72,7 @@ STAGES: dict[str, StageInfo] = {
     "probe": StageInfo(ProbeParams, cost=0.1),
     "transcode": StageInfo(TranscodeParams, cost=1.0),
     "thumbnail": StageInfo(ThumbnailParams, cost=0.2),
+    "noop": StageInfo(NoopParams, cost=0.01),
 }
 
 

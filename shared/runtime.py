@@ -64,6 +64,7 @@ class Runtime:
         self.stop_event = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
         self.loops: list[ConsumerLoop] = []
+        self.crashed: list[str] = []
 
     def _stream_of(self, sub: Subscription[object]) -> str:
         return {"jobs": self.names.jobs_stream, "stages": self.names.stages_stream}[sub.family]
@@ -120,6 +121,7 @@ class Runtime:
         if exc is not None:
             # A crashed loop must not go unnoticed: stop the process so a supervisor restarts it.
             log.error("%s crashed: %r; stopping", task.get_name(), exc, exc_info=exc)
+            self.crashed.append(task.get_name())
             self.stop_event.set()
 
     async def stop(self) -> None:

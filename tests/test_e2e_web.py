@@ -11,7 +11,7 @@ import pytest
 from functions.registry import FUNCTIONS
 from shared.events import DeadLetter, decode
 from tests.support.media import ffprobe_json
-from tests.support.nats import running, wait_for_job
+from tests.support.nats import consumer_settled, running, wait_for_job
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -90,10 +90,9 @@ async def test_text_file_fails_fast_with_invalid_input(stack, text_file, clip_3s
     assert probe.status == "failed" and probe.attempt == 1  # zero retries
     assert {s.status for n, s in record.steps.items() if n != "probe"} == {"cancelled"}
 
-    js = runtime.services.bus.js
     names = runtime.services.names
-    info = await js.consumer_info(names.stages_stream, "stage-probe")
-    assert info.num_ack_pending == 0 and info.num_pending == 0  # nothing left in flight
+    # nothing left in flight
+    assert await consumer_settled(runtime.services, names.stages_stream, "stage-probe") == (0, 0)
 
     upload = await _upload(client, clip_3s)
     r = await client.post("/v1/jobs", json={"recipe": "web", "input": upload["upload_id"]})

@@ -101,3 +101,21 @@ async def wait_for_job(
 @pytest.fixture
 def http_port() -> int:
     return free_port()
+
+
+async def consumer_settled(
+    services: Services, stream: str, durable: str, timeout: float = 5.0
+) -> tuple[int, int]:
+    """A consumer's (pending, ack pending), once in-flight acks/terms reached the server.
+
+    Settlement follows the handler's last publish, so a test that saw the job finish must
+    give the ack its round trip; this waits for the server's view, with a deadline.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        info = await services.bus.js.consumer_info(stream, durable)
+        state = (info.num_pending or 0, info.num_ack_pending or 0)
+        if state == (0, 0) or loop.time() > deadline:
+            return state
+        await asyncio.sleep(0.05)

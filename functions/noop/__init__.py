@@ -1,0 +1,3 @@
+from functions.noop.handler import function
+
+__all__ = ["function"]

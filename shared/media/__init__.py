@@ -1,0 +1,38 @@
+"""ffmpeg and ffprobe for jetcut stages: find the binaries, probe untrusted input, run renders.
+
+Stages import from here, never from the submodules::
+
+    from shared.media import FFmpegRunner, find_binaries, probe
+"""
+
+from __future__ import annotations
+
+from shared.media.binaries import Binaries, BinaryNotFoundError, find_binaries
+from shared.media.probe import REFUSED_FORMATS, MediaInfo, ProbeLimits, StreamInfo, probe
+from shared.media.runner import (
+    PROTOCOL_WHITELIST,
+    FFmpegRunner,
+    Progress,
+    ProgressCallback,
+    RunResult,
+    classify_failure,
+    step_timeout,
+)
+
+__all__ = [
+    "PROTOCOL_WHITELIST",
+    "REFUSED_FORMATS",
+    "Binaries",
+    "BinaryNotFoundError",
+    "FFmpegRunner",
+    "MediaInfo",
+    "ProbeLimits",
+    "Progress",
+    "ProgressCallback",
+    "RunResult",
+    "StreamInfo",
+    "classify_failure",
+    "find_binaries",
+    "probe",
+    "step_timeout",
+]
