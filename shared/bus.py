@@ -51,13 +51,17 @@ async def connect(settings: Settings, *, name: str) -> NATS:
     async def on_error(exc: Exception) -> None:
         log.warning("nats error: %s", exc)
 
+    client: list[NATS] = []
+
     async def on_disconnected() -> None:
+        if client and (client[0].is_closed or client[0].is_draining):
+            return  # our own shutdown, not an outage
         log.warning("nats disconnected; reconnecting")
 
     async def on_reconnected() -> None:
         log.info("nats reconnected")
 
-    return await nats.connect(
+    nc = await nats.connect(
         servers=settings.nats_servers,
         name=name,
         user_credentials=settings.nats_creds,
@@ -69,6 +73,8 @@ async def connect(settings: Settings, *, name: str) -> NATS:
         disconnected_cb=on_disconnected,
         reconnected_cb=on_reconnected,
     )
+    client.append(nc)
+    return nc
 
 
 class Bus:

@@ -50,7 +50,7 @@ class StepSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     params: dict[str, Any] = {}
 
 
-class JobSubmit(Event, tag="job.submit", kw_only=True):
+class JobSubmit(Event, tag="job.submit", kw_only=True, frozen=True):
     """Ask for a job. Published by the gateway, ingest, or any other service.
 
     ``job_id`` may be left out: the conductor then derives one from the idempotency key
@@ -76,7 +76,7 @@ class TaskInput(msgspec.Struct, frozen=True, kw_only=True):
     meta: dict[str, Any] = {}
 
 
-class StageTask(Event, tag="stage.task", kw_only=True):
+class StageTask(Event, tag="stage.task", kw_only=True, frozen=True):
     """One attempt of one step, on ``stages.<stage>``; its Nats-Msg-Id is job:step:attempt."""
 
     job_id: str
@@ -90,7 +90,7 @@ class StageTask(Event, tag="stage.task", kw_only=True):
     media_duration_s: float | None = None
 
 
-class StageComplete(Event, tag="stage.complete", kw_only=True):
+class StageComplete(Event, tag="stage.complete", kw_only=True, frozen=True):
     """A step attempt finished (``error`` set when it failed for good)."""
 
     job_id: str
@@ -104,18 +104,18 @@ class StageComplete(Event, tag="stage.complete", kw_only=True):
     from_checkpoint: bool = False
 
 
-class JobCancel(Event, tag="job.cancel", kw_only=True):
+class JobCancel(Event, tag="job.cancel", kw_only=True, frozen=True):
     job_id: str
     tenant: str = "default"
     reason: str = ""
 
 
-class JobRetry(Event, tag="job.retry", kw_only=True):
+class JobRetry(Event, tag="job.retry", kw_only=True, frozen=True):
     job_id: str
     tenant: str = "default"
 
 
-class JobCleanup(Event, tag="job.cleanup", kw_only=True):
+class JobCleanup(Event, tag="job.cleanup", kw_only=True, frozen=True):
     job_id: str
     tenant: str = "default"
     keep_outputs: bool = True
@@ -124,7 +124,7 @@ class JobCleanup(Event, tag="job.cleanup", kw_only=True):
 JobEventKind = Literal["status", "step", "progress"]
 
 
-class JobEvent(Event, tag="job.event", kw_only=True):
+class JobEvent(Event, tag="job.event", kw_only=True, frozen=True):
     """Lifecycle and progress of a job on ``events.<tenant>.<job_id>`` (SSE, CLI, audit)."""
 
     job_id: str
@@ -138,7 +138,7 @@ class JobEvent(Event, tag="job.event", kw_only=True):
     at: float = msgspec.field(default_factory=time.time)
 
 
-class DeadLetter(Event, tag="dead.letter", kw_only=True):
+class DeadLetter(Event, tag="dead.letter", kw_only=True, frozen=True):
     """A message that could not be processed, kept with everything needed to replay it."""
 
     function: str

@@ -9,7 +9,7 @@ did: return -> ack, ``RetryLater`` -> nak(delay), non-retryable error -> term, a
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -71,7 +71,7 @@ class Context:
 
 Handler = Callable[[E, Context], Awaitable[None]]
 FailureHook = Callable[[E, ErrorInfo, Context], Awaitable[None]]
-Service = Callable[[Services, "asyncio.Event"], Awaitable[None]]
+Service = Callable[[Services, "asyncio.Event"], Coroutine[Any, Any, None]]
 
 
 @dataclass(frozen=True)

@@ -122,7 +122,7 @@ class NatsServer:
                 cluster=self.cluster,
             )
         )
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        log = open(self.log_path, "ab")
         try:
             self._proc = subprocess.Popen(
                 [find_nats_server(self.binary), "-c", str(self.config_path)],

@@ -22,15 +22,15 @@ class Params(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     """Base of stage params: user input, so unknown fields are errors, not ignored."""
 
 
-class ProbeParams(Params):
+class ProbeParams(Params, frozen=True):
     pass
 
 
-class NoopParams(Params):
+class NoopParams(Params, frozen=True):
     pass
 
 
-class TranscodeParams(Params):
+class TranscodeParams(Params, frozen=True):
     vcodec: Literal["h264"] = "h264"
     crf: int = msgspec.field(default=23)
     preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium",
@@ -49,7 +49,7 @@ class TranscodeParams(Params):
             raise ValueError("audio_bitrate_k must be within 32..512")
 
 
-class ThumbnailParams(Params):
+class ThumbnailParams(Params, frozen=True):
     at_fraction: float = 0.1
     """Where in the clip the poster frame is taken (0..1 of the duration)."""
     max_width: int = 1280

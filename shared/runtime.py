@@ -10,15 +10,18 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from functools import partial
+from typing import Any
 
 from nats.aio.client import Client as NATS
+from nats.js import api
 
 from shared.bus import Bus, connect
 from shared.consumer import ConsumerLoop
 from shared.function import Context, Function, Services, Subscription
 from shared.jobstore import JobStore
+from shared.media import Binaries, FFmpegRunner, find_binaries
 from shared.settings import Settings
 from shared.store import ObjectStore, open_store
 from shared.streams import consumer_config, provision
@@ -33,14 +36,12 @@ class MediaTools:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._tools: tuple[object, object] | None = None
+        self._tools: tuple[Binaries, FFmpegRunner] | None = None
 
-    def __call__(self):  # type: ignore[no-untyped-def]
+    def __call__(self) -> tuple[Binaries, FFmpegRunner]:
         if self._tools is None:
-            from shared.media import FFmpegRunner, find_binaries
-
             binaries = find_binaries(self.settings)
-            self._tools = (binaries, FFmpegRunner(binaries, threads=self.settings.ffmpeg_threads))
+            self._tools = (binaries, FFmpegRunner.from_settings(self.settings, binaries))
         return self._tools
 
 
@@ -66,10 +67,10 @@ class Runtime:
         self.loops: list[ConsumerLoop] = []
         self.crashed: list[str] = []
 
-    def _stream_of(self, sub: Subscription[object]) -> str:
+    def _stream_of(self, sub: Subscription[Any]) -> str:
         return {"jobs": self.names.jobs_stream, "stages": self.names.stages_stream}[sub.family]
 
-    def _consumer(self, sub: Subscription[object]):  # type: ignore[no-untyped-def]
+    def _consumer(self, sub: Subscription[Any]) -> api.ConsumerConfig:
         s = self.settings
         return consumer_config(
             durable=sub.durable, subject=sub.subject(self.names), ack_wait=s.ack_wait_s,
@@ -105,11 +106,11 @@ class Runtime:
                 self._spawn(fn.service(self.services, self.stop_event), f"{fn.name}:service")
         return self.services
 
-    async def _ensure_consumer(self, sub: Subscription[object]) -> None:
+    async def _ensure_consumer(self, sub: Subscription[Any]) -> None:
         assert self.services is not None
         await self.services.bus.js.add_consumer(self._stream_of(sub), self._consumer(sub))
 
-    def _spawn(self, coro, name: str) -> None:  # type: ignore[no-untyped-def]
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)
         task.add_done_callback(self._on_task_done)
         self.tasks.append(task)
@@ -136,7 +137,9 @@ class Runtime:
             await self.services.store.close()
         self.telemetry.shutdown()
 
-    async def serve_until_signalled(self, on_ready: Callable[[Services], None] | None = None) -> None:
+    async def serve_until_signalled(
+        self, on_ready: Callable[[Services], None] | None = None
+    ) -> None:
         """Run until SIGTERM/SIGINT (or a crashed loop), then stop gracefully."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

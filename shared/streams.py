@@ -1,8 +1,9 @@
 """Stream, consumer and KV definitions as plain data, and idempotent provisioning.
 
-Every function provisions at start-up, so whichever process starts first creates everything,
-and every consumer exists before the first message that it must see is published. Running
-it again, from any number of processes at once, changes nothing.
+Every function provisions at start-up, so whichever process starts first creates the streams
+and KV bucket, and each function creates its own consumers. Consumers deliver from the start
+of their stream, so work published before a consumer existed still reaches it. Running this
+again, from any number of processes at once, changes nothing.
 """
 
 from __future__ import annotations
@@ -24,30 +25,23 @@ STREAM_EXISTS_DIFFERENT = 10058
 
 def stream_configs(names: Names, settings: Settings) -> list[api.StreamConfig]:
     """The four streams of the contract (DESIGN.md, "Streams, subjects, consumers")."""
-    common = {"storage": api.StorageType.FILE, "num_replicas": settings.replicas}
+
+    def stream(name: str, family: str, retention: api.RetentionPolicy, max_age: float,
+               duplicate_window: float, allow_direct: bool | None = None) -> api.StreamConfig:
+        return api.StreamConfig(
+            name=name, subjects=[names.all(family)], retention=retention, max_age=max_age,
+            duplicate_window=duplicate_window, allow_direct=allow_direct,
+            storage=api.StorageType.FILE, num_replicas=settings.replicas,
+        )
+
+    limits, work_queue = api.RetentionPolicy.LIMITS, api.RetentionPolicy.WORK_QUEUE
     return [
-        api.StreamConfig(
-            name=names.jobs_stream, subjects=[names.all("jobs")],
-            retention=api.RetentionPolicy.LIMITS, max_age=7 * DAY,
-            # jobs.submit dedups on Nats-Msg-Id = idempotency key within this window;
-            # beyond it the conductor's create-only job record catches repeats.
-            duplicate_window=3600.0, **common,
-        ),
-        api.StreamConfig(
-            name=names.stages_stream, subjects=[names.all("stages")],
-            retention=api.RetentionPolicy.WORK_QUEUE, max_age=7 * DAY,
-            duplicate_window=600.0, **common,
-        ),
-        api.StreamConfig(
-            name=names.events_stream, subjects=[names.all("events")],
-            retention=api.RetentionPolicy.LIMITS, max_age=DAY,
-            duplicate_window=120.0, allow_direct=True, **common,
-        ),
-        api.StreamConfig(
-            name=names.dlq_stream, subjects=[names.all("dlq")],
-            retention=api.RetentionPolicy.LIMITS, max_age=30 * DAY,
-            duplicate_window=600.0, **common,
-        ),
+        # jobs.submit dedups on Nats-Msg-Id = job id within the hour; beyond it the
+        # conductor's create-only job record catches repeats.
+        stream(names.jobs_stream, "jobs", limits, 7 * DAY, 3600.0),
+        stream(names.stages_stream, "stages", work_queue, 7 * DAY, 600.0),
+        stream(names.events_stream, "events", limits, DAY, 120.0, allow_direct=True),
+        stream(names.dlq_stream, "dlq", limits, 30 * DAY, 600.0),
     ]
 
 
@@ -91,12 +85,13 @@ async def ensure_jobs_kv(js: JetStreamContext, names: Names, settings: Settings)
 
 
 async def provision(
-    js: JetStreamContext, names: Names, settings: Settings, consumers: list[tuple[str, api.ConsumerConfig]],
+    js: JetStreamContext, names: Names, settings: Settings,
+    consumers: list[tuple[str, api.ConsumerConfig]],
 ) -> KeyValue:
     """Create or update every stream, the jobs KV bucket and the given consumers."""
-    for config in stream_configs(names, settings):
-        await ensure_stream(js, config)
+    for stream_config in stream_configs(names, settings):
+        await ensure_stream(js, stream_config)
     kv = await ensure_jobs_kv(js, names, settings)
-    for stream, config in consumers:
-        await js.add_consumer(stream, config)
+    for stream, consumer in consumers:
+        await js.add_consumer(stream, consumer)
     return kv

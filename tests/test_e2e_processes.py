@@ -42,7 +42,7 @@ def fleet(nats_server: NatsServer, s3_server: S3Endpoint, tmp_path: Path) -> Ite
         "JETCUT_FETCH_TIMEOUT_S": "0.5",
     }
     procs: dict[str, subprocess.Popen[bytes]] = {}
-    logs = {name: open(tmp_path / f"{name}.log", "wb") for name in FUNCTIONS}  # noqa: SIM115
+    logs = {name: open(tmp_path / f"{name}.log", "wb") for name in FUNCTIONS}
     try:
         for name in FUNCTIONS:
             procs[name] = subprocess.Popen([JETCUT, "run", name], env=env, stdout=logs[name],

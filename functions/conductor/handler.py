@@ -11,7 +11,6 @@ Emits:
 
 from __future__ import annotations
 
-
 from shared.errors import ErrorCode, JetcutError, PermanentError
 from shared.events import ErrorInfo, JobEvent, JobSubmit, StageComplete, StageTask, TaskInput
 from shared.function import Context, Function, error_info

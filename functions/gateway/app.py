@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Iterator
 
 import uvicorn
 
@@ -28,7 +29,7 @@ class _Server(uvicorn.Server):
     """uvicorn without its own signal handlers: the runtime owns SIGTERM/SIGINT and drains."""
 
     @contextlib.contextmanager
-    def capture_signals(self):  # type: ignore[no-untyped-def]
+    def capture_signals(self) -> Iterator[None]:
         yield
 
 
