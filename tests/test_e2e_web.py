@@ -117,3 +117,43 @@ async def test_malformed_submit_is_dead_lettered(stack, clip_3s):  # type: ignor
     r = await client.post("/v1/jobs", json={"recipe": "web", "input": upload["upload_id"]})
     record = await wait_for_job(services, r.json()["job_id"])
     assert record.status == "succeeded"
+
+
+async def test_same_idempotency_key_makes_one_job(stack, clip_3s):  # type: ignore[no-untyped-def]
+    runtime, client = stack
+    upload = await _upload(client, clip_3s)
+    body = {"recipe": "web", "input": upload["upload_id"]}
+    first = await client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "same-key"})
+    assert first.status_code == 202
+    job_id = first.json()["job_id"]
+    await wait_for_job(runtime.services, job_id)
+    again = await client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "same-key"})
+    assert again.status_code == 200 and again.json()["job_id"] == job_id
+    assert again.json()["status"] == "succeeded"
+    # one set of outputs: each step ran exactly once
+    record = await runtime.services.jobs.get(job_id)
+    assert {s.attempt for s in record.steps.values()} == {1}
+    outputs = await runtime.services.store.list(f"jobs/{job_id}/")
+    assert sorted(o.key.split("/", 2)[2] for o in outputs) == [
+        "poster/manifest.json", "poster/poster.jpg", "probe/manifest.json",
+        "transcode/manifest.json", "transcode/video.mp4"]
+
+
+async def test_metrics_count_handled_messages(stack, clip_3s):  # type: ignore[no-untyped-def]
+    runtime, client = stack
+    upload = await _upload(client, clip_3s)
+    r = await client.post("/v1/jobs", json={"recipe": "web", "input": upload["upload_id"]})
+    await wait_for_job(runtime.services, r.json()["job_id"])
+    wanted = ['jetcut_messages_total{function="transcode",outcome="ack",'
+              'subject_kind="stages.transcode"} 1.0',
+              'jetcut_jobs_total{recipe="web",status="succeeded"} 1.0']
+    # The conductor counts the job right after the KV write this test watched: give it
+    # that moment, with a deadline.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while True:
+        text = (await client.get("/metrics")).text
+        if all(w in text for w in wanted):
+            break
+        assert loop.time() < deadline, text[-2000:]
+        await asyncio.sleep(0.05)

@@ -17,6 +17,7 @@ from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
 from litestar.params import FromPath, FromQuery
 from litestar.response import Stream
+from opentelemetry.trace import SpanKind
 
 from shared.bus import PublishFailed
 from shared.errors import ErrorCode, JetcutError, ObjectNotFound
@@ -191,7 +192,20 @@ async def resolve_input(services: Services, tenant: str, ref: str) -> InputRef:
 
 @post("/v1/jobs", status_code=202)
 async def submit(request: Request[Any, Any, Any]) -> Response[Any]:
+    """Each job is one trace: it starts here (or joins the caller's ``traceparent``)."""
     services: Services = request.app.state.services
+    telemetry = services.telemetry
+    with telemetry.tracer.start_as_current_span(
+        "POST /v1/jobs", context=telemetry.extract(dict(request.headers)),
+        kind=SpanKind.SERVER,
+    ) as span:
+        response = await _submit(request, services)
+        if isinstance(response.content, dict) and "job_id" in response.content:
+            span.set_attribute("jetcut.job_id", response.content["job_id"])
+        return response
+
+
+async def _submit(request: Request[Any, Any, Any], services: Services) -> Response[Any]:
     tenant = tenant_of(request)
     try:
         body = msgspec.json.decode(await request.body(), type=JobRequest)
