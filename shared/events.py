@@ -48,6 +48,12 @@ class StepSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     stage: str
     uses: list[str] = []
     params: dict[str, Any] = {}
+    each: str | None = None
+    """Expand at run time: one task per part that this earlier step produced (segments,
+    frames); the step is done when every part is. Must also appear in ``uses``."""
+    fan_in: bool = False
+    """Run with whichever of the used steps were not skipped (e.g. package the renditions
+    that apply to this source); without it, a skipped input skips this step too."""
 
 
 class JobSubmit(Event, tag="job.submit", kw_only=True, frozen=True):
@@ -67,6 +73,11 @@ class JobSubmit(Event, tag="job.submit", kw_only=True, frozen=True):
     submitted_at: float = msgspec.field(default_factory=time.time)
 
 
+def part_name(step: str, part: int | None) -> str:
+    """``encode`` or ``encode.p0007``: how a part is named in ids, keys and logs."""
+    return step if part is None else f"{step}.p{part:04d}"
+
+
 class TaskInput(msgspec.Struct, frozen=True, kw_only=True):
     """What a step receives from one thing it uses: object keys and upstream metadata."""
 
@@ -84,10 +95,17 @@ class StageTask(Event, tag="stage.task", kw_only=True, frozen=True):
     step: str
     stage: str
     attempt: int
+    part: int | None = None
+    """Which part of an expanded (``each``) step this task is."""
     params: dict[str, Any] = {}
     inputs: list[TaskInput] = []
     timeout_s: float = 600.0
     media_duration_s: float | None = None
+
+    @property
+    def task_id(self) -> str:
+        """``<job>:<step>[.p<part>]:<attempt>``: the Nats-Msg-Id that makes re-drives no-ops."""
+        return f"{self.job_id}:{part_name(self.step, self.part)}:{self.attempt}"
 
 
 class StageComplete(Event, tag="stage.complete", kw_only=True, frozen=True):
@@ -97,9 +115,12 @@ class StageComplete(Event, tag="stage.complete", kw_only=True, frozen=True):
     tenant: str
     step: str
     attempt: int
+    part: int | None = None
     outputs: dict[str, str] = {}
     meta: dict[str, Any] = {}
     error: ErrorInfo | None = None
+    skipped: str | None = None
+    """Set (to the reason) when the stage decided the step does not apply to this job."""
     elapsed_s: float = 0.0
     from_checkpoint: bool = False
 

@@ -3,9 +3,14 @@
 Job:  queued -> running -> succeeded | failed | cancelled  (cancelling while steps stop)
 Step: pending -> ready -> running -> done | failed | skipped | cancelled
 
-Every result is fenced on (step, attempt): a late or duplicate completion from an attempt that
-is no longer current changes nothing. Callers apply these functions inside a compare-and-set
-loop on the KV record, so each application starts from the latest revision.
+A step with ``each`` expands when it becomes ready into one *part* per output of the step it
+expands over; each part has its own status and attempt, and the step is done exactly when
+the last part is (the join). A step whose input was skipped is skipped too, unless it is a
+``fan_in`` step, which runs with whichever inputs remain.
+
+Every result is fenced on (step, part, attempt): a late or duplicate completion from an
+attempt that is no longer current changes nothing. Callers apply these functions inside a
+compare-and-set loop on the KV record, so each application starts from the latest revision.
 """
 
 from __future__ import annotations
@@ -43,20 +48,42 @@ FINISHED_STEP = frozenset({StepStatus.DONE, StepStatus.SKIPPED})
 LIVE_STEP = frozenset({StepStatus.READY, StepStatus.RUNNING})
 
 
-class StepState(msgspec.Struct, kw_only=True):
-    stage: str
-    uses: list[str] = []
-    params: dict[str, Any] = {}
-    status: StepStatus = StepStatus.PENDING
-    attempt: int = 0
+class PartState(msgspec.Struct, kw_only=True):
+    """One task of an expanded step."""
+
+    status: StepStatus = StepStatus.READY
+    attempt: int = 1
     outputs: dict[str, str] = {}
     meta: dict[str, Any] = {}
     error: ErrorInfo | None = None
     progress: float = 0.0
     from_checkpoint: bool = False
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+class StepState(msgspec.Struct, kw_only=True):
+    stage: str
+    uses: list[str] = []
+    params: dict[str, Any] = {}
+    each: str | None = None
+    fan_in: bool = False
+    status: StepStatus = StepStatus.PENDING
+    attempt: int = 0
+    parts: list[PartState] = []
+    outputs: dict[str, str] = {}
+    meta: dict[str, Any] = {}
+    error: ErrorInfo | None = None
+    skipped: str | None = None
+    progress: float = 0.0
+    from_checkpoint: bool = False
     ready_at: float | None = None
     started_at: float | None = None
     finished_at: float | None = None
+
+    @property
+    def step_deps(self) -> list[str]:
+        return [u for u in self.uses if input_ref_index(u) is None]
 
 
 class JobRecord(msgspec.Struct, kw_only=True):
@@ -107,42 +134,60 @@ def input_ref_index(ref: str) -> int | None:
     return None
 
 
-def plan(record: JobRecord, steps: dict[str, StepSpec]) -> list[str]:
+def plan(record: JobRecord, steps: dict[str, StepSpec]) -> list[tuple[str, int | None]]:
     """Lay out the steps and make ready those whose inputs are all available."""
     record.steps = {
-        name: StepState(stage=spec.stage, uses=list(spec.uses), params=dict(spec.params))
+        name: StepState(stage=spec.stage, uses=list(spec.uses), params=dict(spec.params),
+                        each=spec.each, fan_in=spec.fan_in)
         for name, spec in steps.items()
     }
     return advance(record)
 
 
-def advance(record: JobRecord) -> list[str]:
-    """Move pending steps whose dependencies are finished to ready; settle the job.
+def advance(record: JobRecord) -> list[tuple[str, int | None]]:
+    """Make ready what can run, skip what cannot apply, and settle the job.
 
-    Returns the steps that became ready now (each needs a task published).
+    Returns the tasks that became ready now, as (step, part) pairs: each needs publishing.
     """
     now = time.time()
-    newly_ready: list[str] = []
+    ready: list[tuple[str, int | None]] = []
     if record.terminal:
-        return newly_ready
-    failed = [n for n, s in record.steps.items() if s.status == StepStatus.FAILED]
-    if failed:
-        first = record.steps[failed[0]]
-        _finish(record, JobStatus.FAILED, now, first.error)
-        return newly_ready
-    for name, step in record.steps.items():
-        if step.status != StepStatus.PENDING:
-            continue
-        deps = [u for u in step.uses if input_ref_index(u) is None]
-        if all(record.steps[d].status in FINISHED_STEP for d in deps):
+        return ready
+    changed = True
+    while changed:  # skips and empty expansions can unlock further steps
+        changed = False
+        failed = [s for s in record.steps.values() if s.status == StepStatus.FAILED]
+        if failed:
+            _finish(record, JobStatus.FAILED, now, failed[0].error)
+            return ready
+        for name, step in record.steps.items():
+            if step.status != StepStatus.PENDING:
+                continue
+            deps = [record.steps[d] for d in step.step_deps]
+            if not all(d.status in FINISHED_STEP for d in deps):
+                continue
+            changed = True
+            skipped = [d for d in deps if d.status == StepStatus.SKIPPED]
+            if skipped and (not step.fan_in or len(skipped) == len(deps)):
+                step.status = StepStatus.SKIPPED
+                step.skipped = "an input step was skipped"
+                step.finished_at = now
+                continue
             step.status = StepStatus.READY
             step.attempt += 1
             step.ready_at = now
-            newly_ready.append(name)
+            if step.each is None:
+                ready.append((name, None))
+                continue
+            count = len(record.steps[step.each].outputs)
+            step.parts = [PartState() for _ in range(count)]
+            if count == 0:
+                _join(step, now)
+            ready.extend((name, i) for i in range(count))
     if all(s.status in FINISHED_STEP for s in record.steps.values()):
         _finish(record, JobStatus.SUCCEEDED, now, None)
     record.updated_at = now
-    return newly_ready
+    return ready
 
 
 def _finish(record: JobRecord, status: JobStatus, now: float, error: ErrorInfo | None) -> None:
@@ -163,25 +208,72 @@ def fail_job(record: JobRecord, error: ErrorInfo) -> None:
         _finish(record, JobStatus.FAILED, time.time(), error)
 
 
-def is_current(record: JobRecord, step: str, attempt: int) -> bool:
-    """The fence: is (step, attempt) the live attempt of a step that may still report?"""
+def live_tasks(record: JobRecord) -> list[tuple[str, int | None]]:
+    """Every task that should exist now: ready steps and ready parts (for re-drives)."""
+    tasks: list[tuple[str, int | None]] = []
+    if record.terminal:
+        return tasks
+    for name, step in record.steps.items():
+        if step.status not in LIVE_STEP:
+            continue
+        if step.each is None:
+            if step.status == StepStatus.READY:
+                tasks.append((name, None))
+        else:
+            tasks.extend((name, i) for i, p in enumerate(step.parts)
+                         if p.status == StepStatus.READY)
+    return tasks
+
+
+def attempt_of(record: JobRecord, step: str, part: int | None) -> int:
+    state = record.steps[step]
+    return state.attempt if part is None else state.parts[part].attempt
+
+
+def _unit(record: JobRecord, step: str, part: int | None) -> StepState | PartState | None:
     state = record.steps.get(step)
+    if state is None or (part is None) != (state.each is None):
+        return None
+    if part is None:
+        return state
+    return state.parts[part] if 0 <= part < len(state.parts) else None
+
+
+def is_current(record: JobRecord, step: str, attempt: int, part: int | None = None) -> bool:
+    """The fence: is (step, part, attempt) the live attempt of a task that may still report?"""
+    state = record.steps.get(step)
+    unit = _unit(record, step, part)
     return (
         not record.terminal
         and state is not None
-        and state.attempt == attempt
         and state.status in LIVE_STEP
+        and unit is not None
+        and unit.attempt == attempt
+        and unit.status in LIVE_STEP
     )
 
 
-def mark_running(record: JobRecord, step: str, attempt: int) -> bool:
+def already_applied(record: JobRecord, done: StageComplete) -> bool:
+    """Was this exact result applied before (a redelivered completion)?"""
+    unit = _unit(record, done.step, done.part)
+    return (
+        unit is not None
+        and unit.attempt == done.attempt
+        and unit.status in (StepStatus.DONE, StepStatus.FAILED, StepStatus.SKIPPED)
+    )
+
+
+def mark_running(record: JobRecord, step: str, attempt: int, part: int | None = None) -> bool:
     """A worker took the task. False (and no change) when the attempt is stale."""
-    if not is_current(record, step, attempt):
+    if not is_current(record, step, attempt, part):
         return False
-    state = record.steps[step]
     now = time.time()
-    if state.status == StepStatus.READY or state.started_at is None:
-        state.started_at = now
+    state = record.steps[step]
+    unit = _unit(record, step, part)
+    assert unit is not None
+    unit.started_at = unit.started_at or now
+    unit.status = StepStatus.RUNNING
+    state.started_at = state.started_at or now
     state.status = StepStatus.RUNNING
     if record.status == JobStatus.QUEUED:
         record.status = JobStatus.RUNNING
@@ -190,33 +282,61 @@ def mark_running(record: JobRecord, step: str, attempt: int) -> bool:
     return True
 
 
-def set_progress(record: JobRecord, step: str, attempt: int, fraction: float) -> bool:
-    if not is_current(record, step, attempt):
+def set_progress(
+    record: JobRecord, step: str, attempt: int, fraction: float, part: int | None = None
+) -> bool:
+    if not is_current(record, step, attempt, part):
         return False
-    record.steps[step].progress = max(0.0, min(1.0, fraction))
+    unit = _unit(record, step, part)
+    assert unit is not None
+    unit.progress = max(0.0, min(1.0, fraction))
+    state = record.steps[step]
+    if part is not None:
+        state.progress = round(sum(p.progress for p in state.parts) / len(state.parts), 4)
     record.updated_at = time.time()
     return True
 
 
 def apply_complete(record: JobRecord, done: StageComplete) -> bool:
-    """Apply a step result if it belongs to the current attempt; False if stale/duplicate."""
-    if not is_current(record, done.step, done.attempt):
+    """Apply a task result if it belongs to the current attempt; False if stale/duplicate."""
+    if not is_current(record, done.step, done.attempt, done.part):
         return False
-    state = record.steps[done.step]
     now = time.time()
-    state.finished_at = now
-    state.started_at = state.started_at or now
+    state = record.steps[done.step]
+    unit = _unit(record, done.step, done.part)
+    assert unit is not None
+    unit.finished_at = now
+    unit.started_at = unit.started_at or now
     if done.error is not None:
-        state.status = StepStatus.FAILED
-        state.error = done.error
+        unit.status = StepStatus.FAILED
+        unit.error = done.error
+        if done.part is not None:
+            state.status, state.error, state.finished_at = StepStatus.FAILED, done.error, now
+    elif done.skipped is not None and done.part is None:
+        state.status, state.skipped, state.finished_at = StepStatus.SKIPPED, done.skipped, now
     else:
-        state.status = StepStatus.DONE
-        state.outputs = dict(done.outputs)
-        state.meta = dict(done.meta)
-        state.progress = 1.0
-        state.from_checkpoint = done.from_checkpoint
+        unit.status = StepStatus.DONE
+        unit.outputs = dict(done.outputs)
+        unit.meta = dict(done.meta)
+        unit.progress = 1.0
+        unit.from_checkpoint = done.from_checkpoint
+        if done.part is not None and all(p.status == StepStatus.DONE for p in state.parts):
+            _join(state, now)
     if record.status == JobStatus.QUEUED:
         record.status = JobStatus.RUNNING
         record.started_at = now
     record.updated_at = now
     return True
+
+
+def _join(state: StepState, now: float) -> None:
+    """The last part is done: the step's outputs are the parts', numbered in order."""
+    state.status = StepStatus.DONE
+    state.progress = 1.0
+    state.finished_at = now
+    state.outputs = {
+        f"{name}.{i:04d}": key
+        for i, part in enumerate(state.parts) for name, key in sorted(part.outputs.items())
+    }
+    state.meta = {"parts": [part.meta for part in state.parts]}
+    state.from_checkpoint = all(p.from_checkpoint for p in state.parts)

@@ -151,6 +151,12 @@ def validate(steps: dict[str, StepSpec], n_inputs: int) -> None:
             if index is not None and index >= n_inputs:
                 raise invalid(f"step {name!r}: 'uses' names {ref!r} but the job has "
                               f"{n_inputs} input(s)", step=name, field="uses")
+        if spec.each is not None and spec.each not in spec.uses:
+            raise invalid(f"step {name!r}: 'each' names {spec.each!r}, which it must also "
+                          f"list in 'uses'", step=name, field="each")
+        if spec.each is not None and input_ref_index(spec.each) is not None:
+            raise invalid(f"step {name!r}: 'each' must name a step, not an input", step=name,
+                          field="each")
         try:
             decode_params(spec.stage, spec.params)
         except ValueError as exc:

@@ -37,13 +37,16 @@ PROGRESS_EVERY_S = 1.0
 
 
 class Manifest(msgspec.Struct, frozen=True, kw_only=True):
-    """Written last under ``jobs/<job_id>/<step>/``: its presence means the step is done."""
+    """Written last under ``jobs/<job_id>/<step>/`` (a part's under ``.../p<NNNN>/``): its
+    presence means the step (or part) is done."""
 
     job_id: str
     step: str
     stage: str
     attempt: int
+    part: int | None = None
     outputs: dict[str, str]
+    skipped: str | None = None
     sizes: dict[str, int] = {}
     etags: dict[str, str] = {}
     meta: dict[str, Any] = {}
@@ -55,6 +58,9 @@ class StageResult(msgspec.Struct, kw_only=True):
     files: dict[str, Path] = {}
     """Logical output name -> file in the work dir (uploaded under its file name)."""
     meta: dict[str, Any] = {}
+    skipped: str | None = None
+    """Set to the reason when the step does not apply (a 1080p rendition of a 480p source):
+    the step ends ``skipped`` and so do the steps that need it, unless they fan in."""
 
 
 @dataclass
@@ -94,12 +100,14 @@ async def _noop(_: float) -> None:
 StageHandler = Callable[[StageTask, StageContext[P]], Awaitable[StageResult]]
 
 
-def step_prefix(job_id: str, step: str) -> str:
-    return f"jobs/{job_id}/{step}/"
+def step_prefix(job_id: str, step: str, part: int | None = None) -> str:
+    """Where a step's (or one part's) outputs live: ``jobs/<job>/<step>/[p<NNNN>/]``."""
+    base = f"jobs/{job_id}/{step}/"
+    return base if part is None else f"{base}p{part:04d}/"
 
 
-def manifest_key(job_id: str, step: str) -> str:
-    return step_prefix(job_id, step) + "manifest.json"
+def manifest_key(job_id: str, step: str, part: int | None = None) -> str:
+    return step_prefix(job_id, step, part) + "manifest.json"
 
 
 _manifest_decoder = msgspec.json.Decoder(Manifest)
@@ -124,17 +132,15 @@ def stage(name: str, handler: StageHandler[P], *, doc: str = "",
 async def report(
     services: Services, task: StageTask, *, outputs: dict[str, str] | None = None,
     meta: dict[str, Any] | None = None, error: ErrorInfo | None = None, elapsed_s: float = 0.0,
-    from_checkpoint: bool = False,
+    from_checkpoint: bool = False, skipped: str | None = None,
 ) -> None:
     done = StageComplete(
         job_id=task.job_id, tenant=task.tenant, step=task.step, attempt=task.attempt,
-        outputs=outputs or {}, meta=meta or {}, error=error, elapsed_s=elapsed_s,
-        from_checkpoint=from_checkpoint,
+        part=task.part, outputs=outputs or {}, meta=meta or {}, error=error,
+        skipped=skipped, elapsed_s=elapsed_s, from_checkpoint=from_checkpoint,
     )
-    await services.bus.publish(
-        services.names.stage_complete, done,
-        msg_id=f"{task.job_id}:{task.step}:{task.attempt}:complete",
-    )
+    await services.bus.publish(services.names.stage_complete, done,
+                               msg_id=f"{task.task_id}:complete")
 
 
 async def run_task(name: str, handler: StageHandler[P], task: StageTask, ctx: Context) -> None:
@@ -145,26 +151,26 @@ async def run_task(name: str, handler: StageHandler[P], task: StageTask, ctx: Co
     except JobNotFound:
         log_.warning("task for unknown job %s dropped", task.job_id)
         return
-    if not is_current(record, task.step, task.attempt):
-        log_.info("stale task %s:%s:%d dropped (job %s)", task.job_id, task.step, task.attempt,
-                  record.status)
+    if not is_current(record, task.step, task.attempt, task.part):
+        log_.info("stale task %s dropped (job %s)", task.task_id, record.status)
         return
 
     checkpoint = await _read_manifest(services, task)
     if checkpoint is not None:
-        log_.info("step %s/%s done before (checkpoint); not re-running", task.job_id, task.step)
+        log_.info("%s done before (checkpoint); not re-running", task.task_id)
         await report(services, task, outputs=checkpoint.outputs, meta=checkpoint.meta,
-                     elapsed_s=checkpoint.elapsed_s, from_checkpoint=True)
+                     elapsed_s=checkpoint.elapsed_s, from_checkpoint=True,
+                     skipped=checkpoint.skipped)
         return
 
     def running(rec: JobRecord) -> bool:
-        if not mark_running(rec, task.step, task.attempt):
+        if not mark_running(rec, task.step, task.attempt, task.part):
             raise NoChange
         return True
 
     _, took = await services.jobs.update(task.job_id, running)
     if not took:
-        log_.info("task %s:%s:%d became stale; dropped", task.job_id, task.step, task.attempt)
+        log_.info("task %s became stale; dropped", task.task_id)
         return
     await services.bus.emit(JobEvent(job_id=task.job_id, tenant=task.tenant, kind="step",
                                      step=task.step, step_status="running"))
@@ -183,7 +189,7 @@ async def run_task(name: str, handler: StageHandler[P], task: StageTask, ctx: Co
         await _download_inputs(services, task.inputs, workdir, sctx)
         result = await handler(task, sctx)
         outputs, sizes, etags = {}, {}, {}
-        prefix = step_prefix(task.job_id, task.step)
+        prefix = step_prefix(task.job_id, task.step, task.part)
         for logical, path in result.files.items():
             key = prefix + path.name
             content_type = mimetypes.guess_type(path.name)[0]
@@ -191,17 +197,18 @@ async def run_task(name: str, handler: StageHandler[P], task: StageTask, ctx: Co
             outputs[logical], sizes[logical], etags[logical] = key, info.size, info.etag
     elapsed = time.monotonic() - started
     manifest = Manifest(job_id=task.job_id, step=task.step, stage=name, attempt=task.attempt,
-                        outputs=outputs, sizes=sizes, etags=etags, meta=result.meta,
-                        elapsed_s=round(elapsed, 3))
-    await services.store.put_bytes(manifest_key(task.job_id, task.step),
+                        part=task.part, outputs=outputs, sizes=sizes, etags=etags,
+                        meta=result.meta, skipped=result.skipped, elapsed_s=round(elapsed, 3))
+    await services.store.put_bytes(manifest_key(task.job_id, task.step, task.part),
                                    msgspec.json.encode(manifest), "application/json")
     services.telemetry.ffmpeg_seconds.labels(name).observe(elapsed)
-    await report(services, task, outputs=outputs, meta=result.meta, elapsed_s=round(elapsed, 3))
+    await report(services, task, outputs=outputs, meta=result.meta, skipped=result.skipped,
+                 elapsed_s=round(elapsed, 3))
 
 
 async def _read_manifest(services: Services, task: StageTask) -> Manifest | None:
     try:
-        data = await services.store.get_bytes(manifest_key(task.job_id, task.step))
+        data = await services.store.get_bytes(manifest_key(task.job_id, task.step, task.part))
     except ObjectNotFound:
         return None
     return _manifest_decoder.decode(data)
@@ -237,7 +244,7 @@ def _progress_reporter(services: Services, task: StageTask) -> Callable[[float],
         last = now
 
         def update(rec: JobRecord) -> None:
-            if not set_progress(rec, task.step, task.attempt, fraction):
+            if not set_progress(rec, task.step, task.attempt, fraction, task.part):
                 raise NoChange
 
         try:

@@ -21,7 +21,7 @@ def web_like() -> JobRecord:
         "transcode": StepSpec(stage="transcode", uses=[":input", "probe"]),
         "poster": StepSpec(stage="thumbnail", uses=[":input", "probe"]),
     })
-    assert ready == ["probe"]
+    assert ready == [("probe", None)]
     return record
 
 
@@ -42,7 +42,7 @@ def test_fan_out_then_fan_in_to_success() -> None:
     assert mark_running(record, "probe", 1)
     assert record.status == JobStatus.RUNNING
     assert apply_complete(record, done("probe", meta={"duration_s": 3.0}))
-    assert sorted(advance(record)) == ["poster", "transcode"]  # fan-out
+    assert sorted(advance(record)) == [("poster", None), ("transcode", None)]  # fan-out
     assert apply_complete(record, done("transcode", outputs={"video": "k"}))
     assert advance(record) == []
     assert record.status == JobStatus.RUNNING
@@ -81,3 +81,64 @@ def test_progress_counts_running_steps_by_fraction() -> None:
     mark_running(record, "probe", 1)
     record.steps["probe"].progress = 0.5
     assert record.progress == round(0.5 / 3, 4)
+
+
+def expanding() -> JobRecord:
+    record = JobRecord(job_id="j1", tenant="default", inputs=[InputRef(key="uploads/a")])
+    plan(record, {
+        "split": StepSpec(stage="noop", uses=[":input"]),
+        "encode": StepSpec(stage="noop", uses=["split"], each="split"),
+        "join": StepSpec(stage="noop", uses=["encode"]),
+    })
+    apply_complete(record, done("split", outputs={"seg-0": "k0", "seg-1": "k1", "seg-2": "k2"}))
+    return record
+
+
+def part_done(index: int, attempt: int = 1, **kw: object) -> StageComplete:
+    return done("encode", attempt=attempt, part=index, **kw)
+
+
+def test_a_step_expands_into_one_task_per_part_and_joins_once() -> None:
+    record = expanding()
+    assert advance(record) == [("encode", 0), ("encode", 1), ("encode", 2)]
+    assert not apply_complete(record, done("encode"))  # a whole-step result is not a part's
+    assert apply_complete(record, part_done(2, outputs={"video": "e2"}))
+    assert apply_complete(record, part_done(0, outputs={"video": "e0"}))
+    assert not apply_complete(record, part_done(0, outputs={"video": "stale"}))  # duplicate
+    assert advance(record) == []  # not joined yet: part 1 is outstanding
+    assert record.steps["encode"].status == StepStatus.READY
+    assert apply_complete(record, part_done(1, outputs={"video": "e1"}))
+    assert record.steps["encode"].status == StepStatus.DONE
+    assert record.steps["encode"].outputs == {
+        "video.0000": "e0", "video.0001": "e1", "video.0002": "e2"}  # in part order
+    assert advance(record) == [("join", None)]  # joined exactly once
+
+
+def test_a_failed_part_fails_the_step_and_job() -> None:
+    record = expanding()
+    advance(record)
+    mark_running(record, "encode", 1, part=1)
+    assert apply_complete(record, part_done(1, error=ErrorInfo(code="timeout", message="slow")))
+    advance(record)
+    assert record.status == JobStatus.FAILED and record.error is not None
+    assert record.error.code == "timeout"
+
+
+def test_skips_cascade_unless_the_step_fans_in() -> None:
+    record = JobRecord(job_id="j1", tenant="default", inputs=[InputRef(key="uploads/a")])
+    plan(record, {
+        "r1080": StepSpec(stage="noop", uses=[":input"]),
+        "r360": StepSpec(stage="noop", uses=[":input"]),
+        "c1080": StepSpec(stage="noop", uses=["r1080"]),
+        "c360": StepSpec(stage="noop", uses=["r360"]),
+        "package": StepSpec(stage="noop", uses=["c1080", "c360"], fan_in=True),
+    })
+    assert apply_complete(record, done("r1080", skipped="source is only 360p"))
+    assert apply_complete(record, done("r360", outputs={"video": "v"}))
+    assert advance(record) == [("c360", None)]
+    assert record.steps["c1080"].status == StepStatus.SKIPPED  # cascaded
+    assert apply_complete(record, done("c360"))
+    assert advance(record) == [("package", None)]  # fans in over what is left
+    assert apply_complete(record, done("package"))
+    advance(record)
+    assert record.status == JobStatus.SUCCEEDED

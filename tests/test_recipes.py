@@ -35,6 +35,10 @@ def test_web_recipe_plans_probe_then_transcode_and_poster() -> None:
     (None, {"a": StepSpec(stage="transcode", params={"colour": "red"})}, {}, 1, "colour",
      {"step": "a", "field": "params"}),
     (None, {"a b": StepSpec(stage="probe")}, {}, 1, "step name", {"step": "a b"}),
+    (None, {"a": StepSpec(stage="noop"), "b": StepSpec(stage="noop", each="a")}, {}, 1,
+     "must also list in 'uses'", {"step": "b", "field": "each"}),
+    (None, {"b": StepSpec(stage="noop", uses=[":input"], each=":input")}, {}, 1,
+     "must name a step", {"step": "b", "field": "each"}),
     (None, {"a": StepSpec(stage="noop", uses=["b"]), "b": StepSpec(stage="noop", uses=["a"])},
      {}, 1, "cycle", {"field": "uses"}),
 ])

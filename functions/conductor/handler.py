@@ -12,16 +12,27 @@ Emits:
 from __future__ import annotations
 
 from shared.errors import ErrorCode, JetcutError, PermanentError
-from shared.events import ErrorInfo, JobEvent, JobSubmit, StageComplete, StageTask, TaskInput
+from shared.events import (
+    ErrorInfo,
+    JobEvent,
+    JobSubmit,
+    StageComplete,
+    StageTask,
+    TaskInput,
+    part_name,
+)
 from shared.function import Context, Function, error_info
 from shared.ids import job_id_for
 from shared.jobstate import (
     JobRecord,
     StepStatus,
     advance,
+    already_applied,
     apply_complete,
+    attempt_of,
     fail_job,
     input_ref_index,
+    live_tasks,
     plan,
 )
 from shared.jobstore import NoChange
@@ -87,7 +98,7 @@ async def _check_job(event: JobSubmit, ctx: Context) -> ErrorInfo | None:
                     durable="conductor-complete", concurrency=32, batch=32)
 async def on_complete(event: StageComplete, ctx: Context) -> None:
     services = ctx.services
-    newly_ready: list[str] = []
+    newly_ready: list[tuple[str, int | None]] = []
     before: list[str] = []
 
     def apply(record: JobRecord) -> bool:
@@ -100,42 +111,40 @@ async def on_complete(event: StageComplete, ctx: Context) -> None:
 
     record, applied = await services.jobs.update(event.job_id, apply)
     if not applied:
-        step = record.steps.get(event.step)
-        if step is not None and step.attempt == event.attempt and step.status in (
-            StepStatus.DONE, StepStatus.FAILED
-        ):
+        if already_applied(record, event):
             # A redelivered completion we already applied: we may have crashed before
             # publishing what it made ready, so publish again (ids dedup).
             await _publish_ready(record, ctx)
             await _announce(record, ctx)
         else:
-            ctx.log.info("stale completion %s:%s:%d ignored", event.job_id, event.step,
-                         event.attempt)
+            ctx.log.info("stale completion %s:%s:%d ignored", event.job_id,
+                         part_name(event.step, event.part), event.attempt)
         return
     await services.bus.emit(JobEvent(
         job_id=record.job_id, tenant=record.tenant, kind="step", step=event.step,
         step_status=record.steps[event.step].status, error=event.error,
         progress=record.progress,
     ), durable=True)
-    await _publish_ready(record, ctx, only=newly_ready)
+    await _publish(record, ctx, newly_ready)
     if before != [record.status]:
         await _announce(record, ctx)
 
 
-async def _publish_ready(record: JobRecord, ctx: Context, only: list[str] | None = None) -> None:
+async def _publish_ready(record: JobRecord, ctx: Context) -> None:
+    """(Re-)publish every task that should exist; message ids make repeats no-ops."""
+    await _publish(record, ctx, live_tasks(record))
+
+
+async def _publish(record: JobRecord, ctx: Context, tasks: list[tuple[str, int | None]]) -> None:
     if record.terminal:
         return
-    names = ctx.services.names
-    for step_name, step in record.steps.items():
-        if step.status != StepStatus.READY or (only is not None and step_name not in only):
-            continue
-        task = _task(record, step_name, ctx)
-        await ctx.services.bus.publish(
-            names.stage(step.stage), task, msg_id=f"{record.job_id}:{step_name}:{step.attempt}"
-        )
+    for step_name, part in tasks:
+        task = _task(record, step_name, part, ctx)
+        await ctx.services.bus.publish(ctx.services.names.stage(task.stage), task,
+                                       msg_id=task.task_id)
 
 
-def _task(record: JobRecord, step_name: str, ctx: Context) -> StageTask:
+def _task(record: JobRecord, step_name: str, part: int | None, ctx: Context) -> StageTask:
     step = record.steps[step_name]
     inputs: list[TaskInput] = []
     for ref in step.uses:
@@ -144,15 +153,22 @@ def _task(record: JobRecord, step_name: str, ctx: Context) -> StageTask:
             item = record.inputs[index]
             inputs.append(TaskInput(ref=ref, files={"media": item.key},
                                     meta={"filename": item.filename, "size": item.size}))
-        else:
+        elif ref == step.each and part is not None:
+            # A part gets the i-th output (in name order) of the step it expands over.
+            upstream = record.steps[ref]
+            name, key = sorted(upstream.outputs.items())[part]
+            inputs.append(TaskInput(ref=ref, files={"part": key},
+                                    meta={**upstream.meta, "index": part, "name": name,
+                                          "count": len(upstream.outputs)}))
+        elif record.steps[ref].status == StepStatus.DONE:  # skipped inputs of a fan-in: none
             upstream = record.steps[ref]
             inputs.append(TaskInput(ref=ref, files=dict(upstream.outputs),
                                     meta=dict(upstream.meta)))
     duration = _media_duration(record)
     return StageTask(
         job_id=record.job_id, tenant=record.tenant, step=step_name, stage=step.stage,
-        attempt=step.attempt, params=dict(step.params), inputs=inputs,
-        timeout_s=_timeout(ctx, step.stage, duration), media_duration_s=duration,
+        attempt=attempt_of(record, step_name, part), part=part, params=dict(step.params),
+        inputs=inputs, timeout_s=_timeout(ctx, step.stage, duration), media_duration_s=duration,
     )
 
 
