@@ -1,4 +1,4 @@
-"""The stage catalog (params, cost) and built-in recipes, planned into validated DAGs.
+"""The stage catalog and recipes, merged from ``shared.params``, planned into validated DAGs.
 
 Shared by the gateway (reject a bad job before it is queued) and the conductor (plan it).
 A recipe is a function of the job's params returning ``{step: StepSpec}``; inline steps use
@@ -7,73 +7,19 @@ the same shape. Validation names the step and field at fault, with code ``invali
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 
 from shared.errors import ErrorCode, PermanentError
 from shared.events import StepSpec
 from shared.jobstate import input_ref_index
+from shared.params import audio, core, images, montage, video
+from shared.params.base import Params, Recipe, StageInfo
 
-
-class Params(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Base of stage params: user input, so unknown fields are errors, not ignored."""
-
-
-class ProbeParams(Params, frozen=True):
-    pass
-
-
-class NoopParams(Params, frozen=True):
-    pass
-
-
-class TranscodeParams(Params, frozen=True):
-    vcodec: Literal["h264"] = "h264"
-    crf: int = msgspec.field(default=23)
-    preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium",
-                    "slow"] = "veryfast"
-    max_height: int = 720
-    max_width: int = 1280
-    audio_codec: Literal["aac"] = "aac"
-    audio_bitrate_k: int = 128
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.crf <= 51:
-            raise ValueError("crf must be within 0..51")
-        if not 16 <= self.max_height <= 4320 or not 16 <= self.max_width <= 7680:
-            raise ValueError("max_height must be within 16..4320 and max_width 16..7680")
-        if not 32 <= self.audio_bitrate_k <= 512:
-            raise ValueError("audio_bitrate_k must be within 32..512")
-
-
-class ThumbnailParams(Params, frozen=True):
-    at_fraction: float = 0.1
-    """Where in the clip the poster frame is taken (0..1 of the duration)."""
-    max_width: int = 1280
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.at_fraction <= 1.0:
-            raise ValueError("at_fraction must be within 0..1")
-        if not 16 <= self.max_width <= 7680:
-            raise ValueError("max_width must be within 16..7680")
-
-
-@dataclass(frozen=True)
-class StageInfo:
-    params: type[Params]
-    cost: float
-    """Seconds of work per second of media, relative to ``timeout_per_media_s``."""
-
-
-STAGES: dict[str, StageInfo] = {
-    "probe": StageInfo(ProbeParams, cost=0.1),
-    "transcode": StageInfo(TranscodeParams, cost=1.0),
-    "thumbnail": StageInfo(ThumbnailParams, cost=0.2),
-    "noop": StageInfo(NoopParams, cost=0.01),
-}
+_FAMILIES = (core, video, images, audio, montage)
+STAGES: dict[str, StageInfo] = {k: v for m in _FAMILIES for k, v in m.STAGES.items()}
+RECIPES: dict[str, Recipe] = {k: v for m in _FAMILIES for k, v in m.RECIPES.items()}
 
 
 def decode_params(stage: str, params: dict[str, Any]) -> Params:
@@ -82,28 +28,6 @@ def decode_params(stage: str, params: dict[str, Any]) -> Params:
         return msgspec.convert(params, STAGES[stage].params)
     except msgspec.ValidationError as exc:
         raise ValueError(str(exc)) from exc
-
-
-class WebParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    max_height: int = 720
-    crf: int = 23
-    preset: str = "veryfast"
-
-
-def web(params: dict[str, Any]) -> dict[str, StepSpec]:
-    """MP4 (H.264/AAC, at most 720p, faststart) and a poster JPEG."""
-    p = msgspec.convert(params, WebParams)
-    return {
-        "probe": StepSpec(stage="probe", uses=[":input"]),
-        "transcode": StepSpec(
-            stage="transcode", uses=[":input", "probe"],
-            params={"max_height": p.max_height, "crf": p.crf, "preset": p.preset},
-        ),
-        "poster": StepSpec(stage="thumbnail", uses=[":input", "probe"]),
-    }
-
-
-RECIPES: dict[str, Callable[[dict[str, Any]], dict[str, StepSpec]]] = {"web": web}
 
 
 def invalid(message: str, **details: Any) -> PermanentError:

@@ -29,7 +29,8 @@ from shared.events import ErrorInfo, JobEvent, StageComplete, StageTask, TaskInp
 from shared.function import Context, Function, Services
 from shared.jobstate import JobRecord, is_current, mark_running, set_progress
 from shared.jobstore import JobNotFound, NoChange
-from shared.recipes import Params, decode_params
+from shared.params.base import Params
+from shared.recipes import decode_params
 
 P = TypeVar("P", bound=Params)
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ Emits:    jobs.stage.complete with meta {"noop": true}
 from __future__ import annotations
 
 from shared.events import StageTask
-from shared.recipes import NoopParams
+from shared.params.core import NoopParams
 from shared.stage import StageContext, StageResult, stage
 
 

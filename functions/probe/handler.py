@@ -12,7 +12,7 @@ import msgspec
 
 from shared.events import StageTask
 from shared.media import probe as ffprobe
-from shared.recipes import ProbeParams
+from shared.params.core import ProbeParams
 from shared.stage import StageContext, StageResult, stage
 
 

@@ -11,7 +11,7 @@ import ffmpeg
 
 from shared.events import StageTask
 from shared.geometry import display_size, fit, video_stream
-from shared.recipes import ThumbnailParams
+from shared.params.images import ThumbnailParams
 from shared.stage import StageContext, StageResult, stage
 
 

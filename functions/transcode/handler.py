@@ -12,7 +12,7 @@ import ffmpeg
 
 from shared.events import StageTask
 from shared.geometry import display_size, fit, has_audio, video_stream
-from shared.recipes import TranscodeParams
+from shared.params.video import TranscodeParams
 from shared.stage import StageContext, StageResult, stage
 
 
