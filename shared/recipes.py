@@ -14,10 +14,10 @@ import msgspec
 from shared.errors import ErrorCode, PermanentError
 from shared.events import StepSpec
 from shared.jobstate import input_ref_index
-from shared.params import audio, core, images, montage, video
+from shared.params import audio, core, hls, images, montage, video
 from shared.params.base import Params, Recipe, StageInfo
 
-_FAMILIES = (core, video, images, audio, montage)
+_FAMILIES = (core, video, hls, images, audio, montage)
 STAGES: dict[str, StageInfo] = {k: v for m in _FAMILIES for k, v in m.STAGES.items()}
 RECIPES: dict[str, Recipe] = {k: v for m in _FAMILIES for k, v in m.RECIPES.items()}
 

@@ -119,3 +119,43 @@ async def consumer_settled(
         if state == (0, 0) or loop.time() > deadline:
             return state
         await asyncio.sleep(0.05)
+
+
+async def submit_job(
+    runtime: Runtime, inputs: list[Path], *, recipe: str | None = None,
+    steps: dict[str, Any] | None = None, params: dict[str, Any] | None = None,
+    job_id: str | None = None, tenant: str = "default",
+) -> str:
+    """Put ``inputs`` into the store as uploads and publish a ``JobSubmit`` on the bus.
+
+    This is what the gateway does, minus HTTP: tests of stages and recipes go through the
+    real bus, conductor and stage functions with it.
+    """
+    import msgspec
+
+    from shared.events import InputRef, JobSubmit, StepSpec
+    from shared.ids import new_job_id, new_upload_id
+
+    services = runtime.services
+    assert services is not None
+    refs = []
+    for path in inputs:
+        key = f"uploads/{tenant}/{new_upload_id()}/{path.name}"
+        info = await services.store.put_file(key, path)
+        refs.append(InputRef(key=key, filename=path.name, size=info.size))
+    job_id = job_id or new_job_id()
+    event = JobSubmit(
+        job_id=job_id, tenant=tenant, recipe=recipe, inputs=refs, params=params or {},
+        steps=msgspec.convert(steps, dict[str, StepSpec]) if steps is not None else None,
+    )
+    await services.bus.publish(services.names.submit, event, msg_id=job_id)
+    return job_id
+
+
+async def fetch_output(runtime: Runtime, record: JobRecord, step: str, name: str,
+                       dest: Path) -> Path:
+    """Download one output of a finished job to ``dest``."""
+    services = runtime.services
+    assert services is not None
+    await services.store.get_file(record.steps[step].outputs[name], dest)
+    return dest
