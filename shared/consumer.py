@@ -9,7 +9,8 @@
 * Watchdog: pull subscriptions can silently stop after a server restart (nats.py #504) or
   stall in ``fetch`` (#986); a loop that sees nothing for ``watchdog_s`` while its consumer
   reports pending work rebuilds its subscription.
-* Drain: on stop, fetching ends at once; in-flight handlers get ``drain_grace_s`` to finish,
+* Drain: on stop, no new fetch starts (one already waiting ends within
+  ``fetch_timeout_s``); in-flight handlers get ``drain_grace_s`` to finish,
   then are cancelled and their messages nak'ed for immediate redelivery elsewhere. Nothing
   unfinished is ever acked.
 """
@@ -58,7 +59,7 @@ class ConsumerLoop:
         self.ensure_consumer = ensure_consumer
         settings = ctx.services.settings
         self.settings = settings
-        self.concurrency = sub.concurrency or settings.concurrency
+        self.concurrency = settings.concurrency or sub.concurrency or 1
         self.js: JetStreamContext = ctx.services.bus.js
         self.telemetry = ctx.services.telemetry
         self.kind = ctx.services.names.strip(subject)

@@ -82,6 +82,8 @@ class TaskInput(msgspec.Struct, frozen=True, kw_only=True):
     """What a step receives from one thing it uses: object keys and upstream metadata."""
 
     ref: str
+    stage: str | None = None
+    """The stage of the used step (None for a job input)."""
     files: dict[str, str] = {}
     """Logical name -> object key."""
     meta: dict[str, Any] = {}

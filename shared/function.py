@@ -85,7 +85,8 @@ class Subscription(Generic[E]):
     event_type: type[E]
     handler: Handler[E]
     concurrency: int | None = None
-    """Messages handled at once by one process (None: settings.concurrency)."""
+    """This function's default for messages handled at once by one process (1 if unset);
+    ``JETCUT_CONCURRENCY`` overrides it for the whole process."""
     batch: int = 1
     """Messages per fetch. Long tasks fetch one at a time so their AckWait does not tick
     while they wait in a local buffer."""

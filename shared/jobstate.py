@@ -96,6 +96,9 @@ class JobRecord(msgspec.Struct, kw_only=True):
     steps: dict[str, StepState] = {}
     error: ErrorInfo | None = None
     idempotency_key: str | None = None
+    request_hash: str | None = None
+    """Fingerprint of the request that made the job: a repeat with the same idempotency key
+    but a different request is a conflict, not a silent match."""
     created_at: float = msgspec.field(default_factory=time.time)
     updated_at: float = msgspec.field(default_factory=time.time)
     started_at: float | None = None

@@ -88,6 +88,9 @@ class JobStore:
             return record, result
         raise JetcutError(f"job {job_id}: too much contention on the job record")
 
+    async def delete(self, job_id: str) -> None:
+        await self.kv.delete(job_id)
+
     async def watch(self, job_id: str) -> AsyncIterator[JobRecord]:
         """Yield the record now and after every change (for waiters and live views)."""
         watcher = await self.kv.watch(job_id)

@@ -7,6 +7,7 @@ the same shape. Validation names the step and field at fault, with code ``invali
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgspec
@@ -17,6 +18,7 @@ from shared.jobstate import input_ref_index
 from shared.params import audio, core, hls, images, montage, video
 from shared.params.base import Params, Recipe, StageInfo
 
+STEP_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _FAMILIES = (core, video, hls, images, audio, montage)
 STAGES: dict[str, StageInfo] = {k: v for m in _FAMILIES for k, v in m.STAGES.items()}
 RECIPES: dict[str, Recipe] = {k: v for m in _FAMILIES for k, v in m.RECIPES.items()}
@@ -61,7 +63,7 @@ def validate(steps: dict[str, StepSpec], n_inputs: int) -> None:
     if not steps:
         raise invalid("a pipeline needs at least one step", field="steps")
     for name, spec in steps.items():
-        if not name or not all(c.isalnum() or c in "-_" for c in name) or len(name) > 64:
+        if not STEP_NAME.fullmatch(name):
             raise invalid(f"step name {name!r} must be 1-64 letters, digits, '-' or '_'",
                           step=name)
         if spec.stage not in STAGES:

@@ -8,6 +8,7 @@ and hands them down: nothing reads the environment anywhere else.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from typing import Annotated, Literal
 
@@ -63,13 +64,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     public_url: str | None = None
     """Base URL clients use to reach the gateway (default: http://<http_host>:<http_port>)."""
     max_upload_bytes: PositiveInt = 20 * 1024**3
-    default_tenant: str = "default"
+    default_tenant: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "default"
 
     # --- consumers --------------------------------------------------------------------
     ack_wait_s: Positive = 30.0
     max_deliver: PositiveInt = 5
-    concurrency: PositiveInt = 1
-    """Tasks one stage worker process runs at once; it fetches only when a slot is free."""
+    concurrency: PositiveInt | None = None
+    """Messages one process handles at once; it fetches only when a slot is free. Unset:
+    each function's own default (1 for encoders, 4 for probe, 32 for conductor and noop)."""
     max_ack_pending: PositiveInt = 256
     """Fleet-wide cap on a stage's in-flight tasks (the consumer's MaxAckPending)."""
     backoff_base_s: Positive = 1.0
@@ -137,8 +139,5 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: object)
         return msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:
         # msgspec names the field as `$.field`; show the variable a user would set.
-        text = str(exc)
-        for field in fields:
-            if f"$.{field}" in text:
-                text = text.replace(f"$.{field}", env_name(field))
+        text = re.sub(r"\$\.(\w+)", lambda m: env_name(m.group(1)), str(exc))
         raise SettingsError(f"invalid setting: {text}") from exc

@@ -24,7 +24,7 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
-from shared.errors import ErrorCode, ObjectNotFound, PermanentError
+from shared.errors import ErrorCode, JetcutError, ObjectNotFound, PermanentError
 from shared.events import ErrorInfo, JobEvent, StageComplete, StageTask, TaskInput
 from shared.function import Context, Function, Services
 from shared.jobstate import JobRecord, is_current, mark_running, set_progress
@@ -85,13 +85,18 @@ class StageContext(Generic[P]):
                 ErrorCode.INVALID_RECIPE, f"step {self.task.step!r} needs {ref}/{name} as input"
             ) from None
 
-    def upstream_meta(self, stage_ref: str) -> dict[str, Any]:
-        try:
-            return self.meta[stage_ref]
-        except KeyError:
-            raise PermanentError(
-                ErrorCode.INVALID_RECIPE, f"step {self.task.step!r} needs step {stage_ref!r}"
-            ) from None
+    def upstream_meta(self, ref: str) -> dict[str, Any]:
+        """Metadata of a used step, by step name or, failing that, by stage: so
+        ``upstream_meta("probe")`` finds the probe step whatever the pipeline named it."""
+        if ref in self.meta:
+            return self.meta[ref]
+        for item in self.task.inputs:
+            if item.stage == ref:
+                return self.meta[item.ref]
+        raise PermanentError(
+            ErrorCode.INVALID_RECIPE,
+            f"step {self.task.step!r} needs a {ref!r} step in its 'uses'",
+        )
 
 
 async def _noop(_: float) -> None:
@@ -188,7 +193,11 @@ async def run_task(name: str, handler: StageHandler[P], task: StageTask, ctx: Co
             progress=_progress_reporter(services, task),
         )
         await _download_inputs(services, task.inputs, workdir, sctx)
-        result = await handler(task, sctx)
+        try:
+            result = await handler(task, sctx)
+        except JetcutError as exc:
+            _redact(exc, f"{workdir}/")
+            raise
         outputs, sizes, etags = {}, {}, {}
         prefix = step_prefix(task.job_id, task.step, task.part)
         for logical, path in result.files.items():
@@ -202,9 +211,16 @@ async def run_task(name: str, handler: StageHandler[P], task: StageTask, ctx: Co
                         meta=result.meta, skipped=result.skipped, elapsed_s=round(elapsed, 3))
     await services.store.put_bytes(manifest_key(task.job_id, task.step, task.part),
                                    msgspec.json.encode(manifest), "application/json")
-    services.telemetry.ffmpeg_seconds.labels(name).observe(elapsed)
+    services.telemetry.step_seconds.labels(name).observe(elapsed)
     await report(services, task, outputs=outputs, meta=result.meta, skipped=result.skipped,
                  elapsed_s=round(elapsed, 3))
+
+
+def _redact(exc: JetcutError, prefix: str) -> None:
+    """Errors reach users: show ``in/0/media.mp4``, not a worker's private temp path."""
+    exc.message = exc.message.replace(prefix, "")
+    exc.details = {k: v.replace(prefix, "") if isinstance(v, str) else v
+                   for k, v in exc.details.items()}
 
 
 async def _read_manifest(services: Services, task: StageTask) -> Manifest | None:

@@ -129,7 +129,8 @@ class Telemetry:
             ``retried`` (a publish attempt failed and is being repeated with the same
             ``Nats-Msg-Id``) or ``failed`` (gave up without a PubAck).
         jobs: ``jetcut_jobs_total{recipe, status}``; jobs reaching a terminal status.
-        ffmpeg_seconds: ``jetcut_ffmpeg_duration_seconds{stage}``; wall time of ffmpeg runs.
+        step_seconds: ``jetcut_step_duration_seconds{stage}``; wall time of one step (or part):
+            inputs in, the stage's work, outputs and manifest out.
     """
 
     def __init__(
@@ -200,9 +201,9 @@ class Telemetry:
             ("recipe", "status"),
             registry=self.registry,
         )
-        self.ffmpeg_seconds = Histogram(
-            "jetcut_ffmpeg_duration_seconds",
-            "Wall time of ffmpeg/ffprobe runs.",
+        self.step_seconds = Histogram(
+            "jetcut_step_duration_seconds",
+            "Wall time of one step or part: download, the stage's work, upload.",
             ("stage",),
             buckets=DURATION_BUCKETS,
             registry=self.registry,

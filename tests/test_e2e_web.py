@@ -11,7 +11,7 @@ import pytest
 from functions.registry import FUNCTIONS
 from shared.events import DeadLetter, decode
 from tests.support.media import ffprobe_json
-from tests.support.nats import consumer_settled, running, wait_for_job
+from tests.support.nats import consumer_settled, running, submit_job, wait_for_job
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -86,6 +86,7 @@ async def test_text_file_fails_fast_with_invalid_input(stack, text_file, clip_3s
     record = await wait_for_job(runtime.services, r.json()["job_id"], timeout=15)
     assert record.status == "failed"
     assert record.error is not None and record.error.code == "invalid_input"
+    assert runtime.settings.work_dir not in record.error.message  # no worker paths leak
     probe = record.steps["probe"]
     assert probe.status == "failed" and probe.attempt == 1  # zero retries
     assert {s.status for n, s in record.steps.items() if n != "probe"} == {"cancelled"}
@@ -157,3 +158,15 @@ async def test_metrics_count_handled_messages(stack, clip_3s):  # type: ignore[n
             break
         assert loop.time() < deadline, text[-2000:]
         await asyncio.sleep(0.05)
+
+
+async def test_inline_pipeline_may_name_its_probe_step_freely(stack, clip_3s):  # type: ignore[no-untyped-def]
+    runtime, _ = stack
+    job_id = await submit_job(runtime, [clip_3s], steps={
+        "inspect": {"stage": "probe", "uses": [":input"]},
+        "small": {"stage": "transcode", "uses": [":input", "inspect"],
+                  "params": {"max_height": 180}},
+    })
+    record = await wait_for_job(runtime.services, job_id)
+    assert record.status == "succeeded", record.error
+    assert record.steps["small"].meta["height"] == 180

@@ -118,7 +118,7 @@ def test_metrics_text_has_names_and_labelled_samples(telemetry: Telemetry) -> No
     telemetry.in_flight.labels("transcode").inc()
     telemetry.publishes.labels("jobs.stage.complete", "ok").inc()
     telemetry.jobs.labels("web", "succeeded").inc()
-    telemetry.ffmpeg_seconds.labels("transcode").observe(1.5)
+    telemetry.step_seconds.labels("transcode").observe(1.5)
 
     text = telemetry.metrics_text().decode()
     for name in (
@@ -127,7 +127,7 @@ def test_metrics_text_has_names_and_labelled_samples(telemetry: Telemetry) -> No
         "jetcut_in_flight_tasks",
         "jetcut_publishes_total",
         "jetcut_jobs_total",
-        "jetcut_ffmpeg_duration_seconds",
+        "jetcut_step_duration_seconds",
     ):
         assert f"# TYPE {name.removesuffix('_total')}" in text
     assert (

@@ -36,6 +36,7 @@ from shared.jobstate import (
     plan,
 )
 from shared.jobstore import NoChange
+from shared.media import step_timeout
 from shared.recipes import STAGES, resolve
 from shared.subjects import check_token
 
@@ -74,11 +75,11 @@ async def on_submit(event: JobSubmit, ctx: Context) -> None:
         plan(record, steps)
         return True
 
-    record, _ = await services.jobs.update(job_id, start)
+    record, started = await services.jobs.update(job_id, start)
     # Publish every ready step, not only new ones: a redelivered submit (conductor crashed
     # after the KV write) re-drives them, and the message ids make repeats no-ops.
     await _publish_ready(record, ctx)
-    await _announce(record, ctx)
+    await _announce(record, ctx, changed=bool(started))
 
 
 async def _check_job(event: JobSubmit, ctx: Context) -> ErrorInfo | None:
@@ -115,7 +116,7 @@ async def on_complete(event: StageComplete, ctx: Context) -> None:
             # A redelivered completion we already applied: we may have crashed before
             # publishing what it made ready, so publish again (ids dedup).
             await _publish_ready(record, ctx)
-            await _announce(record, ctx)
+            await _announce(record, ctx, changed=False)
         else:
             ctx.log.info("stale completion %s:%s:%d ignored", event.job_id,
                          part_name(event.step, event.part), event.attempt)
@@ -127,7 +128,7 @@ async def on_complete(event: StageComplete, ctx: Context) -> None:
     ), durable=True)
     await _publish(record, ctx, newly_ready)
     if before != [record.status]:
-        await _announce(record, ctx)
+        await _announce(record, ctx, changed=True)
 
 
 async def _publish_ready(record: JobRecord, ctx: Context) -> None:
@@ -157,12 +158,12 @@ def _task(record: JobRecord, step_name: str, part: int | None, ctx: Context) -> 
             # A part gets the i-th output (in name order) of the step it expands over.
             upstream = record.steps[ref]
             name, key = sorted(upstream.outputs.items())[part]
-            inputs.append(TaskInput(ref=ref, files={"part": key},
+            inputs.append(TaskInput(ref=ref, stage=upstream.stage, files={"part": key},
                                     meta={**upstream.meta, "index": part, "name": name,
                                           "count": len(upstream.outputs)}))
         elif record.steps[ref].status == StepStatus.DONE:  # skipped inputs of a fan-in: none
             upstream = record.steps[ref]
-            inputs.append(TaskInput(ref=ref, files=dict(upstream.outputs),
+            inputs.append(TaskInput(ref=ref, stage=upstream.stage, files=dict(upstream.outputs),
                                     meta=dict(upstream.meta)))
     duration = _media_duration(record)
     return StageTask(
@@ -183,20 +184,20 @@ def _media_duration(record: JobRecord) -> float | None:
 
 def _timeout(ctx: Context, stage: str, duration: float | None) -> float:
     """Smart timeout: proportional to the media's length and the stage's cost, bounded."""
-    s = ctx.services.settings
-    if duration is None:
-        return s.timeout_min_s * 5
-    wanted = duration * s.timeout_per_media_s * STAGES[stage].cost
-    return max(s.timeout_min_s, min(s.timeout_max_s, wanted))
+    return step_timeout(ctx.services.settings, duration, STAGES[stage].cost)
 
 
-async def _announce(record: JobRecord, ctx: Context) -> None:
-    """Tell watchers about the job's status (durably: SSE and audit read it back)."""
+async def _announce(record: JobRecord, ctx: Context, *, changed: bool) -> None:
+    """Tell watchers about the job's status (durably: SSE and audit read it back).
+
+    Repeats (a redelivered message) announce again, harmlessly; only the write that made
+    the job terminal counts it, so the metric never counts a job twice.
+    """
     await ctx.services.bus.emit(JobEvent(
         job_id=record.job_id, tenant=record.tenant, kind="status", status=record.status,
         error=record.error, progress=record.progress,
     ), durable=True)
-    if record.terminal:
+    if changed and record.terminal:
         ctx.services.telemetry.jobs.labels(record.recipe or "inline", record.status).inc()
 
 

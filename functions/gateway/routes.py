@@ -24,7 +24,7 @@ from shared.errors import ErrorCode, JetcutError, ObjectNotFound
 from shared.events import ErrorInfo, InputRef, JobSubmit, StepSpec
 from shared.function import Services
 from shared.ids import job_id_for, new_job_id, new_upload_id
-from shared.jobstate import JobRecord, fail_job
+from shared.jobstate import JobRecord
 from shared.jobstore import JobNotFound
 from shared.recipes import resolve
 
@@ -69,6 +69,8 @@ class StepView(msgspec.Struct):
     finished_at: float | None
     error: ErrorInfo | None
     outputs: dict[str, str]
+    meta: dict[str, Any]
+    skipped: str | None
 
 
 class JobView(msgspec.Struct):
@@ -116,7 +118,8 @@ def view(record: JobRecord, base: str) -> JobView:
         steps={
             name: StepView(stage=s.stage, status=s.status, attempt=s.attempt,
                            progress=s.progress, started_at=s.started_at,
-                           finished_at=s.finished_at, error=s.error, outputs=s.outputs)
+                           finished_at=s.finished_at, error=s.error, outputs=s.outputs,
+                           meta=s.meta, skipped=s.skipped)
             for name, s in record.steps.items()
         },
         links={"self": f"{base}/v1/jobs/{record.job_id}",
@@ -190,7 +193,11 @@ async def resolve_input(services: Services, tenant: str, ref: str) -> InputRef:
     return InputRef(key=key, filename=key.rsplit("/", 1)[-1], size=info.size)
 
 
-@post("/v1/jobs", status_code=202)
+MAX_JOB_BODY_BYTES = 1_000_000
+"""A job request is a recipe and references, never media: kept far below NATS's payload cap."""
+
+
+@post("/v1/jobs", status_code=202, request_max_body_size=MAX_JOB_BODY_BYTES)
 async def submit(request: Request[Any, Any, Any]) -> Response[Any]:
     """Each job is one trace: it starts here (or joins the caller's ``traceparent``)."""
     services: Services = request.app.state.services
@@ -220,23 +227,35 @@ async def _submit(request: Request[Any, Any, Any], services: Services) -> Respon
     if idem is not None and not 1 <= len(idem) <= 255:
         raise ApiError(400, ErrorCode.INVALID_REQUEST, "Idempotency-Key must be 1-255 chars")
     job_id = job_id_for(tenant, idem) if idem else new_job_id()
+    fingerprint = hashlib.sha256(msgspec.json.encode(
+        [body.recipe, body.steps, [i.key for i in inputs], body.params], order="sorted"
+    )).hexdigest()
     now = time.time()
     record = JobRecord(job_id=job_id, tenant=tenant, recipe=body.recipe, inputs=inputs,
-                       params=body.params, idempotency_key=idem, created_at=now)
-    created = await services.jobs.create(record)
-    if not created:
-        existing = await load_job(services, tenant, job_id)
-        return Response(msgspec.to_builtins(view(existing, services.settings.base_url)),
-                        status_code=200 if existing.status != "queued" else 202)
+                       params=body.params, idempotency_key=idem, request_hash=fingerprint,
+                       created_at=now)
     event = JobSubmit(job_id=job_id, tenant=tenant, recipe=body.recipe, steps=body.steps,
                       inputs=inputs, params=body.params, idempotency_key=idem,
                       submitted_at=now)
+    if not await services.jobs.create(record):
+        record = await load_job(services, tenant, job_id)
+        if record.request_hash != fingerprint:
+            raise ApiError(409, ErrorCode.CONFLICT,
+                           "this Idempotency-Key was used for a different request",
+                           {"job_id": job_id})
+        if record.planned or record.status != "queued":
+            return Response(msgspec.to_builtins(view(record, services.settings.base_url)),
+                            status_code=200)
+        # Accepted before but maybe never queued (a 503, or a crash before the publish):
+        # publish again; the message id makes this a no-op if the first one landed.
+        event = msgspec.structs.replace(event, submitted_at=record.created_at)
     try:
         await services.bus.publish(services.names.submit, event, msg_id=job_id)
     except PublishFailed as exc:
-        await services.jobs.update(job_id, lambda r: fail_job(r, ErrorInfo(
-            code=str(ErrorCode.BUS_UNAVAILABLE), message="the job could not be queued")))
-        raise ApiError(503, ErrorCode.BUS_UNAVAILABLE, "the job queue is unavailable; retry",
+        if idem is None:
+            await services.jobs.delete(job_id)  # nobody can name this job: leave no trace
+        raise ApiError(503, ErrorCode.BUS_UNAVAILABLE,
+                       "the job queue is unavailable; retry (with the same Idempotency-Key)",
                        {"retry_after_s": 1}) from exc
     return Response(msgspec.to_builtins(view(record, services.settings.base_url)),
                     status_code=202,
@@ -313,6 +332,9 @@ def _on_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     if isinstance(exc, ApiError):
         return error_response(exc.status, ErrorInfo(code=str(exc.code), message=exc.message,
                                                     details=exc.details))
+    if isinstance(exc, ObjectNotFound):
+        return error_response(404, ErrorInfo(code=str(ErrorCode.NOT_FOUND),
+                                             message="the object is gone from the store"))
     if isinstance(exc, JetcutError):
         status = 422 if exc.non_retryable else 503
         return error_response(status, ErrorInfo(code=str(exc.code), message=exc.message,
@@ -324,7 +346,9 @@ def _on_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
         return error_response(404, ErrorInfo(code=str(ErrorCode.NOT_FOUND),
                                              message="no such resource"))
     if isinstance(exc, HTTPException):
-        return error_response(exc.status_code, ErrorInfo(code=str(ErrorCode.INVALID_REQUEST),
+        code = ErrorCode.PAYLOAD_TOO_LARGE if exc.status_code == 413 else \
+            ErrorCode.INVALID_REQUEST
+        return error_response(exc.status_code, ErrorInfo(code=str(code),
                                                          message=str(exc.detail)))
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(500, ErrorInfo(code=str(ErrorCode.INTERNAL),

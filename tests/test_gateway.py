@@ -1,0 +1,125 @@
+"""Gateway behaviour at the edges: idempotency, conflicts, limits, error shape."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from functions.registry import FUNCTIONS
+from tests.support.nats import running, wait_for_job
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+async def gateway_only(make_settings, http_port):  # type: ignore[no-untyped-def]
+    """Just the gateway: nothing consumes jobs.submit, so accepted jobs stay queued."""
+    settings = make_settings(http_port=http_port, max_upload_bytes=1000)
+    async with running(settings, [FUNCTIONS["gateway"]]) as runtime:
+        async with httpx.AsyncClient(base_url=settings.base_url, timeout=30) as client:
+            for _ in range(200):
+                try:
+                    await client.get("/healthz")
+                    break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.02)
+            yield runtime, client
+
+
+async def _upload(client: httpx.AsyncClient, data: bytes = b"x" * 100) -> str:
+    r = await client.post("/v1/uploads", params={"filename": "a.mp4"}, content=data)
+    assert r.status_code == 201, r.text
+    return str(r.json()["upload_id"])
+
+
+async def test_repeat_with_same_key_and_body_is_the_same_job(gateway_only):  # type: ignore[no-untyped-def]
+    runtime, client = gateway_only
+    upload = await _upload(client)
+    body = {"recipe": "web", "input": upload}
+    first = await client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k"})
+    again = await client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k"})
+    assert first.status_code == again.status_code == 202
+    assert first.json()["job_id"] == again.json()["job_id"]
+    # ... and the submit is on the stream once, even though the repeat re-published it
+    info = await runtime.services.bus.js.stream_info(runtime.names.jobs_stream)
+    assert info.state.messages == 1
+
+
+async def test_same_key_different_request_is_a_conflict(gateway_only):  # type: ignore[no-untyped-def]
+    _, client = gateway_only
+    upload = await _upload(client)
+    await client.post("/v1/jobs", json={"recipe": "web", "input": upload},
+                      headers={"Idempotency-Key": "k2"})
+    r = await client.post("/v1/jobs", json={"recipe": "web", "input": upload,
+                                            "params": {"max_height": 360}},
+                          headers={"Idempotency-Key": "k2"})
+    assert r.status_code == 409
+    assert r.json()["error"]["code"] == "conflict"
+
+
+@pytest.mark.parametrize(("body", "status", "code"), [
+    (b"not json", 400, "invalid_request"),
+    (b'{"recipe": "web"}', 422, "invalid_request"),
+    (b'{"recipe": "web", "input": "u' + b"a" * 26 + b'"}', 422, "input_not_found"),
+    (b'{"recipe": "web", "input": "../etc/passwd"}', 422, "invalid_request"),
+    (b'{"recipe": "nope", "input": "x"}', 422, "invalid_recipe"),
+    (b'{"recipe": "web", "input": "x", "surprise": 1}', 400, "invalid_request"),
+    (b'{"steps": {"a": {"stage": "probe", "uses": ["b"]}}, "input": "x"}', 422,
+     "invalid_recipe"),
+])
+async def test_bad_job_requests_get_a_specific_error(gateway_only, body, status, code):  # type: ignore[no-untyped-def]
+    _, client = gateway_only
+    r = await client.post("/v1/jobs", content=body)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == code
+
+
+async def test_limits_answer_413_with_payload_too_large(gateway_only):  # type: ignore[no-untyped-def]
+    _, client = gateway_only
+    r = await client.post("/v1/uploads", params={"filename": "big.mp4"}, content=b"x" * 1001)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+    r = await client.post("/v1/jobs", content=b'{"params": "' + b"x" * 1_100_000 + b'"}')
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+
+async def test_unknown_job_and_route_are_404_in_the_error_shape(gateway_only):  # type: ignore[no-untyped-def]
+    _, client = gateway_only
+    for path in ("/v1/jobs/jnope", "/v1/jobs/jnope/outputs", "/v1/nothing-here",
+                 "/v1/jobs/bad..key"):
+        r = await client.get(path)
+        assert r.status_code == 404, path
+        assert r.json()["error"]["code"] == "not_found"
+
+
+async def test_readyz_reports_each_check(gateway_only):  # type: ignore[no-untyped-def]
+    _, client = gateway_only
+    r = await client.get("/readyz")
+    assert r.status_code == 200
+    assert r.json() == {"ready": True, "checks": {"nats": "ok", "store": "ok"}}
+
+
+async def test_a_queued_job_is_picked_up_when_the_conductor_starts(  # type: ignore[no-untyped-def]
+    make_settings, http_port, clip_3s
+):
+    settings = make_settings(http_port=http_port)
+    async with running(settings, [FUNCTIONS["gateway"]]) as gw:
+        async with httpx.AsyncClient(base_url=settings.base_url, timeout=30) as client:
+            for _ in range(200):
+                try:
+                    await client.get("/healthz")
+                    break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.02)
+            r = await client.post("/v1/uploads", params={"filename": "c.mp4"},
+                                  content=clip_3s.read_bytes())
+            job = await client.post("/v1/jobs", json={"recipe": "web",
+                                                      "input": r.json()["upload_id"]})
+            job_id = job.json()["job_id"]
+        # The rest of the system starts only now: the accepted job waited in the stream.
+        others = [f for name, f in FUNCTIONS.items() if name != "gateway"]
+        async with running(settings, others) as rest:
+            record = await wait_for_job(rest.services, job_id)
+            assert record.status == "succeeded"
+        assert gw.services is not None
