@@ -17,9 +17,12 @@ def fit(width: int, height: int, max_width: int, max_height: int) -> tuple[int, 
 
 
 def video_stream(media: dict[str, Any]) -> dict[str, Any]:
-    """The first video stream of probe metadata, or ``no_video_stream``."""
+    """The first video stream of probe metadata (cover art is not video), or
+    ``no_video_stream``."""
     for stream in media.get("streams", []):
-        if stream.get("codec_type") == "video":
+        if stream.get("codec_type") == "video" and not stream.get("attached_pic"):
+            if not stream.get("width") or not stream.get("height"):
+                raise PermanentError(ErrorCode.INVALID_INPUT, "the video stream has no size")
             return dict(stream)
     raise PermanentError(ErrorCode.NO_VIDEO_STREAM, "the input has no video stream")
 

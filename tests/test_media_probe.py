@@ -219,3 +219,11 @@ def _read(path: Path) -> str:
         return path.read_text().strip()
     except FileNotFoundError:
         return ""
+
+
+async def test_text_named_like_an_image_is_invalid_input(binaries, tmp_path):  # type: ignore[no-untyped-def]
+    fake = tmp_path / "notes.png"
+    fake.write_text("not a picture at all\n" * 20)
+    with pytest.raises(FFmpegError) as caught:
+        await probe(binaries, str(fake))
+    assert caught.value.code == ErrorCode.INVALID_INPUT and caught.value.non_retryable

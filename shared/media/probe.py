@@ -350,7 +350,10 @@ def _check_limits(info: MediaInfo, limits: ProbeLimits) -> None:
     for s in info.streams:
         if s.codec_type != "video" or s.attached_pic:
             continue
-        if s.width and s.height and s.width * s.height > limits.max_pixels:
+        if not s.width or not s.height:
+            # What ffprobe reports for a text file named like an image (image2 by extension).
+            problems.append(f"stream {s.index} has no picture size")
+        elif s.width * s.height > limits.max_pixels:
             problems.append(
                 f"stream {s.index} is {s.width}x{s.height} > max_pixels {limits.max_pixels}"
             )

@@ -1,0 +1,3 @@
+from functions.preview.handler import function
+
+__all__ = ["function"]

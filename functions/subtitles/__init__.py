@@ -1,0 +1,3 @@
+from functions.subtitles.handler import function
+
+__all__ = ["function"]

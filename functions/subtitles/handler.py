@@ -1,0 +1,98 @@
+"""subtitles — SRT or WebVTT captions burnt into the picture.
+
+Consumes: stages.subtitles  StageTask (uses: the video ``:input``, the subtitle file
+          ``:input/1`` (or another ``:input/<n>``) and the probe step of the video)
+Does:     parses the subtitle file itself (UTF-8 by default, ``encoding`` otherwise; binary
+          files, files over 5 MiB and files without a single ``start --> end`` cue are
+          refused with ``invalid_input``), keeps only the text with italic/bold/underline/
+          strike-out, and writes its own ASS script sized to the video; ffmpeg's ``ass``
+          filter (libass) draws it with a font this stage supplies (see fonts.py), reading
+          only that script and that font folder, by fixed relative names in the step's
+          private work dir — nothing from the user ever lands in the filter graph.
+          Video: H.264 (yuv420p) at the source's displayed size, evened; audio: AAC copied,
+          anything else encoded to AAC; +faststart, metadata stripped.
+Emits:    jobs.stage.complete with outputs {video: jobs/<id>/<step>/subtitled.mp4},
+          meta {width, height, cues, font, audio: copy|aac|null, first_cue_s, last_cue_s}
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import ffmpeg
+
+from functions.subtitles.cues import SubtitleError, parse, to_ass
+from functions.subtitles.fonts import find_font, stage_fonts
+from shared.errors import ErrorCode, PermanentError
+from shared.events import StageTask
+from shared.geometry import display_size, fit, video_stream
+from shared.jobstate import input_ref_index
+from shared.params.images import SubtitlesParams
+from shared.stage import StageContext, StageResult, stage
+
+SCRIPT_NAME = "subs.ass"
+FONTS_DIR = "fonts"
+
+
+async def handle(task: StageTask, ctx: StageContext[SubtitlesParams]) -> StageResult:
+    p = ctx.params
+    media = ctx.upstream_meta("probe")
+    width, height = fit(*display_size(video_stream(media)), 7680, 4320)
+    data = await asyncio.to_thread(ctx.input_file(second_input(task)).read_bytes)
+    try:
+        cues = parse(data, p.encoding)
+    except SubtitleError as exc:
+        raise PermanentError(ErrorCode.INVALID_INPUT,
+                             f"the subtitles (the job's second input): {exc}") from exc
+    font = find_font()
+    stage_fonts(font, ctx.workdir / FONTS_DIR)
+    (ctx.workdir / SCRIPT_NAME).write_text(
+        to_ass(cues, width=width, height=height, font=font.family, font_size=p.font_size,
+               color=p.color, top=p.position == "top", margin=p.margin),
+        encoding="utf-8")
+
+    source = ffmpeg.input(str(ctx.input_file()))
+    # Relative names, resolved against cwd=workdir: fixed, so nothing needs escaping.
+    video = (source.video.filter("scale", width, height)
+             .filter("ass", filename=SCRIPT_NAME, fontsdir=FONTS_DIR)
+             .filter("format", "yuv420p"))
+    audio_opts, audio = _audio_plan(media, p.audio_bitrate_k)
+    streams = [video, source["a:0"]] if audio else [video]
+    out_path = ctx.workdir / "subtitled.mp4"
+    out = ffmpeg.output(*streams, str(out_path), vcodec="libx264", preset=p.preset, crf=p.crf,
+                        profile="high", movflags="+faststart", map_metadata=-1, **audio_opts)
+    threads = ctx.services.settings.ffmpeg_threads
+    args = out.get_args() + (["-threads", str(threads)] if threads else [])
+    _, runner = ctx.services.media()
+    await runner.run(args, duration_s=task.media_duration_s, timeout_s=task.timeout_s,
+                     on_progress=lambda pr: ctx.progress(pr.fraction or 0.0),
+                     cancel=ctx.cancel, cwd=str(ctx.workdir))
+    return StageResult(files={"video": out_path}, meta={
+        "width": width, "height": height, "cues": len(cues), "font": font.family,
+        "audio": audio, "first_cue_s": cues[0].start_ms / 1000,
+        "last_cue_s": max(c.end_ms for c in cues) / 1000})
+
+
+def _audio_plan(media: dict[str, object], bitrate_k: int) -> tuple[dict[str, object], str | None]:
+    streams = media.get("streams")
+    codecs = [s.get("codec_name") for s in streams if isinstance(s, dict)
+              and s.get("codec_type") == "audio"] if isinstance(streams, list) else []
+    if not codecs:
+        return {}, None
+    if codecs[0] == "aac":
+        return {"acodec": "copy"}, "copy"
+    return {"acodec": "aac", "audio_bitrate": f"{bitrate_k}k", "ac": 2}, "aac"
+
+
+def second_input(task: StageTask) -> str:
+    """The other job input this step uses (the subtitle file): ``:input/1`` unless ``uses`` names
+    another one (``:input`` is always the video)."""
+    for item in task.inputs:
+        if input_ref_index(item.ref) not in (None, 0):
+            return item.ref
+    raise PermanentError(ErrorCode.INVALID_RECIPE,
+                         f"step {task.step!r} needs the subtitle file as a second job input: "
+                         "add ':input/1' to its 'uses'")
+
+
+function = stage("subtitles", handle, doc=__doc__ or "")

@@ -1,0 +1,3 @@
+from functions.watermark.handler import function
+
+__all__ = ["function"]
