@@ -69,6 +69,11 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     from functions.registry import FUNCTIONS
     from shared.runtime import Runtime
 
+    if args.list or args.function is None:
+        for name, function in FUNCTIONS.items():
+            summary = function.doc.strip().splitlines()[0] if function.doc.strip() else ""
+            print(f"{name:14} {summary}")
+        return 0 if args.list else 2
     fn = FUNCTIONS.get(args.function)
     if fn is None:
         print(f"unknown function {args.function!r}; known: {', '.join(FUNCTIONS)}",
@@ -181,7 +186,9 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("dev", help="run the embedded stack (nats-server, all functions, gateway)")
     run = sub.add_parser("run", help="run one function (as a deployment does)")
-    run.add_argument("function")
+    run.add_argument("function", help="which function; `jetcut run --list` shows them",
+                     nargs="?")
+    run.add_argument("--list", action="store_true", help="list the functions and exit")
     schema = sub.add_parser("schema", help="write JSON Schemas of the bus events")
     schema.add_argument("--out", default="shared/schemas")
     submit = sub.add_parser("submit", help="upload a file and submit a job")
