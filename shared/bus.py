@@ -143,8 +143,9 @@ class Bus:
     async def emit(self, event: JobEvent, *, durable: bool = False) -> None:
         """Announce job lifecycle/progress on ``events.<tenant>.<job_id>``.
 
-        Status changes are published durably; progress ticks are fire-and-forget (the EVENTS
-        stream still captures them) because a lost tick is harmless and the next one follows.
+        Fire-and-forget by default: the EVENTS stream still stores what reaches the server,
+        and the job record in KV, not this stream, is the truth a watcher reconciles with.
+        ``durable`` waits for the PubAck, for callers that must know it was stored.
         """
         subject = self.names.events(event.tenant, event.job_id)
         if durable:

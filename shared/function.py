@@ -88,8 +88,9 @@ class Subscription(Generic[E]):
     """This function's default for messages handled at once by one process (1 if unset);
     ``JETCUT_CONCURRENCY`` overrides it for the whole process."""
     batch: int = 1
-    """Messages per fetch. Long tasks fetch one at a time so their AckWait does not tick
-    while they wait in a local buffer."""
+    """Messages per fetch. Keep 1: long tasks then never wait in a local buffer while their
+    AckWait ticks, and nats-py's batched fetch can hold a delivered message until an older
+    pull request expires (measured: completions applied ~fetch_timeout_s late)."""
     on_failure: FailureHook[E] | None = None
     """Called before a message is terminated for good (non-retryable or exhausted)."""
 

@@ -55,26 +55,32 @@ class JobStore:
             raise JobNotFound(job_id)
         return _decoder.decode(entry.value), entry.revision
 
-    async def create(self, record: JobRecord) -> bool:
-        """Store a new record; False when the job already exists (idempotent submit)."""
+    async def create(self, record: JobRecord) -> int | None:
+        """Store a new record; its revision, or None when the job already exists."""
         try:
-            await self.kv.create(record.job_id, _encoder.encode(record))
+            return int(await self.kv.create(record.job_id, _encoder.encode(record)))
         except KeyWrongLastSequenceError:
-            return False
-        return True
+            return None
 
     async def update(
-        self, job_id: str, mutate: Callable[[JobRecord], T]
+        self, job_id: str, mutate: Callable[[JobRecord], T],
+        current: tuple[JobRecord, int] | None = None,
     ) -> tuple[JobRecord, T | None]:
         """Apply ``mutate`` to the latest record and write it back with compare-and-set.
 
         ``mutate`` may raise ``NoChange`` to skip the write; the result is then ``None``.
+        ``current`` is a (record, revision) the caller just read: the first try uses it
+        instead of reading again (if it is stale, the write loses and the loop re-reads).
+        The record passed in is mutated in place.
 
         Raises:
             JobNotFound: no such job.
         """
         for attempt in range(MAX_CAS_ATTEMPTS):
-            record, revision = await self.get_with_revision(job_id)
+            if current is not None:
+                (record, revision), current = current, None
+            else:
+                record, revision = await self.get_with_revision(job_id)
             try:
                 result = mutate(record)
             except NoChange:

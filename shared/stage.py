@@ -153,7 +153,7 @@ async def run_task(name: str, handler: StageHandler[P], task: StageTask, ctx: Co
     services = ctx.services
     log_ = ctx.log
     try:
-        record = await services.jobs.get(task.job_id)
+        record, revision = await services.jobs.get_with_revision(task.job_id)
     except JobNotFound:
         log_.warning("task for unknown job %s dropped", task.job_id)
         return
@@ -174,7 +174,7 @@ async def run_task(name: str, handler: StageHandler[P], task: StageTask, ctx: Co
             raise NoChange
         return True
 
-    _, took = await services.jobs.update(task.job_id, running)
+    _, took = await services.jobs.update(task.job_id, running, current=(record, revision))
     if not took:
         log_.info("task %s became stale; dropped", task.task_id)
         return

@@ -44,7 +44,7 @@ function = Function(name="conductor", doc=__doc__ or "")
 
 
 @function.subscribe("jobs", lambda n: n.submit, JobSubmit, durable="conductor-submit",
-                    concurrency=32, batch=32)
+                    concurrency=32)
 async def on_submit(event: JobSubmit, ctx: Context) -> None:
     services = ctx.services
     try:
@@ -58,11 +58,12 @@ async def on_submit(event: JobSubmit, ctx: Context) -> None:
         check_token("job id", job_id)
     except ValueError as exc:
         raise PermanentError(ErrorCode.INVALID_EVENT, str(exc)) from exc
-    await services.jobs.create(JobRecord(
+    fresh = JobRecord(
         job_id=job_id, tenant=event.tenant, recipe=event.recipe, inputs=list(event.inputs),
         params=dict(event.params), idempotency_key=event.idempotency_key,
         created_at=event.submitted_at,
-    ))
+    )
+    revision = await services.jobs.create(fresh)
     error = await _check_job(event, ctx)
 
     def start(record: JobRecord) -> bool:
@@ -75,7 +76,8 @@ async def on_submit(event: JobSubmit, ctx: Context) -> None:
         plan(record, steps)
         return True
 
-    record, started = await services.jobs.update(job_id, start)
+    record, started = await services.jobs.update(
+        job_id, start, current=(fresh, revision) if revision is not None else None)
     # Publish every ready step, not only new ones: a redelivered submit (conductor crashed
     # after the KV write) re-drives them, and the message ids make repeats no-ops.
     await _publish_ready(record, ctx)
@@ -96,7 +98,7 @@ async def _check_job(event: JobSubmit, ctx: Context) -> ErrorInfo | None:
 
 
 @function.subscribe("jobs", lambda n: n.stage_complete, StageComplete,
-                    durable="conductor-complete", concurrency=32, batch=32)
+                    durable="conductor-complete", concurrency=32)
 async def on_complete(event: StageComplete, ctx: Context) -> None:
     services = ctx.services
     newly_ready: list[tuple[str, int | None]] = []
@@ -125,7 +127,7 @@ async def on_complete(event: StageComplete, ctx: Context) -> None:
         job_id=record.job_id, tenant=record.tenant, kind="step", step=event.step,
         step_status=record.steps[event.step].status, error=event.error,
         progress=record.progress,
-    ), durable=True)
+    ))
     await _publish(record, ctx, newly_ready)
     if before != [record.status]:
         await _announce(record, ctx, changed=True)
@@ -196,7 +198,7 @@ async def _announce(record: JobRecord, ctx: Context, *, changed: bool) -> None:
     await ctx.services.bus.emit(JobEvent(
         job_id=record.job_id, tenant=record.tenant, kind="status", status=record.status,
         error=record.error, progress=record.progress,
-    ), durable=True)
+    ))
     if changed and record.terminal:
         ctx.services.telemetry.jobs.labels(record.recipe or "inline", record.status).inc()
 

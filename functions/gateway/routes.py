@@ -237,7 +237,7 @@ async def _submit(request: Request[Any, Any, Any], services: Services) -> Respon
     event = JobSubmit(job_id=job_id, tenant=tenant, recipe=body.recipe, steps=body.steps,
                       inputs=inputs, params=body.params, idempotency_key=idem,
                       submitted_at=now)
-    if not await services.jobs.create(record):
+    if await services.jobs.create(record) is None:
         record = await load_job(services, tenant, job_id)
         if record.request_hash != fingerprint:
             raise ApiError(409, ErrorCode.CONFLICT,
