@@ -331,3 +331,16 @@ def test_step_timeout_scales_with_media_and_is_clamped() -> None:
     assert step_timeout(settings, 30.0, cost=2.0) == 600
     assert step_timeout(settings, 10_000.0) == 3600
     assert step_timeout(settings, None) == 3600
+
+
+@pytest.mark.parametrize(("returncode", "code", "non_retryable"), [
+    (-11, ErrorCode.INVALID_INPUT, True),   # SIGSEGV: the decoder crashed on the file
+    (-6, ErrorCode.INVALID_INPUT, True),    # SIGABRT
+    (-9, ErrorCode.FFMPEG_FAILED, False),   # SIGKILL: OOM killer or an operator
+    (-15, ErrorCode.FFMPEG_FAILED, False),  # SIGTERM
+])
+def test_crashes_are_the_inputs_fault_kills_are_not(returncode, code, non_retryable) -> None:  # type: ignore[no-untyped-def]
+    from shared.media.runner import classify_failure
+
+    error = classify_failure(returncode, "")
+    assert error.code == code and error.non_retryable is non_retryable

@@ -1,44 +1,186 @@
-"""transcode — a web-playable MP4.
+"""transcode — one web-playable rendition.
 
 Consumes: stages.transcode  StageTask (uses: the input file and the probe step)
-Does:     H.264 (yuv420p, 8-bit) + AAC, scaled down to fit max_height x max_width keeping
-          the displayed aspect ratio with even dimensions, +faststart, metadata stripped
-Emits:    jobs.stage.complete with outputs {video: jobs/<id>/<step>/video.mp4}
+Does:     the first video stream (cover art skipped) and the first audio stream, as
+          H.264 / HEVC / AV1 in MP4 (``+faststart``) or VP9 in WebM (cues up front); 8-bit
+          yuv420p whatever the source; upright (rotation applied); scaled down to fit
+          max_width x max_height keeping the displayed aspect ratio with even dimensions;
+          optionally at a constant frame rate; metadata stripped
+Emits:    jobs.stage.complete with outputs {video: jobs/<id>/<step>/video.mp4|video.webm}
+          and meta {width, height, vcodec, acodec, container, fps, frames};
+          ``no_video_stream`` (never retried) for an input without a picture.
 """
 
 from __future__ import annotations
 
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
 import ffmpeg
 
+from shared.errors import ErrorCode, PermanentError
 from shared.events import StageTask
-from shared.geometry import display_size, fit, has_audio, video_stream
+from shared.geometry import fit
+from shared.media.runner import Progress
 from shared.params.video import TranscodeParams
 from shared.stage import StageContext, StageResult, stage
+
+ENCODER = {"h264": "libx264", "hevc": "libx265", "vp9": "libvpx-vp9", "av1": "libaom-av1"}
+AUDIO_ENCODER = {"aac": "aac", "opus": "libopus", "mp3": "libmp3lame"}
+
+TRUNCATED_MARKER = ": partial file"
+"""What ffmpeg's MP4/MOV demuxer logs when a sample's bytes lie past the end of the file."""
+
+# Speed settings for the encoders without presets. libvpx: "good" at cpu-used 4 is about
+# real time at 720p on two cores; libaom: "good" quality's fastest speed (the wrapper's
+# cpu-used 8 is clamped to 6 there, so say 6), tiles and row threading for parallelism.
+_VP9 = {"deadline": "good", "cpu-used": 4, "row-mt": 1}
+_AV1 = {"usage": "good", "cpu-used": 6, "row-mt": 1, "tiles": "2x2"}
 
 
 async def handle(task: StageTask, ctx: StageContext[TranscodeParams]) -> StageResult:
     p = ctx.params
     media = ctx.upstream_meta("probe")
-    width, height = fit(*display_size(video_stream(media)), p.max_width, p.max_height)
+    out_path = ctx.workdir / f"video.{p.container}"
+    args, meta = build(p, media, ctx.input_file(), out_path,
+                       threads=ctx.services.settings.ffmpeg_threads)
     _, runner = ctx.services.media()
-    source = ffmpeg.input(str(ctx.input_file()))
-    out_path = ctx.workdir / "video.mp4"
-    video = source.video.filter("scale", width, height).filter("format", "yuv420p")
-    streams = [video, source.audio] if has_audio(media) else [video]
-    audio_args = {"acodec": "aac", "audio_bitrate": f"{p.audio_bitrate_k}k", "ac": 2} \
-        if has_audio(media) else {}
-    out = ffmpeg.output(
-        *streams, str(out_path), vcodec="libx264", preset=p.preset, crf=p.crf,
-        profile="high", movflags="+faststart", map_metadata=-1, **audio_args,
-    )
-    threads = ctx.services.settings.ffmpeg_threads
-    args = out.get_args() + (["-threads", str(threads)] if threads else [])
-    await runner.run(args, duration_s=task.media_duration_s, timeout_s=task.timeout_s,
-                     on_progress=lambda pr: ctx.progress(pr.fraction or 0.0),
-                     cancel=ctx.cancel)
+    frames: int | None = None  # video frames written, from ffmpeg's last progress report
+
+    async def progress(pr: Progress) -> None:
+        nonlocal frames
+        frames = pr.frame if pr.frame is not None else frames
+        await ctx.progress(pr.fraction or 0.0)
+
+    result = await runner.run(args, duration_s=task.media_duration_s, timeout_s=task.timeout_s,
+                              on_progress=progress, cancel=ctx.cancel)
+    # ffmpeg exits 0 when the demuxer meets the end of the data early: neither a rendition
+    # of the first seconds of a cut-off upload nor an empty file may pass for the video.
+    if TRUNCATED_MARKER in result.stderr_tail:
+        raise PermanentError(ErrorCode.INVALID_INPUT,
+                             "the input file is cut off (its index describes more media than "
+                             "the file holds): was the upload interrupted?")
+    if frames == 0 or not out_path.exists():
+        raise PermanentError(ErrorCode.INVALID_INPUT,
+                             "no video frame could be decoded from the input")
     return StageResult(files={"video": out_path},
-                       meta={"width": width, "height": height, "vcodec": "h264",
-                             "acodec": "aac" if has_audio(media) else None})
+                       meta={**meta, "frames": frames})
+
+
+def build(p: TranscodeParams, media: dict[str, Any], src: Path, dst: Path, *,
+          threads: int = 0) -> tuple[list[str], dict[str, Any]]:
+    """The ffmpeg arguments (without the binary) for ``p`` on probed ``media``, and the meta
+    the step reports. Pure, so benchmarks and tests can see exactly what runs.
+
+    Raises:
+        PermanentError: ``no_video_stream`` when the input has no picture to encode.
+    """
+    ordinal, video = _first_video(media)
+    rotated = abs(int(video.get("rotation") or 0)) % 180 == 90
+    # Sizes as ffmpeg's filters see them: autorotation (on by default) turns the frames
+    # before our graph, swapping width and height and inverting the pixel aspect ratio.
+    in_w, in_h = int(video["width"]), int(video["height"])
+    sar = _sar(video)
+    if rotated:
+        in_w, in_h, sar = in_h, in_w, 1 / sar
+    width, height = fit(max(1, round(in_w * sar)), in_h, p.max_width, p.max_height)
+
+    source = ffmpeg.input(str(src))
+    v = source[f"v:{ordinal}"]
+    rate = _output_rate(p.fps, video.get("fps"))
+    if rate is not None:
+        v = v.filter("fps", fps=str(rate))  # before scaling: no work on dropped frames
+    # scale sets the output SAR so that the picture keeps its displayed shape exactly; with
+    # even dimensions that is a ratio like 5769:5776. The second setsar turns it into the
+    # source's own pixel shape (1:1 when probe told us the SAR and we fitted for it); the
+    # first one pins an unset SAR to 1:1 so that arithmetic holds for every source.
+    correction = Fraction(width * in_h, height * in_w) / sar
+    v = (v.filter("setsar", r="sar")
+          .filter("scale", width, height)
+          .filter("setsar", r=f"sar*{correction.numerator}/{correction.denominator}")
+          .filter("format", "yuv420p"))
+    streams: list[Any] = [v]
+    acodec = p.effective_audio_codec if _has_audio(media) else None
+    if acodec is not None:
+        streams.append(source["a:0?"])
+
+    out: dict[str, Any] = {"c:v": ENCODER[p.vcodec], "pix_fmt": "yuv420p", "map_metadata": -1,
+                           # Without an fps, keep each frame's own time: MP4's default (cfr at
+                           # the stream's nominal rate) duplicates frames of a phone's VFR video.
+                           "fps_mode": "vfr" if rate is None else "cfr"}
+    crf = p.effective_crf
+    if p.vcodec in ("h264", "hevc"):
+        out["preset"] = p.effective_preset
+        out["profile:v"] = "high" if p.vcodec == "h264" else "main"
+        if crf is not None:
+            out["crf"] = crf
+    else:
+        out.update(_VP9 if p.vcodec == "vp9" else _AV1)
+        # libvpx and libaom read crf as a cap unless the target bitrate is 0 (pure quality).
+        out["b:v"] = "0" if crf is not None else None
+        if crf is not None:
+            out["crf"] = crf
+    if p.video_bitrate_k is not None:
+        out["b:v"] = f"{p.video_bitrate_k}k"
+    if p.vcodec == "hevc":
+        out["tag:v"] = "hvc1"  # what Apple players need to play HEVC in MP4
+        out["x265-params"] = "log-level=error"
+    if p.container == "mp4":
+        out["movflags"] = "+faststart"
+    else:
+        out["cues_to_front"] = 1  # WebM's index up front: seekable while downloading
+    if acodec is not None:
+        out.update({"c:a": AUDIO_ENCODER[acodec], "b:a": f"{p.audio_bitrate_k}k", "ac": 2})
+    if threads:
+        out["threads"] = threads
+    args = ffmpeg.output(*streams, str(dst), f=p.container,
+                         **{k: v for k, v in out.items() if v is not None}).get_args()
+    meta = {"width": width, "height": height, "vcodec": p.vcodec, "acodec": acodec,
+            "container": p.container, "fps": float(rate) if rate is not None else None}
+    return args, meta
+
+
+def _first_video(media: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """(position among the video streams, stream) of the first real picture: cover art (an
+    attached picture) is a video stream to ffmpeg but no video to a viewer."""
+    ordinal = 0
+    cover_art = False
+    for stream in media.get("streams", []):
+        if stream.get("codec_type") != "video":
+            continue
+        if not stream.get("attached_pic") and stream.get("width") and stream.get("height"):
+            return ordinal, dict(stream)
+        cover_art = cover_art or bool(stream.get("attached_pic"))
+        ordinal += 1
+    what = "only cover art" if cover_art else "audio only" if _has_audio(media) else "no picture"
+    raise PermanentError(ErrorCode.NO_VIDEO_STREAM,
+                         f"the input has no video stream ({what}); transcode needs a video")
+
+
+def _has_audio(media: dict[str, Any]) -> bool:
+    return any(s.get("codec_type") == "audio" for s in media.get("streams", []))
+
+
+def _sar(video: dict[str, Any]) -> Fraction:
+    """The pixel aspect ratio, when probe reports one (``"32:27"``); square otherwise."""
+    num, _, den = str(video.get("sample_aspect_ratio") or "").partition(":")
+    try:
+        value = Fraction(int(num), int(den))
+    except (ValueError, ZeroDivisionError):
+        return Fraction(1)
+    return value if value > 0 else Fraction(1)
+
+
+def _output_rate(wanted: float | None, source: float | None) -> Fraction | None:
+    """The constant frame rate to convert to: ``wanted``, or the source's own average rate
+    when that is lower (never invent frames), as a fraction ffmpeg reads exactly."""
+    if wanted is None:
+        return None
+    rate = Fraction(wanted).limit_denominator(1001)
+    if source is not None and 0 < source < wanted:
+        rate = Fraction(source).limit_denominator(1001)
+    return rate
 
 
 function = stage("transcode", handle, doc=__doc__ or "")

@@ -25,6 +25,7 @@ import msgspec
 
 from shared.errors import ErrorCode, FFmpegError
 from shared.media.binaries import Binaries
+from shared.media.runner import CRASH_SIGNALS
 
 __all__ = ["REFUSED_FORMATS", "MediaInfo", "ProbeLimits", "StreamInfo", "probe"]
 
@@ -175,10 +176,12 @@ async def probe(
     stdout, stderr, returncode = await _run_ffprobe(binaries, path, timeout_s)
     reason = _last_line(stderr)
     if returncode < 0:
+        crashed = -returncode in CRASH_SIGNALS  # deterministic on this file: never retry
         raise FFmpegError(
-            ErrorCode.FFMPEG_FAILED,
-            f"ffprobe was killed by signal {-returncode}",
-            non_retryable=False,
+            ErrorCode.INVALID_INPUT if crashed else ErrorCode.FFMPEG_FAILED,
+            f"ffprobe {'crashed on this input' if crashed else 'was killed'} "
+            f"(signal {-returncode})",
+            non_retryable=crashed,
             returncode=returncode,
             stderr_tail=stderr,
         )

@@ -364,6 +364,8 @@ def classify_failure(returncode: int, stderr_tail: str, inputs: Iterable[str] = 
 
     * Killed by a signal (OOM killer, an operator), disk full, out of memory: the run was
       unlucky, not wrong -> ``ffmpeg_failed``, retryable.
+    * Crashed (SIGSEGV, SIGABRT, ...): a decoder that crashes on a file always will ->
+      ``invalid_input``, not retryable.
     * The input could not be opened or parsed -> ``invalid_input``, not retryable.
     * Anything else is a deterministic failure of our own command -> ``ffmpeg_failed``,
       not retryable: the same command on the same input fails the same way.
@@ -386,6 +388,9 @@ def classify_failure(returncode: int, stderr_tail: str, inputs: Iterable[str] = 
             name = signal.Signals(-returncode).name
         except ValueError:
             name = f"signal {-returncode}"
+        if -returncode in CRASH_SIGNALS:
+            # A decoder that crashes on a file crashes on it every time: never retry.
+            return error(ErrorCode.INVALID_INPUT, f"ffmpeg crashed ({name}) on this input", True)
         return error(ErrorCode.FFMPEG_FAILED, f"ffmpeg was killed by {name}", False)
     for marker in _TRANSIENT_MARKERS:
         if marker in stderr_tail:
@@ -398,6 +403,11 @@ def classify_failure(returncode: int, stderr_tail: str, inputs: Iterable[str] = 
             return error(ErrorCode.INVALID_INPUT, f"input rejected by ffmpeg: {reason}", True)
     return error(ErrorCode.FFMPEG_FAILED, f"ffmpeg exited with status {returncode}: {reason}", True)
 
+
+CRASH_SIGNALS = frozenset(
+    int(s) for s in (signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGFPE, signal.SIGILL)
+)
+"""Signals a process raises on itself when it crashes, as opposed to being killed."""
 
 _TRANSIENT_MARKERS = (
     "No space left on device",
