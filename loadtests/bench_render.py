@@ -28,10 +28,13 @@ from typing import Any
 
 import ffmpeg
 import httpx
+import msgspec
 
+from functions.transcode.handler import build as build_transcode
 from loadtests.common import BenchResult, Row, all_functions, nats_server, say, temp_dir
-from shared.geometry import fit
+from shared.geometry import display_size, fit, video_stream
 from shared.media import Binaries, find_binaries
+from shared.media import probe as probe_media
 from shared.natsserver import free_port
 from shared.recipes import RECIPES, decode_params
 from shared.runtime import Runtime
@@ -66,31 +69,21 @@ def make_clip(binaries: Binaries, *, duration: int, width: int = 1280, height: i
 # raw ffmpeg
 
 
-def raw_commands(binaries: Binaries, clip: Path, probe: dict[str, Any],
+def raw_commands(binaries: Binaries, clip: Path, media: dict[str, Any],
                  out_dir: Path) -> tuple[list[str], list[str]]:
     """The argv functions/transcode and functions/thumbnail run for recipe ``web``'s params."""
     steps = RECIPES["web"]({})
     # The params each stage gets for recipe web, decoded as the stage decodes them.
     tp: Any = decode_params(steps["transcode"].stage, steps["transcode"].params)
     th: Any = decode_params(steps["poster"].stage, steps["poster"].params)
-    video = next(s for s in probe["streams"] if s["codec_type"] == "video")
-    has_audio = any(s["codec_type"] == "audio" for s in probe["streams"])
-    src_w, src_h = int(video["width"]), int(video["height"])
+    src_w, src_h = display_size(video_stream(media))
     base = [binaries.ffmpeg, "-hide_banner", "-nostdin", "-y"]
 
-    width, height = fit(src_w, src_h, tp.max_width, tp.max_height)
-    source = ffmpeg.input(str(clip))
-    v = source.video.filter("scale", width, height).filter("format", "yuv420p")
-    streams = [v, source.audio] if has_audio else [v]
-    audio = {"acodec": "aac", "audio_bitrate": f"{tp.audio_bitrate_k}k", "ac": 2} \
-        if has_audio else {}
-    transcode = base + ffmpeg.output(
-        *streams, str(out_dir / "video.mp4"), vcodec="libx264", preset=tp.preset, crf=tp.crf,
-        profile="high", movflags="+faststart", map_metadata=-1, **audio,
-    ).get_args()
+    # The transcode stage's own pure command builder, so the peer runs exactly its argv.
+    transcode = base + build_transcode(tp, media, clip, out_dir / "video.mp4")[0]
 
     pw, ph = fit(src_w, src_h, th.max_width, 4320)
-    duration = float(probe["format"]["duration"])
+    duration = float(media["duration_s"])
     # As functions/thumbnail: never seek to the very end (it also stays before the last
     # frame, which for this clip is the same bound).
     at = max(0.0, min(duration * th.at_fraction, duration - 0.1))
@@ -115,11 +108,10 @@ async def run_raw(binaries: Binaries, clip: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="jetcut-bench-raw-") as tmp:
         out_dir = Path(tmp)
         started = time.perf_counter()
-        probe = json.loads(await _exec([
-            binaries.ffprobe, "-v", "error", "-print_format", "json", "-show_format",
-            "-show_streams", str(clip)]))
+        # The same ffprobe call the probe stage makes (protocol whitelist, probe limits).
+        media = msgspec.to_builtins(await probe_media(binaries, str(clip)))
         probed = time.perf_counter()
-        transcode, poster = raw_commands(binaries, clip, probe, out_dir)
+        transcode, poster = raw_commands(binaries, clip, media, out_dir)
 
         async def timed(argv: list[str]) -> float:
             t = time.perf_counter()
