@@ -1,4 +1,4 @@
-"""Output geometry from probed media info: display size, fitting, even dimensions."""
+"""Output planning from probed media info: display size, fitting, even dimensions, audio."""
 
 from __future__ import annotations
 
@@ -38,3 +38,16 @@ def display_size(video: dict[str, Any]) -> tuple[int, int]:
 
 def has_audio(media: dict[str, Any]) -> bool:
     return any(s.get("codec_type") == "audio" for s in media.get("streams", []))
+
+
+def audio_plan(media: dict[str, Any], bitrate_k: int) -> tuple[dict[str, Any], str | None]:
+    """ffmpeg-python output options for the first audio stream of an MP4 we make: copy AAC
+    as it is, encode anything else to stereo AAC; ``({}, None)`` when there is no audio.
+    The second value (``copy``/``aac``/None) is for the step's meta."""
+    codecs = [s.get("codec_name") for s in media.get("streams", [])
+              if s.get("codec_type") == "audio"]
+    if not codecs:
+        return {}, None
+    if codecs[0] == "aac":
+        return {"acodec": "copy"}, "copy"
+    return {"acodec": "aac", "audio_bitrate": f"{bitrate_k}k", "ac": 2}, "aac"

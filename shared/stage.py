@@ -27,7 +27,7 @@ import msgspec
 from shared.errors import ErrorCode, JetcutError, ObjectNotFound, PermanentError
 from shared.events import ErrorInfo, JobEvent, StageComplete, StageTask, TaskInput
 from shared.function import Context, Function, Services
-from shared.jobstate import JobRecord, is_current, mark_running, set_progress
+from shared.jobstate import JobRecord, input_ref_index, is_current, mark_running, set_progress
 from shared.jobstore import JobNotFound, NoChange
 from shared.params.base import Params
 from shared.recipes import decode_params
@@ -84,6 +84,16 @@ class StageContext(Generic[P]):
             raise PermanentError(
                 ErrorCode.INVALID_RECIPE, f"step {self.task.step!r} needs {ref}/{name} as input"
             ) from None
+
+    def second_input(self, what: str) -> str:
+        """The job input besides the main one (``:input``) that this step uses, such as a
+        watermark image or a subtitle file: ``:input/1`` unless ``uses`` names another."""
+        for item in self.task.inputs:
+            if input_ref_index(item.ref) not in (None, 0):
+                return item.ref
+        raise PermanentError(ErrorCode.INVALID_RECIPE,
+                             f"step {self.task.step!r} needs the {what} as a second job input: "
+                             "add ':input/1' to its 'uses'")
 
     def upstream_meta(self, ref: str) -> dict[str, Any]:
         """Metadata of a used step, by step name or, failing that, by stage: so

@@ -11,7 +11,13 @@ import pytest
 from functions.registry import FUNCTIONS
 from shared.events import DeadLetter, decode
 from tests.support.media import ffprobe_json
-from tests.support.nats import consumer_settled, running, submit_job, wait_for_job
+from tests.support.nats import (
+    consumer_settled,
+    running,
+    submit_job,
+    until_http_up,
+    wait_for_job,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -21,18 +27,8 @@ async def stack(make_settings, http_port):  # type: ignore[no-untyped-def]
     settings = make_settings(http_port=http_port)
     async with running(settings, list(FUNCTIONS.values())) as runtime:
         async with httpx.AsyncClient(base_url=settings.base_url, timeout=30) as client:
-            await _until_http_up(client)
+            await until_http_up(client)
             yield runtime, client
-
-
-async def _until_http_up(client: httpx.AsyncClient) -> None:
-    for _ in range(200):
-        try:
-            if (await client.get("/healthz")).status_code == 200:
-                return
-        except httpx.TransportError:
-            await asyncio.sleep(0.02)
-    raise AssertionError("gateway did not come up")
 
 
 async def _upload(client: httpx.AsyncClient, path: Path) -> dict:

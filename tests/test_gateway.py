@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import httpx
 import pytest
 
 from functions.registry import FUNCTIONS
-from tests.support.nats import running, wait_for_job
+from tests.support.nats import running, until_http_up, wait_for_job
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -19,12 +17,7 @@ async def gateway_only(make_settings, http_port):  # type: ignore[no-untyped-def
     settings = make_settings(http_port=http_port, max_upload_bytes=1000)
     async with running(settings, [FUNCTIONS["gateway"]]) as runtime:
         async with httpx.AsyncClient(base_url=settings.base_url, timeout=30) as client:
-            for _ in range(200):
-                try:
-                    await client.get("/healthz")
-                    break
-                except httpx.TransportError:
-                    await asyncio.sleep(0.02)
+            await until_http_up(client)
             yield runtime, client
 
 
@@ -106,12 +99,7 @@ async def test_a_queued_job_is_picked_up_when_the_conductor_starts(  # type: ign
     settings = make_settings(http_port=http_port)
     async with running(settings, [FUNCTIONS["gateway"]]) as gw:
         async with httpx.AsyncClient(base_url=settings.base_url, timeout=30) as client:
-            for _ in range(200):
-                try:
-                    await client.get("/healthz")
-                    break
-                except httpx.TransportError:
-                    await asyncio.sleep(0.02)
+            await until_http_up(client)
             r = await client.post("/v1/uploads", params={"filename": "c.mp4"},
                                   content=clip_3s.read_bytes())
             job = await client.post("/v1/jobs", json={"recipe": "web",

@@ -8,7 +8,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from functions.registry import FUNCTIONS
 from shared.telemetry import Telemetry
-from tests.support.nats import running, wait_for_job
+from tests.support.nats import running, until_http_up, wait_for_job
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -21,12 +21,7 @@ async def test_a_job_is_one_trace_joining_the_callers(make_settings, http_port, 
     settings = make_settings(http_port=http_port)
     async with running(settings, list(FUNCTIONS.values()), telemetry=telemetry) as rt:
         async with httpx.AsyncClient(base_url=settings.base_url, timeout=30) as client:
-            for _ in range(200):
-                try:
-                    await client.get("/healthz")
-                    break
-                except httpx.TransportError:
-                    continue
+            await until_http_up(client)
             up = await client.post("/v1/uploads", params={"filename": "c.mp4"},
                                    content=clip_3s.read_bytes())
             r = await client.post("/v1/jobs", json={"recipe": "web",

@@ -25,8 +25,7 @@ from functions.subtitles.cues import SubtitleError, parse, to_ass
 from functions.subtitles.fonts import find_font, stage_fonts
 from shared.errors import ErrorCode, PermanentError
 from shared.events import StageTask
-from shared.geometry import display_size, fit, video_stream
-from shared.jobstate import input_ref_index
+from shared.geometry import audio_plan, display_size, fit, video_stream
 from shared.params.images import SubtitlesParams
 from shared.stage import StageContext, StageResult, stage
 
@@ -38,7 +37,7 @@ async def handle(task: StageTask, ctx: StageContext[SubtitlesParams]) -> StageRe
     p = ctx.params
     media = ctx.upstream_meta("probe")
     width, height = fit(*display_size(video_stream(media)), 7680, 4320)
-    data = await asyncio.to_thread(ctx.input_file(second_input(task)).read_bytes)
+    data = await asyncio.to_thread(ctx.input_file(ctx.second_input("subtitle file")).read_bytes)
     try:
         cues = parse(data, p.encoding)
     except SubtitleError as exc:
@@ -56,7 +55,7 @@ async def handle(task: StageTask, ctx: StageContext[SubtitlesParams]) -> StageRe
     video = (source.video.filter("scale", width, height)
              .filter("ass", filename=SCRIPT_NAME, fontsdir=FONTS_DIR)
              .filter("format", "yuv420p"))
-    audio_opts, audio = _audio_plan(media, p.audio_bitrate_k)
+    audio_opts, audio = audio_plan(media, p.audio_bitrate_k)
     streams = [video, source["a:0"]] if audio else [video]
     out_path = ctx.workdir / "subtitled.mp4"
     out = ffmpeg.output(*streams, str(out_path), vcodec="libx264", preset=p.preset, crf=p.crf,
@@ -72,27 +71,6 @@ async def handle(task: StageTask, ctx: StageContext[SubtitlesParams]) -> StageRe
         "audio": audio, "first_cue_s": cues[0].start_ms / 1000,
         "last_cue_s": max(c.end_ms for c in cues) / 1000})
 
-
-def _audio_plan(media: dict[str, object], bitrate_k: int) -> tuple[dict[str, object], str | None]:
-    streams = media.get("streams")
-    codecs = [s.get("codec_name") for s in streams if isinstance(s, dict)
-              and s.get("codec_type") == "audio"] if isinstance(streams, list) else []
-    if not codecs:
-        return {}, None
-    if codecs[0] == "aac":
-        return {"acodec": "copy"}, "copy"
-    return {"acodec": "aac", "audio_bitrate": f"{bitrate_k}k", "ac": 2}, "aac"
-
-
-def second_input(task: StageTask) -> str:
-    """The other job input this step uses (the subtitle file): ``:input/1`` unless ``uses`` names
-    another one (``:input`` is always the video)."""
-    for item in task.inputs:
-        if input_ref_index(item.ref) not in (None, 0):
-            return item.ref
-    raise PermanentError(ErrorCode.INVALID_RECIPE,
-                         f"step {task.step!r} needs the subtitle file as a second job input: "
-                         "add ':input/1' to its 'uses'")
 
 
 function = stage("subtitles", handle, doc=__doc__ or "")

@@ -22,8 +22,7 @@ import ffmpeg
 
 from shared.errors import ErrorCode, FFmpegError, PermanentError
 from shared.events import StageTask
-from shared.geometry import display_size, fit, video_stream
-from shared.jobstate import input_ref_index
+from shared.geometry import audio_plan, display_size, fit, video_stream
 from shared.media import probe
 from shared.params.images import WatermarkParams
 from shared.stage import StageContext, StageResult, stage
@@ -77,22 +76,12 @@ def placement(p: WatermarkParams, video: tuple[int, int],
     return max(0, x), max(0, y), w, h
 
 
-def audio_plan(media: dict[str, Any], bitrate_k: int) -> tuple[dict[str, Any], str | None]:
-    """Output options for the first audio stream: copy AAC, encode anything else."""
-    codecs = [s.get("codec_name") for s in media.get("streams", [])
-              if s.get("codec_type") == "audio"]
-    if not codecs:
-        return {}, None
-    if codecs[0] == "aac":
-        return {"acodec": "copy"}, "copy"
-    return {"acodec": "aac", "audio_bitrate": f"{bitrate_k}k", "ac": 2}, "aac"
-
 
 async def handle(task: StageTask, ctx: StageContext[WatermarkParams]) -> StageResult:
     p = ctx.params
     media = ctx.upstream_meta("probe")
     width, height = fit(*display_size(video_stream(media)), 7680, 4320)
-    image_path = str(ctx.input_file(second_input(task)))
+    image_path = str(ctx.input_file(ctx.second_input("watermark image")))
     demuxer, iw, ih = await check_image(ctx, image_path)
     x, y, w, h = placement(p, (width, height), (iw, ih))
 
@@ -117,17 +106,6 @@ async def handle(task: StageTask, ctx: StageContext[WatermarkParams]) -> StageRe
     return StageResult(files={"video": out_path}, meta={
         "width": width, "height": height, "audio": audio,
         "overlay": {"x": x, "y": y, "width": w, "height": h}})
-
-
-def second_input(task: StageTask) -> str:
-    """The other job input this step uses (the watermark image): ``:input/1`` unless ``uses`` names
-    another one (``:input`` is always the video)."""
-    for item in task.inputs:
-        if input_ref_index(item.ref) not in (None, 0):
-            return item.ref
-    raise PermanentError(ErrorCode.INVALID_RECIPE,
-                         f"step {task.step!r} needs the watermark image as a second job input: "
-                         "add ':input/1' to its 'uses'")
 
 
 function = stage("watermark", handle, doc=__doc__ or "")

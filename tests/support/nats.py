@@ -159,3 +159,16 @@ async def fetch_output(runtime: Runtime, record: JobRecord, step: str, name: str
     assert services is not None
     await services.store.get_file(record.steps[step].outputs[name], dest)
     return dest
+
+
+async def until_http_up(client: Any, attempts: int = 500) -> None:
+    """Wait until the gateway answers /healthz (the server binds just after start())."""
+    import httpx
+
+    for _ in range(attempts):
+        try:
+            if (await client.get("/healthz")).status_code == 200:
+                return
+        except httpx.TransportError:
+            await asyncio.sleep(0.02)
+    raise AssertionError("the gateway did not come up")
