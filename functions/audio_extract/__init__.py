@@ -1,0 +1,3 @@
+from functions.audio_extract.handler import function
+
+__all__ = ["function"]

@@ -1,0 +1,93 @@
+"""audio-extract — encode the input's audio once, on the video's timeline.
+
+Consumes: stages.audio-extract  StageTask (uses: the input file and the probe step)
+Does:     AAC-LC (``bitrate_k``, ``channels``, ``sample_rate``) from the first audio stream,
+          shifted so that time 0 is the first video frame: audio that starts after the
+          video is padded with silence, audio that starts before it is trimmed, and it ends
+          with the video. Every rendition of a ladder muxes this one encode (``concat``), so
+          the audio is encoded once however many renditions and parts there are.
+Emits:    jobs.stage.complete with outputs {audio: .../audio.m4a} and meta {audio: true,
+          codecs: "mp4a.40.2", bitrate_k, channels, sample_rate, offset_s}; for an input
+          without audio: no outputs and meta {audio: false} (joins then make silent video).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from pathlib import Path
+
+from shared.errors import ErrorCode, FFmpegError
+from shared.events import StageTask
+from shared.media import Binaries
+from shared.params.hls import AudioExtractParams, source_video
+from shared.stage import StageContext, StageResult, stage
+
+
+async def stream_starts(binaries: Binaries, path: Path, timeout_s: float) -> dict[int, float]:
+    """Each stream's start time in seconds, as the demuxer reports it (edit lists applied)."""
+    argv = [binaries.ffprobe, "-v", "error", "-protocol_whitelist", "file",
+            "-show_entries", "stream=index,start_time", "-of", "compact=p=0:nk=0",
+            "file:" + str(path)]
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+    except BaseException:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await asyncio.shield(proc.wait())
+        raise
+    code = proc.returncode
+    assert code is not None
+    if code != 0:
+        tail = err.decode("utf-8", "replace")[-2000:]
+        raise FFmpegError(ErrorCode.FFMPEG_FAILED, f"ffprobe failed: {tail.strip()}",
+                          non_retryable=code > 0, returncode=code,
+                          stderr_tail=tail)
+    starts: dict[int, float] = {}
+    for line in out.decode("utf-8", "replace").splitlines():
+        fields = dict(item.split("=", 1) for item in line.split("|") if "=" in item)
+        with contextlib.suppress(KeyError, ValueError):
+            starts[int(fields["index"])] = float(fields["start_time"])
+    return starts
+
+
+async def handle(task: StageTask, ctx: StageContext[AudioExtractParams]) -> StageResult:
+    p = ctx.params
+    media = ctx.upstream_meta("probe")
+    audio = next((s for s in media.get("streams", []) if s.get("codec_type") == "audio"), None)
+    if audio is None:
+        return StageResult(meta={"audio": False})
+    video = source_video(media)
+    source = ctx.input_file()
+    binaries, runner = ctx.services.media()
+    starts = await stream_starts(binaries, source, min(task.timeout_s, 60.0))
+    video_start = starts.get(int(video["index"]), 0.0)
+    audio_start = starts.get(int(audio["index"]), video_start)
+
+    # -copyts keeps the demuxer's timestamps, so the shift is exactly the video's start;
+    # aresample with first_pts=0 then pads or trims the head to land on 0.
+    chain = [f"asetpts=PTS-{video_start:.6f}/TB", "aresample=async=1:first_pts=0"]
+    video_duration = video.get("duration_s")
+    if isinstance(video_duration, int | float) and video_duration > 0:
+        chain.append(f"atrim=end={float(video_duration):.6f}")
+    out = ctx.workdir / "audio.m4a"
+    args = ["-copyts", "-i", str(source), "-map", f"0:{int(audio['index'])}", "-vn", "-sn",
+            "-dn", "-af", ",".join(chain), "-c:a", "aac", "-b:a", f"{p.bitrate_k}k",
+            "-ac", str(p.channels), "-ar", str(p.sample_rate), "-map_metadata", "-1",
+            "-map_chapters", "-1", str(out)]
+    await runner.run(args, duration_s=task.media_duration_s, timeout_s=task.timeout_s,
+                     on_progress=lambda pr: ctx.progress(pr.fraction or 0.0),
+                     cancel=ctx.cancel)
+    return StageResult(files={"audio": out},
+                       meta={"audio": True, "codecs": "mp4a.40.2", "bitrate_k": p.bitrate_k,
+                             "channels": p.channels, "sample_rate": p.sample_rate,
+                             "offset_s": round(audio_start - video_start, 6)})
+
+
+function = stage("audio-extract", handle, doc=__doc__ or "")

@@ -1,0 +1,3 @@
+from functions.concat.handler import function
+
+__all__ = ["function"]

@@ -1,0 +1,3 @@
+from functions.encode_part.handler import function
+
+__all__ = ["function"]

@@ -1,0 +1,127 @@
+"""encode-part — encode one part of a split video to one rung of a ladder.
+
+Consumes: stages.encode-part  StageTask, one per part (``each: segment``; uses: the segment
+          step, the probe step, and the rung's ``rendition`` step so that a skipped rung
+          skips this step too)
+Does:     H.264 (libx264, High, 8-bit yuv420p), no audio, at the rung's size (short side
+          ``height``, aspect kept, never upscaled), rotation applied. Every source frame is
+          kept (``-fps_mode passthrough``, timestamps from 0). GOPs are closed and keyframes
+          are IDR frames forced at every multiple of ``keyframe_seconds`` on the *whole*
+          video's timeline (scene-cut keyframes off), plus the part's first frame, so each
+          rung cuts into identical HLS segments and parts join by stream copy. Fails with
+          ``ffmpeg_failed`` when the encode has a different frame count from the source
+          part (a frame lost mid-video would put every later frame out of sync with audio).
+Emits:    jobs.stage.complete with outputs {video: .../p<NNNN>/video.mp4} and meta
+          {frames, duration_s} (what ``concat`` checks the join against).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from shared.errors import ErrorCode, PermanentError
+from shared.events import StageTask
+from shared.media import Progress, step_timeout
+from shared.params.hls import STAGES, EncodePartParams, rung_size, source_size, source_video
+from shared.stage import StageContext, StageResult, stage
+
+KEYFRAME_SLACK_S = 0.002
+"""Forced keyframe times sit this much early: Matroska parts carry millisecond timestamps,
+so the frame on a segment boundary may read up to 0.5 ms early; frames are >= 4 ms apart."""
+
+_ROTATE = {90: ["transpose=cclock"], 180: ["hflip", "vflip"], 270: ["transpose=clock"]}
+"""Filters that show a frame as a player would, by counter-clockwise display rotation."""
+
+
+def keyframe_times(start_s: float, duration_s: float, every_s: float) -> list[float]:
+    """Part-relative times of the keyframes: 0, and every multiple of ``every_s`` on the
+    whole video's timeline that falls inside the part."""
+    times = [0.0]
+    k = math.floor(start_s / every_s + 1e-9) + 1
+    while (at := k * every_s - start_s) < duration_s:
+        if at - KEYFRAME_SLACK_S > 0:
+            times.append(round(at - KEYFRAME_SLACK_S, 6))
+        k += 1
+    return times
+
+
+def find_part(ctx: StageContext[Any]) -> tuple[Path, dict[str, Any]]:
+    """The part this task encodes, and the segment step's meta (with this part's index)."""
+    for ref, files in ctx.inputs.items():
+        if "part" in files:
+            return files["part"], ctx.meta.get(ref, {})
+    raise PermanentError(ErrorCode.INVALID_RECIPE,
+                         f"step {ctx.task.step!r} must expand over a segment step "
+                         "('each': '<segment step>')")
+
+
+def encode_args(source: Path, out: Path, p: EncodePartParams, video: dict[str, Any],
+                size: tuple[int, int], start_s: float, duration_s: float, *,
+                threads: int = 0) -> list[str]:
+    """The ffmpeg arguments that encode ``source`` (a part starting ``start_s`` into the
+    video, or the whole video with 0) to ``out``; ``video`` is the probed source stream."""
+    fps = float(video.get("fps") or 25.0)
+    chain = ["setpts=PTS-STARTPTS", *_ROTATE.get(int(video.get("rotation") or 0), []),
+             f"scale={size[0]}:{size[1]}", "setsar=1", "format=yuv420p"]
+    keys = keyframe_times(start_s, duration_s, p.keyframe_seconds)
+    args = ["-noautorotate", "-i", str(source), "-map", "0:v:0", "-vf", ",".join(chain),
+            "-fps_mode", "passthrough",
+            "-c:v", "libx264", "-preset", p.preset, "-crf", str(p.crf), "-profile:v", "high",
+            "-g", str(max(1, round(2 * p.keyframe_seconds * fps))), "-sc_threshold", "0",
+            "-flags", "+cgop", "-forced-idr", "1",
+            "-force_key_frames", ",".join(f"{t:g}" for t in keys)]
+    if p.maxrate_k:
+        args += ["-maxrate", f"{p.maxrate_k}k", "-bufsize", f"{p.bufsize_k or 2 * p.maxrate_k}k"]
+    if threads:
+        args += ["-threads", str(threads)]
+    return [*args, "-an", "-sn", "-dn", "-map_metadata", "-1", "-map_chapters", "-1", str(out)]
+
+
+async def handle(task: StageTask, ctx: StageContext[EncodePartParams]) -> StageResult:
+    p = ctx.params
+    part, segment = find_part(ctx)
+    index = int(segment.get("index", task.part or 0))
+    try:
+        start = float(segment["starts"][index])
+        duration = float(segment["durations"][index])
+        expected = int(segment["frames"][index])
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise PermanentError(ErrorCode.INVALID_RECIPE,
+                             f"step {task.step!r}: the segment step's meta lacks part "
+                             f"{index}: {exc!r}") from None
+    media = ctx.upstream_meta("probe")
+    video = source_video(media)
+    width, height = rung_size(*source_size(media), p.height)
+
+    out = ctx.workdir / "video.mp4"
+    args = encode_args(part, out, p, video, (width, height), start, duration,
+                       threads=ctx.services.settings.ffmpeg_threads)
+
+    written = 0
+
+    async def on_progress(progress: Progress) -> None:
+        nonlocal written
+        written = progress.frame if progress.frame is not None else written
+        await ctx.progress(progress.fraction or 0.0)
+
+    # The task's deadline is sized for the whole video; a part gets one sized for itself,
+    # so a stuck encode is retried after minutes, not hours.
+    timeout = min(task.timeout_s, step_timeout(ctx.services.settings, duration,
+                                               STAGES["encode-part"].cost))
+    _, runner = ctx.services.media()
+    await runner.run(args, duration_s=duration, timeout_s=timeout,
+                     on_progress=on_progress, cancel=ctx.cancel)
+    if written != expected:
+        raise PermanentError(
+            ErrorCode.FFMPEG_FAILED,
+            f"part {index} encoded to {written} frames, but the source part has {expected}: "
+            "the source is damaged there (or has open GOPs); joining would drift out of sync",
+            details={"part": index, "expected_frames": expected, "frames": written})
+    # Small on purpose: the job record keeps every part's meta (twice), and a long video at
+    # four renditions has thousands of parts.
+    return StageResult(files={"video": out}, meta={"frames": written, "duration_s": duration})
+
+
+function = stage("encode-part", handle, doc=__doc__ or "")

@@ -1,0 +1,3 @@
+from functions.package_hls.handler import function
+
+__all__ = ["function"]

@@ -1,0 +1,3 @@
+from functions.rendition.handler import function
+
+__all__ = ["function"]

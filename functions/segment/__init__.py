@@ -1,0 +1,3 @@
+from functions.segment.handler import function
+
+__all__ = ["function"]

@@ -1,0 +1,159 @@
+"""A segment-parallel job survives its encoder being killed, and keeps the work it had done.
+
+``encode-part`` runs as its own OS process (``jetcut run encode-part``), like a deployment;
+the conductor and the other stages run in the test process; they share only NATS and a
+local-directory store. The worker is SIGKILLed once some parts are checkpointed and before
+all are; a new worker takes over. The job succeeds, the parts finished before the kill keep
+their stored objects byte for byte (same etags and mtimes: never re-encoded), and the part
+that was in flight is redelivered after one AckWait (2 s here) and finished by the new
+worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pytest
+
+from functions.registry import FUNCTIONS
+from shared.jobstate import JobRecord
+from shared.settings import Settings
+from tests.support.media import MakeClip, ffprobe_json
+from tests.support.nats import fetch_output, running, submit_job, wait_for_job
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
+
+JETCUT = str(Path(sys.executable).parent / "jetcut")
+IN_PROCESS = ("conductor", "probe", "segment", "rendition", "audio-extract", "concat",
+              "package-hls")
+STEP = "encode_360p"
+PARTS = 6
+
+
+def worker_env(settings: Settings, tmp_path: Path) -> dict[str, str]:
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("JETCUT_")},
+        "JETCUT_NATS_URL": settings.nats_url,
+        "JETCUT_NAMESPACE": settings.namespace,
+        "JETCUT_STORE": "local",
+        "JETCUT_STORE_DIR": settings.store_root,
+        "JETCUT_WORK_DIR": str(tmp_path / "worker-work"),
+        "JETCUT_DATA_DIR": str(tmp_path / "worker-data"),
+        "JETCUT_ACK_WAIT_S": "2",  # a killed worker's task comes back within 2 s
+        "JETCUT_FETCH_TIMEOUT_S": "0.5",
+        "JETCUT_FFMPEG_THREADS": "1",  # slow enough that the kill lands mid-job
+    }
+
+
+def _log_file(path: Path) -> BinaryIO:
+    return path.open("wb")
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Callable[..., Any]:
+    procs: list[asyncio.subprocess.Process] = []
+
+    async def start(env: dict[str, str], name: str) -> asyncio.subprocess.Process:
+        log = _log_file(tmp_path / f"{name}.log")
+        proc = await asyncio.create_subprocess_exec(JETCUT, "run", "encode-part", env=env,
+                                                    stdout=log, stderr=asyncio.subprocess.STDOUT)
+        log.close()  # the child holds its own descriptor
+        procs.append(proc)
+        return proc
+
+    async def cleanup() -> None:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(proc.wait(), 30)
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
+
+    start.cleanup = cleanup  # type: ignore[attr-defined]
+    return start
+
+
+@pytest.fixture
+async def stack(make_settings, spawn) -> AsyncIterator[Any]:  # type: ignore[no-untyped-def]
+    settings = make_settings(concurrency=2)
+    async with running(settings, [FUNCTIONS[n] for n in IN_PROCESS]) as rt:
+        try:
+            yield settings, rt
+        finally:
+            await spawn.cleanup()
+
+
+def parts_in(record: JobRecord, status: str) -> list[int]:
+    step = record.steps.get(STEP)
+    return [i for i, p in enumerate(step.parts) if p.status == status] if step else []
+
+
+def mid_job(record: JobRecord) -> bool:
+    """Two parts done and the worker busy with another: the moment to kill it."""
+    return len(parts_in(record, "done")) >= 2 and bool(parts_in(record, "running"))
+
+
+async def snapshot(rt: Any, job_id: str) -> dict[str, tuple[str, float]]:
+    objects = await rt.services.store.list(f"jobs/{job_id}/{STEP}/")
+    return {o.key: (o.etag, o.last_modified) for o in objects}
+
+
+async def test_killed_encoder_resumes_from_checkpoints(stack, spawn, make_clip: MakeClip,  # type: ignore[no-untyped-def]
+                                                       binaries, tmp_path: Path) -> None:
+    settings, rt = stack
+    env = worker_env(settings, tmp_path)
+    clip = make_clip("resume_12s", duration=12.0, width=640, height=360)
+    first = await spawn(env, "worker1")
+    job_id = await submit_job(rt, [clip], recipe="hls", params={
+        "segment_seconds": 2, "part_seconds": 2, "ladder": [360], "preset": "medium"})
+
+    # A real condition, not a sleep: the record says two parts are done and one is running.
+    at_kill = await wait_for_job(rt.services, job_id, timeout=90,
+                                 until=lambda r: r.terminal or mid_job(r))
+    first.send_signal(signal.SIGKILL)
+    await first.wait()
+    assert not at_kill.terminal, at_kill.error
+    done_before = parts_in(at_kill, "done")
+    (interrupted,) = parts_in(at_kill, "running")
+    before = await snapshot(rt, job_id)  # the dead worker can write nothing more
+    checkpointed = sorted(int(key.split("/")[-2][1:]) for key in before
+                          if key.endswith("/manifest.json"))
+    assert set(done_before) <= set(checkpointed)
+    assert len(checkpointed) < PARTS, "the kill came too late to interrupt anything"
+
+    await spawn(env, "worker2")
+    record = await wait_for_job(rt.services, job_id, timeout=90)
+    assert record.status == "succeeded", record.error
+
+    after = await snapshot(rt, job_id)
+    for key, (etag, mtime) in before.items():  # untouched: not re-encoded, not re-uploaded
+        assert after.get(key) == (etag, mtime), key
+    assert sum(k.endswith("/manifest.json") for k in after) == PARTS
+    assert interrupted not in done_before
+    step = record.steps[STEP]
+    assert step.status == "done" and len(step.parts) == PARTS
+    for index, part in enumerate(step.parts):
+        assert part.status == "done" and part.attempt == 1
+        if index in done_before:
+            assert not part.from_checkpoint  # its first completion was applied before the kill
+        elif index not in checkpointed:
+            # redelivered (same attempt, delivery 2) and encoded by the new worker
+            assert not part.from_checkpoint
+            assert f"jobs/{job_id}/{STEP}/p{index:04d}/manifest.json" in after
+        else:
+            # checkpointed but its completion was lost with the worker: reported from the
+            # manifest, not re-run
+            assert part.from_checkpoint
+
+    video = await fetch_output(rt, record, "concat_360p", "video", tmp_path / "joined.mp4")
+    info = ffprobe_json(binaries, video)
+    assert abs(float(info["format"]["duration"]) - 12.0) <= 0.1
+    assert record.steps["concat_360p"].meta["frames"] == 12 * 25
