@@ -116,6 +116,16 @@ async def _noop(_: float) -> None:
 StageHandler = Callable[[StageTask, StageContext[P]], Awaitable[StageResult]]
 
 
+MEDIA_TYPES = {".ts": "video/mp2t", ".m3u8": "application/vnd.apple.mpegurl",
+               ".m4s": "video/iso.segment", ".vtt": "text/vtt"}
+"""Where the system's mimetypes table is wrong for media (``.ts`` is a Qt translation)."""
+
+
+def content_type_of(name: str) -> str | None:
+    suffix = name[name.rfind("."):].lower() if "." in name else ""
+    return MEDIA_TYPES.get(suffix) or mimetypes.guess_type(name)[0]
+
+
 def step_prefix(job_id: str, step: str, part: int | None = None) -> str:
     """Where a step's (or one part's) outputs live: ``jobs/<job>/<step>/[p<NNNN>/]``."""
     base = f"jobs/{job_id}/{step}/"
@@ -212,7 +222,7 @@ async def run_task(name: str, handler: StageHandler[P], task: StageTask, ctx: Co
         prefix = step_prefix(task.job_id, task.step, task.part)
         for logical, path in result.files.items():
             key = prefix + path.name
-            content_type = mimetypes.guess_type(path.name)[0]
+            content_type = content_type_of(path.name)
             info = await services.store.put_file(key, path, content_type=content_type)
             outputs[logical], sizes[logical], etags[logical] = key, info.size, info.etag
     elapsed = time.monotonic() - started

@@ -13,39 +13,23 @@ Emits:    jobs.stage.complete with outputs {audio: .../audio.m4a} and meta {audi
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import os
-import signal
 from pathlib import Path
 
 from shared.errors import ErrorCode, FFmpegError
 from shared.events import StageTask
-from shared.media import Binaries
+from shared.media import Binaries, run_ffprobe
 from shared.params.hls import AudioExtractParams, source_video
 from shared.stage import StageContext, StageResult, stage
 
 
 async def stream_starts(binaries: Binaries, path: Path, timeout_s: float) -> dict[int, float]:
     """Each stream's start time in seconds, as the demuxer reports it (edit lists applied)."""
-    argv = [binaries.ffprobe, "-v", "error", "-protocol_whitelist", "file",
+    argv = ["-v", "error", "-protocol_whitelist", "file",
             "-show_entries", "stream=index,start_time", "-of", "compact=p=0:nk=0",
             "file:" + str(path)]
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, start_new_session=True)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
-    except BaseException:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await asyncio.shield(proc.wait())
-        raise
-    code = proc.returncode
-    assert code is not None
+    out, tail, code = await run_ffprobe(binaries, argv, timeout_s)
     if code != 0:
-        tail = err.decode("utf-8", "replace")[-2000:]
         raise FFmpegError(ErrorCode.FFMPEG_FAILED, f"ffprobe failed: {tail.strip()}",
                           non_retryable=code > 0, returncode=code,
                           stderr_tail=tail)

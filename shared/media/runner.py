@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from shared.errors import Cancelled, ErrorCode, FFmpegError
-from shared.media.binaries import Binaries, find_binaries
+from shared.media.binaries import Binaries, child_env, find_binaries
 
 if TYPE_CHECKING:
     from shared.settings import Settings
@@ -241,6 +241,7 @@ class FFmpegRunner:
                 # spawns, and a Ctrl-C meant for the worker does not hit it mid-write.
                 start_new_session=True,
                 preexec_fn=self._preexec,
+                env=child_env(self._binaries),
             )
         except OSError as exc:
             # A missing binary or work dir is about this worker, not the input: retry.

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import pytest
 
-from shared.media import Binaries, find_binaries
+from shared.media import Binaries, child_env, find_binaries
 from shared.settings import load_settings
 
 __all__ = ["MakeClip", "ffprobe_json"]
@@ -56,7 +56,8 @@ def ffprobe_json(binaries: Binaries, path: str | os.PathLike[str]) -> dict[str, 
     """ffprobe's format and streams for ``path`` (raises if ffprobe fails)."""
     argv = [binaries.ffprobe, "-v", "error", "-print_format", "json"]
     argv += ["-show_format", "-show_streams", str(path)]
-    out = subprocess.run(argv, check=True, capture_output=True, timeout=60)
+    out = subprocess.run(argv, check=True, capture_output=True, timeout=60,
+                         env=child_env(binaries))
     result: dict[str, Any] = json.loads(out.stdout)
     return result
 
@@ -66,6 +67,7 @@ def _ffmpeg(binaries: Binaries, *args: str) -> None:
         [binaries.ffmpeg, "-hide_banner", "-nostdin", "-v", "error", "-y", *args],
         capture_output=True,
         timeout=120,
+        env=child_env(binaries),
     )
     if proc.returncode != 0:
         raise RuntimeError(
