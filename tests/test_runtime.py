@@ -200,12 +200,18 @@ async def test_work_survives_a_server_restart(make_settings, tmp_path):  # type:
 async def test_provisioning_is_idempotent(make_settings):  # type: ignore[no-untyped-def]
     settings = make_settings()
     fn = toy_function(Probe())
-    async with running(settings, [fn]), running(settings, [fn]) as second:
-        streams = await second.services.bus.js.streams_info()
-        ours = sorted(s.config.name for s in streams if s.config.name.startswith(
-            settings.namespace.upper() + "_"))
-        assert ours == [f"{settings.namespace.upper()}_{n}" for n in
-                        ("DLQ", "EVENTS", "JOBS", "STAGES")]
+    async with running(settings, [fn]) as first, running(settings, [fn]) as second:
+        js, names = second.services.bus.js, second.names
+        # Looked up by name: listing all streams pages at 256, and the session's many
+        # namespaces outgrow one page.
+        for stream in (names.jobs_stream, names.stages_stream, names.events_stream,
+                       names.dlq_stream):
+            info = await js.stream_info(stream)
+            assert info.config.subjects and info.config.subjects[0].startswith(
+                settings.namespace + ".")
+        consumer = await js.consumer_info(names.stages_stream, "stage-toy")
+        assert consumer.config.max_deliver == settings.max_deliver
+        assert first.services is not None
 
 
 def test_events_round_trip() -> None:
