@@ -181,6 +181,15 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cancel(settings: Settings, args: argparse.Namespace) -> int:
+    with _client(args, settings) as client:
+        r = client.delete(f"/v1/jobs/{args.job_id}")
+        if r.status_code != 202:
+            return _fail(r)
+        print(f"job {args.job_id} cancelling")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jetcut", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -203,11 +212,14 @@ def parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show a job")
     status.add_argument("job_id")
     status.add_argument("--url")
+    cancel = sub.add_parser("cancel", help="cancel a queued or running job")
+    cancel.add_argument("job_id")
+    cancel.add_argument("--url")
     return p
 
 
 COMMANDS = {"dev": cmd_dev, "run": cmd_run, "schema": cmd_schema, "submit": cmd_submit,
-            "status": cmd_status}
+            "status": cmd_status, "cancel": cmd_cancel}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -515,9 +515,9 @@ def run(*, quick: bool) -> BenchResult:
         f"{STAGE_BATCH} per pull; the conductor handles 32 at once, fetching 1 per pull.",
         "Per job, jetcut makes about 25 request/reply round trips to nats-server (job-record "
         "KV reads and compare-and-set writes; stream publishes awaiting a PubAck: submit, 3 "
-        "tasks, 3 completions; job events are fire-and-forget) besides fetches and acks, and writes "
-        "3 manifests; the raw peer makes 3 publishes, 3 fetches and 3 acks. Both use the "
-        "same nats-server with sync_interval: always (an fsync per write); the Celery "
+        "tasks, 3 completions; job events are fire-and-forget) besides fetches and acks, "
+        "and writes 3 manifests; the raw peer makes 3 publishes, 3 fetches and 3 acks. "
+        "Both use the same nats-server with sync_interval: always (an fsync per write); the Celery "
         "peer's redis runs without persistence.",
     ]
     return result

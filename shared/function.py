@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from shared.bus import Bus
+    from shared.cancellation import CancelWatch
     from shared.jobstore import JobStore
     from shared.media import Binaries, FFmpegRunner
     from shared.store import ObjectStore
@@ -41,6 +42,8 @@ class Services:
     telemetry: Telemetry
     media: Callable[[], tuple[Binaries, FFmpegRunner]]
     """ffmpeg is located on first use, so functions that never run it never need it."""
+    cancels: CancelWatch
+    """Running steps register here to hear about their job's cancellation at once."""
 
 
 @dataclass(frozen=True)

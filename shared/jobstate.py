@@ -211,6 +211,15 @@ def fail_job(record: JobRecord, error: ErrorInfo) -> None:
         _finish(record, JobStatus.FAILED, time.time(), error)
 
 
+def cancel_job(record: JobRecord, reason: str) -> bool:
+    """Cancel a job that has not finished; False (no change) if it already has."""
+    if record.terminal:
+        return False
+    _finish(record, JobStatus.CANCELLED, time.time(),
+            ErrorInfo(code="cancelled", message=reason or "cancelled on request"))
+    return True
+
+
 def live_tasks(record: JobRecord) -> list[tuple[str, int | None]]:
     """Every task that should exist now: ready steps and ready parts (for re-drives)."""
     tasks: list[tuple[str, int | None]] = []

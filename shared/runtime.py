@@ -18,6 +18,7 @@ from nats.aio.client import Client as NATS
 from nats.js import api
 
 from shared.bus import Bus, connect
+from shared.cancellation import CancelWatch
 from shared.consumer import ConsumerLoop
 from shared.function import Context, Function, Services, Subscription
 from shared.jobstore import JobStore
@@ -88,9 +89,12 @@ class Runtime:
         )
         store = self._store or open_store(self.settings)
         await store.ensure_ready()
+        cancels = CancelWatch()
+        if any(sub.family == "stages" for sub in subs):
+            await cancels.start(self.nc, self.names.cancel)
         self.services = Services(
             settings=self.settings, names=self.names, bus=bus, jobs=JobStore(kv), store=store,
-            telemetry=self.telemetry, media=MediaTools(self.settings),
+            telemetry=self.telemetry, media=MediaTools(self.settings), cancels=cancels,
         )
         for fn in self.functions:
             ctx = Context(services=self.services, function=fn.name,
@@ -130,6 +134,8 @@ class Runtime:
         self.stop_event.set()
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.services is not None:
+            await self.services.cancels.stop()
         if self.nc is not None and not self.nc.is_closed:
             with contextlib.suppress(Exception):
                 await self.nc.drain()

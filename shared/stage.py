@@ -24,7 +24,7 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
-from shared.errors import ErrorCode, JetcutError, ObjectNotFound, PermanentError
+from shared.errors import Cancelled, ErrorCode, JetcutError, ObjectNotFound, PermanentError
 from shared.events import ErrorInfo, JobEvent, StageComplete, StageTask, TaskInput
 from shared.function import Context, Function, Services
 from shared.jobstate import JobRecord, input_ref_index, is_current, mark_running, set_progress
@@ -205,12 +205,23 @@ async def run_task(name: str, handler: StageHandler[P], task: StageTask, ctx: Co
     except ValueError as exc:
         raise PermanentError(ErrorCode.INVALID_RECIPE, f"step {task.step!r}: {exc}") from exc
 
+    with services.cancels.watch(task.job_id) as cancelled:
+        try:
+            await _execute(name, handler, task, services, params, cancelled)
+        except Cancelled:
+            # The job is already cancelled in its record: nothing to report, the work dir
+            # is gone, and no output was uploaded. Ack and move on.
+            log_.info("%s stopped: its job was cancelled", task.task_id)
+
+
+async def _execute(name: str, handler: StageHandler[P], task: StageTask, services: Services,
+                   params: Params, cancelled: asyncio.Event) -> None:
     _, runner = services.media()
     started = time.monotonic()
     async with runner.workdir(services.settings.work_dir) as workdir:
         sctx: StageContext[Any] = StageContext(
             task=task, params=params, workdir=workdir, services=services,
-            progress=_progress_reporter(services, task),
+            progress=_progress_reporter(services, task), cancel=cancelled,
         )
         await _download_inputs(services, task.inputs, workdir, sctx)
         try:
@@ -218,6 +229,8 @@ async def run_task(name: str, handler: StageHandler[P], task: StageTask, ctx: Co
         except JetcutError as exc:
             _redact(exc, f"{workdir}/")
             raise
+        if cancelled.is_set():
+            raise Cancelled("the job was cancelled")
         outputs, sizes, etags = {}, {}, {}
         prefix = step_prefix(task.job_id, task.step, task.part)
         for logical, path in result.files.items():

@@ -4,6 +4,8 @@ Consumes:
   jobs.submit          JobSubmit      plan the recipe into a DAG, publish the ready steps
   jobs.stage.complete  StageComplete  apply the result (fenced on step+attempt), publish
                                       newly ready steps, settle the job
+  jobs.cancel          JobCancel      mark the job cancelled (running steps hear the same
+                                      message and stop), remove unfinished steps' outputs
 Emits:
   stages.<stage>       StageTask      Nats-Msg-Id <job_id>:<step>:<attempt>
   events.<tenant>.<id> JobEvent       status changes
@@ -14,6 +16,7 @@ from __future__ import annotations
 from shared.errors import ErrorCode, JetcutError, PermanentError
 from shared.events import (
     ErrorInfo,
+    JobCancel,
     JobEvent,
     JobSubmit,
     StageComplete,
@@ -30,14 +33,16 @@ from shared.jobstate import (
     already_applied,
     apply_complete,
     attempt_of,
+    cancel_job,
     fail_job,
     input_ref_index,
     live_tasks,
     plan,
 )
-from shared.jobstore import NoChange
+from shared.jobstore import JobNotFound, NoChange
 from shared.media import step_timeout
 from shared.recipes import STAGES, resolve
+from shared.stage import step_prefix
 from shared.subjects import check_token
 
 function = Function(name="conductor", doc=__doc__ or "")
@@ -131,6 +136,31 @@ async def on_complete(event: StageComplete, ctx: Context) -> None:
     await _publish(record, ctx, newly_ready)
     if before != [record.status]:
         await _announce(record, ctx, changed=True)
+
+
+@function.subscribe("jobs", lambda n: n.cancel, JobCancel, durable="conductor-cancel",
+                    concurrency=8)
+async def on_cancel(event: JobCancel, ctx: Context) -> None:
+    services = ctx.services
+
+    def cancel(record: JobRecord) -> bool:
+        if not cancel_job(record, event.reason):
+            raise NoChange
+        return True
+
+    try:
+        record, changed = await services.jobs.update(event.job_id, cancel)
+    except JobNotFound:
+        ctx.log.info("cancel for unknown job %s ignored", event.job_id)
+        return
+    if not changed:
+        return
+    # What unfinished steps left behind (a part written before the kill landed) goes; what
+    # finished steps made stays, with their manifests, as the job record lists it.
+    for name, step in record.steps.items():
+        if step.status != StepStatus.DONE:
+            await services.store.delete_prefix(step_prefix(record.job_id, name))
+    await _announce(record, ctx, changed=True)
 
 
 async def _publish_ready(record: JobRecord, ctx: Context) -> None:

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
-from litestar import Litestar, Request, Response, get, post
+from litestar import Litestar, Request, Response, delete, get, post
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
 from litestar.params import FromPath, FromQuery
 from litestar.response import Stream
@@ -21,7 +21,7 @@ from opentelemetry.trace import SpanKind
 
 from shared.bus import PublishFailed
 from shared.errors import ErrorCode, JetcutError, ObjectNotFound
-from shared.events import ErrorInfo, InputRef, JobSubmit, StepSpec
+from shared.events import ErrorInfo, InputRef, JobCancel, JobSubmit, StepSpec
 from shared.function import Services
 from shared.ids import job_id_for, new_job_id, new_upload_id
 from shared.jobstate import JobRecord
@@ -269,6 +269,26 @@ async def get_job(request: Request[Any, Any, Any], job_id: FromPath[str]) -> Job
     return view(record, services.settings.base_url)
 
 
+@delete("/v1/jobs/{job_id:str}", status_code=202)
+async def cancel(request: Request[Any, Any, Any], job_id: FromPath[str]) -> Response[Any]:
+    """Cancel a queued or running job: 202, and the job is ``cancelled`` within moments;
+    a finished job is 409 with its state."""
+    services: Services = request.app.state.services
+    record = await load_job(services, tenant_of(request), job_id)
+    if record.terminal:
+        raise ApiError(409, ErrorCode.CONFLICT, f"job {job_id} already {record.status}",
+                       {"status": str(record.status)})
+    reason = request.query_params.get("reason", "cancelled on request")[:200]
+    try:
+        await services.bus.publish(services.names.cancel,
+                                   JobCancel(job_id=job_id, tenant=record.tenant, reason=reason),
+                                   msg_id=f"{job_id}:cancel")
+    except PublishFailed as exc:
+        raise ApiError(503, ErrorCode.BUS_UNAVAILABLE, "could not cancel now; retry",
+                       {"retry_after_s": 1}) from exc
+    return Response({"job_id": job_id, "status": "cancelling"}, status_code=202)
+
+
 @get("/v1/jobs/{job_id:str}/outputs")
 async def list_outputs(request: Request[Any, Any, Any], job_id: FromPath[str]) -> dict[str, Any]:
     services: Services = request.app.state.services
@@ -357,7 +377,7 @@ def _on_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
 
 def build_app(services: Services) -> Litestar:
     app = Litestar(
-        route_handlers=[upload, submit, get_job, list_outputs, download, healthz, readyz,
+        route_handlers=[upload, submit, get_job, cancel, list_outputs, download, healthz, readyz,
                         metrics],
         exception_handlers={Exception: _on_error},
         debug=False,
