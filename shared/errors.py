@@ -38,6 +38,8 @@ class ErrorCode(StrEnum):
     STORE_UNAVAILABLE = "store_unavailable"
     BUS_UNAVAILABLE = "bus_unavailable"
     CANCELLED = "cancelled"
+    DISK_FULL = "disk_full"
+    LEASE_LOST = "lease_lost"
     INTERNAL = "internal"
 
 

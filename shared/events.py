@@ -133,12 +133,34 @@ class JobCancel(Event, tag="job.cancel", kw_only=True, frozen=True):
     reason: str = ""
 
 
+RetryMode = Literal["failed", "stuck"]
+
+
 class JobRetry(Event, tag="job.retry", kw_only=True, frozen=True):
+    """Run a job's unfinished work again, from its checkpoints.
+
+    ``failed`` (``jetcut retry``, ``POST /v1/jobs/{id}:retry``, a DLQ replay): a failed or
+    cancelled job goes back to running; its failed and cancelled steps get a new attempt,
+    finished steps keep their outputs. ``stuck`` (the janitor's sweep): a running job whose
+    record has not changed for ``stuck_after_s`` gets a new attempt for every ready or
+    running task, so a lost message can never strand it; the fence discards whatever the
+    old attempts still report.
+    """
+
     job_id: str
     tenant: str = "default"
+    mode: RetryMode = "failed"
+    reason: str = ""
 
 
 class JobCleanup(Event, tag="job.cleanup", kw_only=True, frozen=True):
+    """Delete what a job left in the store (the janitor consumes it).
+
+    The conductor publishes one when a job succeeds (intermediates only, unless
+    ``keep_intermediates``); retention publishes one with ``keep_outputs=False`` when a
+    finished job expires, which also deletes its record.
+    """
+
     job_id: str
     tenant: str = "default"
     keep_outputs: bool = True

@@ -7,6 +7,7 @@ and hands them down: nothing reads the environment anywhere else.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -18,11 +19,20 @@ PREFIX = "JETCUT_"
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 
 
 class SettingsError(ValueError):
     """A ``JETCUT_*`` variable is missing, malformed or out of range."""
+
+
+class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How one stage retries transient failures (unset fields: the global settings)."""
+
+    max_deliver: PositiveInt | None = None
+    backoff_base_s: Positive | None = None
+    backoff_max_s: Positive | None = None
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -82,6 +92,40 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """A pull loop that saw nothing for this long while its consumer has pending work
     rebuilds its subscription (nats.py #504, #986)."""
 
+    retry_policy: dict[str, RetryPolicy] = {}
+    """Per-stage overrides of ``max_deliver`` / ``backoff_base_s`` / ``backoff_max_s``, as
+    JSON: ``{"transcode": {"max_deliver": 3, "backoff_base_s": 5}}``."""
+
+    # --- admission and resource limits ------------------------------------------------
+    min_free_memory_mb: NonNegativeInt = 256
+    """A worker fetches new work only while this much memory is available (0: no check)."""
+    min_free_disk_mb: NonNegativeInt = 1024
+    """...and this much disk is free under the work dir (0: no check)."""
+    admission_poll_s: Positive = 1.0
+    ffmpeg_nice: Annotated[int, msgspec.Meta(ge=0, le=19)] = 10
+    ffmpeg_max_memory_mb: PositiveInt | None = None
+    """``RLIMIT_AS`` of each ffmpeg child (unset: no cap)."""
+    ffmpeg_max_file_mb: PositiveInt | None = None
+    """``RLIMIT_FSIZE`` of each ffmpeg child: the largest file it may write (unset: no cap)."""
+    store_breaker_failures: PositiveInt = 5
+    """Consecutive object-store failures that open the circuit breaker: the process stops
+    fetching work and probes the store until it answers again."""
+    store_probe_interval_s: Positive = 2.0
+
+    # --- janitor ----------------------------------------------------------------------
+    sweep_interval_s: Positive = 60.0
+    """How often the janitor sweeps: stuck jobs, retention, orphaned temp dirs, uploads."""
+    stuck_after_s: Positive = 600.0
+    """A running job whose record has not changed for this long is re-driven."""
+    retention_s: Positive = 7 * 86400.0
+    """Finished jobs (record and outputs) are deleted this long after they finish."""
+    upload_retention_s: Positive = 86400.0
+    """Uploads that no job references are deleted this long after they were made."""
+    orphan_after_s: Positive = 3600.0
+    """A ``jetcut-*`` temp dir whose process is gone is deleted after this long."""
+    keep_intermediates: bool = False
+    """Keep the outputs of steps that only feed other steps when a job succeeds."""
+
     # --- media ------------------------------------------------------------------------
     ffmpeg: str | None = None
     ffprobe: str | None = None
@@ -101,6 +145,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     otel_endpoint: str = "http://127.0.0.1:4318"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    def policy_for(self, stage: str) -> RetryPolicy:
+        """The retry policy of ``stage`` with every unset field taken from the globals."""
+        own = self.retry_policy.get(stage, RetryPolicy())
+        return RetryPolicy(
+            max_deliver=own.max_deliver or self.max_deliver,
+            backoff_base_s=own.backoff_base_s or self.backoff_base_s,
+            backoff_max_s=own.backoff_max_s or self.backoff_max_s,
+        )
+
     @property
     def store_root(self) -> str:
         return self.store_dir or os.path.join(self.data_dir, "store")
@@ -112,6 +165,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     @property
     def base_url(self) -> str:
         return self.public_url or f"http://{self.http_host}:{self.http_port}"
+
+
+JSON_FIELDS = ("retry_policy",)
+"""Settings whose variable holds JSON (a mapping), not a plain value."""
 
 
 def env_name(field: str) -> str:
@@ -135,6 +192,13 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: object)
             raise SettingsError(f"{name} is not a jetcut setting")
         raw[field] = value
     raw.update(overrides)
+    for field in JSON_FIELDS:
+        if isinstance(raw.get(field), str):
+            try:
+                raw[field] = json.loads(str(raw[field]))
+            except ValueError as exc:
+                raise SettingsError(f"invalid setting: {env_name(field)} is not JSON: {exc}") \
+                    from exc
     try:
         return msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:
