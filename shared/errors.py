@@ -156,3 +156,10 @@ class Cancelled(JetcutError):
 
     code = ErrorCode.CANCELLED
     non_retryable = True
+
+
+class LeaseLost(Cancelled):
+    """This worker no longer holds the task: it was paused or cut off past its AckWait and
+    a redelivery took over. Its work is dropped (acked, nothing uploaded or reported)."""
+
+    code = ErrorCode.LEASE_LOST

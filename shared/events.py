@@ -125,6 +125,9 @@ class StageComplete(Event, tag="stage.complete", kw_only=True, frozen=True):
     """Set (to the reason) when the stage decided the step does not apply to this job."""
     elapsed_s: float = 0.0
     from_checkpoint: bool = False
+    delivery: int = 0
+    """Delivery number of the task message this result came from (0: unknown). A result
+    from a delivery older than the one holding the step's lease is discarded."""
 
 
 class JobCancel(Event, tag="job.cancel", kw_only=True, frozen=True):

@@ -53,6 +53,8 @@ class PartState(msgspec.Struct, kw_only=True):
 
     status: StepStatus = StepStatus.READY
     attempt: int = 1
+    lease: int = 0
+    """Delivery number of the worker that holds this attempt (see ``mark_running``)."""
     outputs: dict[str, str] = {}
     meta: dict[str, Any] = {}
     error: ErrorInfo | None = None
@@ -70,6 +72,8 @@ class StepState(msgspec.Struct, kw_only=True):
     fan_in: bool = False
     status: StepStatus = StepStatus.PENDING
     attempt: int = 0
+    lease: int = 0
+    """Delivery number of the worker that holds this attempt (see ``mark_running``)."""
     parts: list[PartState] = []
     outputs: dict[str, str] = {}
     meta: dict[str, Any] = {}
@@ -80,6 +84,9 @@ class StepState(msgspec.Struct, kw_only=True):
     ready_at: float | None = None
     started_at: float | None = None
     finished_at: float | None = None
+    cleaned_at: float | None = None
+    """When the janitor deleted this step's objects as intermediates of a succeeded job
+    (its ``outputs`` are then empty: the record never lists a deleted key)."""
 
     @property
     def step_deps(self) -> list[str]:
@@ -95,6 +102,9 @@ class JobRecord(msgspec.Struct, kw_only=True):
     status: JobStatus = JobStatus.QUEUED
     steps: dict[str, StepState] = {}
     error: ErrorInfo | None = None
+    pipeline: dict[str, StepSpec] | None = None
+    """Inline steps of the request (None for a recipe): enough to plan the job again if
+    its submit message was lost before it was planned."""
     idempotency_key: str | None = None
     request_hash: str | None = None
     """Fingerprint of the request that made the job: a repeat with the same idempotency key
@@ -275,14 +285,30 @@ def already_applied(record: JobRecord, done: StageComplete) -> bool:
     )
 
 
-def mark_running(record: JobRecord, step: str, attempt: int, part: int | None = None) -> bool:
-    """A worker took the task. False (and no change) when the attempt is stale."""
-    if not is_current(record, step, attempt, part):
+def holds_lease(record: JobRecord, step: str, attempt: int, part: int | None,
+                delivery: int) -> bool:
+    """Is the worker with this delivery of the task still the one the record trusts?
+
+    A worker paused past its AckWait (SIGSTOP, a long GC, a network partition) loses the
+    task to a redelivery; the redelivery's ``mark_running`` raises the lease, so when the
+    first worker wakes up, its upload and its result are refused.
+    """
+    unit = _unit(record, step, part)
+    return (is_current(record, step, attempt, part) and unit is not None
+            and (delivery == 0 or unit.lease <= delivery))
+
+
+def mark_running(record: JobRecord, step: str, attempt: int, part: int | None = None,
+                 delivery: int = 0) -> bool:
+    """A worker took the task (delivery ``delivery`` of its message). False (and no change)
+    when the attempt is stale or a later delivery already took it."""
+    if not holds_lease(record, step, attempt, part, delivery):
         return False
     now = time.time()
     state = record.steps[step]
     unit = _unit(record, step, part)
     assert unit is not None
+    unit.lease = max(unit.lease, delivery)
     unit.started_at = unit.started_at or now
     unit.status = StepStatus.RUNNING
     state.started_at = state.started_at or now
@@ -310,8 +336,9 @@ def set_progress(
 
 
 def apply_complete(record: JobRecord, done: StageComplete) -> bool:
-    """Apply a task result if it belongs to the current attempt; False if stale/duplicate."""
-    if not is_current(record, done.step, done.attempt, done.part):
+    """Apply a task result if it belongs to the current attempt and the worker still holds
+    its lease; False if stale, superseded or a duplicate."""
+    if not holds_lease(record, done.step, done.attempt, done.part, done.delivery):
         return False
     now = time.time()
     state = record.steps[done.step]
@@ -352,3 +379,70 @@ def _join(state: StepState, now: float) -> None:
     }
     state.meta = {"parts": [part.meta for part in state.parts]}
     state.from_checkpoint = all(p.from_checkpoint for p in state.parts)
+
+
+def _reset_unit(unit: StepState | PartState) -> None:
+    unit.status = StepStatus.READY
+    unit.attempt += 1
+    unit.lease = 0
+    unit.error = None
+    unit.progress = 0.0
+    unit.started_at = None
+    unit.finished_at = None
+
+
+def retry_job(record: JobRecord) -> bool:
+    """Run a failed or cancelled job again from its checkpoints (``JobRetry(mode="failed")``).
+
+    Finished steps and parts keep their results. Every other step starts over with a new
+    attempt (so its task id, and the message id, is new); expanded steps keep their done
+    parts and re-run only the rest. False (no change) unless the job is failed or cancelled
+    and was planned.
+    """
+    if record.status not in (JobStatus.FAILED, JobStatus.CANCELLED) or not record.planned:
+        return False
+    for step in record.steps.values():
+        if step.status not in (StepStatus.FAILED, StepStatus.CANCELLED):
+            continue
+        step.error = None
+        if step.each is not None and step.parts:
+            _reset_unit(step)
+            for part in step.parts:
+                if part.status != StepStatus.DONE:
+                    _reset_unit(part)
+        else:
+            # Back to pending: ``advance`` makes it ready with a new attempt once its inputs
+            # are done (they may be failed or cancelled steps being retried too).
+            step.status = StepStatus.PENDING
+            step.progress = 0.0
+            step.lease = 0
+            step.started_at = step.finished_at = None
+    record.status = JobStatus.RUNNING if record.started_at else JobStatus.QUEUED
+    record.error = None
+    record.finished_at = None
+    advance(record)
+    return True
+
+
+def redrive(record: JobRecord) -> bool:
+    """Give every ready or running task of a stuck job a new attempt (``mode="stuck"``).
+
+    A task whose message was lost (a purged stream, a replica lost with its data) would
+    otherwise wait forever; with a new attempt it is published again under a new id, and
+    whatever the old attempt still reports is discarded by the fence. Checkpoints mean a
+    part or step that had finished is not redone. False when the job is finished.
+    """
+    if record.terminal:
+        return False
+    for step in record.steps.values():
+        if step.status not in LIVE_STEP:
+            continue
+        if step.each is None:
+            _reset_unit(step)
+            continue
+        step.status = StepStatus.READY
+        for part in step.parts:
+            if part.status in LIVE_STEP:
+                _reset_unit(part)
+    record.updated_at = time.time()
+    return True

@@ -14,20 +14,28 @@ dir, the ffmpeg runner, a progress callback) and returns the files it made. The 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import mimetypes
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import msgspec
 
-from shared.errors import Cancelled, ErrorCode, JetcutError, ObjectNotFound, PermanentError
+from shared.errors import (
+    Cancelled,
+    ErrorCode,
+    JetcutError,
+    LeaseLost,
+    ObjectNotFound,
+    PermanentError,
+)
 from shared.events import ErrorInfo, JobEvent, StageComplete, StageTask, TaskInput
 from shared.function import Context, Function, Services
-from shared.jobstate import JobRecord, input_ref_index, is_current, mark_running, set_progress
+from shared.jobstate import JobRecord, holds_lease, input_ref_index, mark_running, set_progress
 from shared.jobstore import JobNotFound, NoChange
 from shared.params.base import Params
 from shared.recipes import decode_params
@@ -148,7 +156,7 @@ def stage(name: str, handler: StageHandler[P], *, doc: str = "",
         await run_task(name, handler, task, ctx)
 
     async def on_failure(task: StageTask, error: ErrorInfo, ctx: Context) -> None:
-        await report(ctx.services, task, error=error)
+        await report(ctx.services, task, error=error, delivery=ctx.delivery.number)
 
     fn.subscribe("stages", lambda n: n.stage(name), StageTask, durable=f"stage-{name}",
                  concurrency=concurrency, on_failure=on_failure)(on_task)
@@ -158,26 +166,30 @@ def stage(name: str, handler: StageHandler[P], *, doc: str = "",
 async def report(
     services: Services, task: StageTask, *, outputs: dict[str, str] | None = None,
     meta: dict[str, Any] | None = None, error: ErrorInfo | None = None, elapsed_s: float = 0.0,
-    from_checkpoint: bool = False, skipped: str | None = None,
+    from_checkpoint: bool = False, skipped: str | None = None, delivery: int = 0,
 ) -> None:
+    """Publish the task's result. The message id carries the delivery, so a superseded
+    delivery's (refused) result can never shadow the current one's through deduplication."""
     done = StageComplete(
         job_id=task.job_id, tenant=task.tenant, step=task.step, attempt=task.attempt,
         part=task.part, outputs=outputs or {}, meta=meta or {}, error=error,
         skipped=skipped, elapsed_s=elapsed_s, from_checkpoint=from_checkpoint,
+        delivery=delivery,
     )
     await services.bus.publish(services.names.stage_complete, done,
-                               msg_id=f"{task.task_id}:complete")
+                               msg_id=f"{task.task_id}:complete:{delivery}")
 
 
 async def run_task(name: str, handler: StageHandler[P], task: StageTask, ctx: Context) -> None:
     services = ctx.services
     log_ = ctx.log
+    delivery = ctx.delivery.number
     try:
         record, revision = await services.jobs.get_with_revision(task.job_id)
     except JobNotFound:
         log_.warning("task for unknown job %s dropped", task.job_id)
         return
-    if not is_current(record, task.step, task.attempt, task.part):
+    if not holds_lease(record, task.step, task.attempt, task.part, delivery):
         log_.info("stale task %s dropped (job %s)", task.task_id, record.status)
         return
 
@@ -186,11 +198,11 @@ async def run_task(name: str, handler: StageHandler[P], task: StageTask, ctx: Co
         log_.info("%s done before (checkpoint); not re-running", task.task_id)
         await report(services, task, outputs=checkpoint.outputs, meta=checkpoint.meta,
                      elapsed_s=checkpoint.elapsed_s, from_checkpoint=True,
-                     skipped=checkpoint.skipped)
+                     skipped=checkpoint.skipped, delivery=delivery)
         return
 
     def running(rec: JobRecord) -> bool:
-        if not mark_running(rec, task.step, task.attempt, task.part):
+        if not mark_running(rec, task.step, task.attempt, task.part, delivery):
             raise NoChange
         return True
 
@@ -206,16 +218,88 @@ async def run_task(name: str, handler: StageHandler[P], task: StageTask, ctx: Co
         raise PermanentError(ErrorCode.INVALID_RECIPE, f"step {task.step!r}: {exc}") from exc
 
     with services.cancels.watch(task.job_id) as cancelled:
+        lease = Lease(services, task, delivery, cancelled)
         try:
-            await _execute(name, handler, task, services, params, cancelled)
-        except Cancelled:
-            # The job is already cancelled in its record: nothing to report, the work dir
-            # is gone, and no output was uploaded. Ack and move on.
-            log_.info("%s stopped: its job was cancelled", task.task_id)
+            async with lease.kept():
+                await _execute(name, handler, task, services, params, cancelled, lease)
+        except Cancelled as exc:
+            # The job was cancelled, or another delivery of this task took over: the record
+            # already says what happens next, the work dir is gone and nothing was uploaded
+            # or reported. Ack and move on.
+            log_.info("%s stopped (%s): %s", task.task_id, exc.code, exc.message)
+
+
+class Lease:
+    """This delivery's hold on its task, kept visible while the step runs.
+
+    Every ``interval`` it touches the job record (so the janitor never mistakes a long step
+    for a stuck job) and checks that no later delivery took the task over; if one did, it
+    stops the step at once. :meth:`confirm` checks again right before anything is uploaded.
+    """
+
+    def __init__(self, services: Services, task: StageTask, delivery: int,
+                 cancelled: asyncio.Event) -> None:
+        self.services = services
+        self.task = task
+        self.delivery = delivery
+        self.cancelled = cancelled
+        self.lost = False
+        self.interval = max(1.0, services.settings.stuck_after_s / 4)
+
+    def _still_mine(self, record: JobRecord) -> bool:
+        t = self.task
+        return holds_lease(record, t.step, t.attempt, t.part, self.delivery)
+
+    async def confirm(self) -> None:
+        """Raise ``LeaseLost`` (or ``Cancelled``) unless this delivery still holds the task."""
+        record = await self.services.jobs.get(self.task.job_id)
+        if not self._still_mine(record):
+            self._lose(record)
+        if self.cancelled.is_set():
+            raise self.error()
+
+    def error(self) -> Cancelled:
+        if self.lost:
+            return LeaseLost(f"delivery {self.delivery} of {self.task.task_id} was superseded "
+                             "by a later delivery; its result is discarded")
+        return Cancelled("the job was cancelled")
+
+    def _lose(self, record: JobRecord) -> None:
+        # A finished (cancelled, failed) job is not a lost lease: the step just stops.
+        self.lost = not record.terminal
+        self.cancelled.set()
+
+    @contextlib.asynccontextmanager
+    async def kept(self) -> AsyncIterator[None]:
+        keeper = asyncio.create_task(self._keep())
+        try:
+            yield
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+
+    async def _keep(self) -> None:
+        def touch(record: JobRecord) -> bool:
+            if not self._still_mine(record):
+                raise NoChange
+            record.updated_at = time.time()
+            return True
+
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                record, touched = await self.services.jobs.update(self.task.job_id, touch)
+            except Exception as exc:  # the store of record is down: keep working
+                log.debug("lease touch failed: %r", exc)
+                continue
+            if not touched and not self._still_mine(record):
+                self._lose(record)
+                return
 
 
 async def _execute(name: str, handler: StageHandler[P], task: StageTask, services: Services,
-                   params: Params, cancelled: asyncio.Event) -> None:
+                   params: Params, cancelled: asyncio.Event, lease: Lease) -> None:
     _, runner = services.media()
     started = time.monotonic()
     async with runner.workdir(services.settings.work_dir) as workdir:
@@ -226,11 +310,12 @@ async def _execute(name: str, handler: StageHandler[P], task: StageTask, service
         await _download_inputs(services, task.inputs, workdir, sctx)
         try:
             result = await handler(task, sctx)
+        except Cancelled:
+            raise lease.error() from None
         except JetcutError as exc:
             _redact(exc, f"{workdir}/")
             raise
-        if cancelled.is_set():
-            raise Cancelled("the job was cancelled")
+        await lease.confirm()
         outputs, sizes, etags = {}, {}, {}
         prefix = step_prefix(task.job_id, task.step, task.part)
         for logical, path in result.files.items():
@@ -246,7 +331,7 @@ async def _execute(name: str, handler: StageHandler[P], task: StageTask, service
                                    msgspec.json.encode(manifest), "application/json")
     services.telemetry.step_seconds.labels(name).observe(elapsed)
     await report(services, task, outputs=outputs, meta=result.meta, skipped=result.skipped,
-                 elapsed_s=round(elapsed, 3))
+                 elapsed_s=round(elapsed, 3), delivery=lease.delivery)
 
 
 def _redact(exc: JetcutError, prefix: str) -> None:

@@ -9,8 +9,12 @@ from shared.jobstate import (
     StepStatus,
     advance,
     apply_complete,
+    cancel_job,
+    live_tasks,
     mark_running,
     plan,
+    redrive,
+    retry_job,
 )
 
 
@@ -142,3 +146,63 @@ def test_skips_cascade_unless_the_step_fans_in() -> None:
     assert apply_complete(record, done("package"))
     advance(record)
     assert record.status == JobStatus.SUCCEEDED
+
+
+def test_a_later_delivery_takes_the_lease_and_the_earlier_result_is_refused() -> None:
+    record = web_like()
+    assert mark_running(record, "probe", 1, delivery=1)
+    assert mark_running(record, "probe", 1, delivery=2)  # redelivered after AckWait
+    assert not mark_running(record, "probe", 1, delivery=1)  # the paused worker wakes up
+    assert not apply_complete(record, done("probe", delivery=1, meta={"by": "paused"}))
+    assert apply_complete(record, done("probe", delivery=2, meta={"by": "second"}))
+    assert record.steps["probe"].meta == {"by": "second"}
+
+
+def test_retry_reruns_failed_and_cancelled_steps_from_checkpoints() -> None:
+    record = web_like()
+    apply_complete(record, done("probe", meta={"duration_s": 3.0}))
+    advance(record)
+    apply_complete(record, done("transcode", error=ErrorInfo(code="timeout", message="slow")))
+    advance(record)
+    assert record.status == JobStatus.FAILED
+    assert record.steps["poster"].status == StepStatus.CANCELLED
+    assert retry_job(record)
+    assert record.status == JobStatus.RUNNING and record.error is None
+    assert record.steps["probe"].status == StepStatus.DONE  # kept: not re-run
+    assert record.steps["probe"].attempt == 1
+    # New attempts, so new task ids: a retry is never swallowed by deduplication.
+    assert sorted(live_tasks(record)) == [("poster", None), ("transcode", None)]
+    assert (record.steps["transcode"].attempt, record.steps["poster"].attempt) == (2, 2)
+    assert not apply_complete(record, done("transcode", attempt=1))  # the old attempt
+    assert apply_complete(record, done("transcode", attempt=2))
+    assert apply_complete(record, done("poster", attempt=2))
+    advance(record)
+    assert record.status == JobStatus.SUCCEEDED
+    assert not retry_job(record)  # nothing to retry in a succeeded job
+
+
+def test_retry_of_a_cancelled_expansion_keeps_its_finished_parts() -> None:
+    record = expanding()
+    advance(record)
+    apply_complete(record, part_done(0, outputs={"video": "e0"}))
+    assert cancel_job(record, "stop")
+    assert retry_job(record)
+    encode = record.steps["encode"]
+    assert [p.status for p in encode.parts] == [StepStatus.DONE, StepStatus.READY,
+                                                StepStatus.READY]
+    assert [p.attempt for p in encode.parts] == [1, 2, 2]
+    assert live_tasks(record) == [("encode", 1), ("encode", 2)]
+
+
+def test_redrive_gives_live_tasks_new_attempts_and_fences_the_old_ones() -> None:
+    record = expanding()
+    advance(record)
+    mark_running(record, "encode", 1, part=1, delivery=1)
+    apply_complete(record, part_done(0, outputs={"video": "e0"}))
+    assert redrive(record)
+    assert live_tasks(record) == [("encode", 1), ("encode", 2)]
+    assert not apply_complete(record, part_done(1, attempt=1))  # the lost attempt reports late
+    assert apply_complete(record, part_done(1, attempt=2, outputs={"video": "e1"}))
+    assert apply_complete(record, part_done(2, attempt=2, outputs={"video": "e2"}))
+    assert record.steps["encode"].status == StepStatus.DONE
+    assert cancel_job(record, "stop") and not redrive(record)

@@ -6,9 +6,13 @@ Consumes:
                                       newly ready steps, settle the job
   jobs.cancel          JobCancel      mark the job cancelled (running steps hear the same
                                       message and stop), remove unfinished steps' outputs
+  jobs.retry           JobRetry       failed: run a failed/cancelled job again from its
+                                      checkpoints; stuck: new attempts for a stuck job's tasks
 Emits:
   stages.<stage>       StageTask      Nats-Msg-Id <job_id>:<step>:<attempt>
   events.<tenant>.<id> JobEvent       status changes
+  jobs.cleanup         JobCleanup     when a job succeeds (Nats-Msg-Id cleanup:<job_id>):
+                                      the janitor deletes its intermediates
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from shared.errors import ErrorCode, JetcutError, PermanentError
 from shared.events import (
     ErrorInfo,
     JobCancel,
+    JobCleanup,
     JobEvent,
+    JobRetry,
     JobSubmit,
     StageComplete,
     StageTask,
@@ -28,6 +34,7 @@ from shared.function import Context, Function, error_info
 from shared.ids import job_id_for
 from shared.jobstate import (
     JobRecord,
+    JobStatus,
     StepStatus,
     advance,
     already_applied,
@@ -38,6 +45,8 @@ from shared.jobstate import (
     input_ref_index,
     live_tasks,
     plan,
+    redrive,
+    retry_job,
 )
 from shared.jobstore import JobNotFound, NoChange
 from shared.media import step_timeout
@@ -65,8 +74,8 @@ async def on_submit(event: JobSubmit, ctx: Context) -> None:
         raise PermanentError(ErrorCode.INVALID_EVENT, str(exc)) from exc
     fresh = JobRecord(
         job_id=job_id, tenant=event.tenant, recipe=event.recipe, inputs=list(event.inputs),
-        params=dict(event.params), idempotency_key=event.idempotency_key,
-        created_at=event.submitted_at,
+        params=dict(event.params), pipeline=event.steps,
+        idempotency_key=event.idempotency_key, created_at=event.submitted_at,
     )
     revision = await services.jobs.create(fresh)
     error = await _check_job(event, ctx)
@@ -155,12 +164,61 @@ async def on_cancel(event: JobCancel, ctx: Context) -> None:
         return
     if not changed:
         return
-    # What unfinished steps left behind (a part written before the kill landed) goes; what
-    # finished steps made stays, with their manifests, as the job record lists it.
+    # What unfinished work left behind (a part written before the kill landed) goes; what
+    # finished steps and parts made stays, with their manifests, as the job record lists
+    # it, so a retry resumes from there.
     for name, step in record.steps.items():
-        if step.status != StepStatus.DONE:
+        if step.status == StepStatus.DONE:
+            continue
+        if step.each is None or not step.parts:
             await services.store.delete_prefix(step_prefix(record.job_id, name))
+            continue
+        for index, part in enumerate(step.parts):
+            if part.status != StepStatus.DONE:
+                await services.store.delete_prefix(step_prefix(record.job_id, name, index))
     await _announce(record, ctx, changed=True)
+
+
+@function.subscribe("jobs", lambda n: n.retry, JobRetry, durable="conductor-retry",
+                    concurrency=8)
+async def on_retry(event: JobRetry, ctx: Context) -> None:
+    services = ctx.services
+
+    def again(record: JobRecord) -> bool:
+        if event.mode == "failed":
+            changed = retry_job(record)
+        elif not record.planned:
+            # The submit was lost before the conductor planned the job: plan it now.
+            changed = _plan_lost_submit(record)
+        else:
+            changed = redrive(record)
+        if not changed:
+            raise NoChange
+        return True
+
+    try:
+        record, changed = await services.jobs.update(event.job_id, again)
+    except JobNotFound:
+        ctx.log.info("retry for unknown job %s ignored", event.job_id)
+        return
+    if not changed:
+        ctx.log.info("retry (%s) of job %s in status %s: nothing to do", event.mode,
+                     event.job_id, record.status)
+        return
+    ctx.log.info("job %s %s (%s)", event.job_id,
+                 "re-driven" if event.mode == "stuck" else "retried", event.reason or "on request")
+    await _publish_ready(record, ctx)
+    await _announce(record, ctx, changed=True)
+
+
+def _plan_lost_submit(record: JobRecord) -> bool:
+    if record.terminal:
+        return False
+    try:
+        plan(record, resolve(record.recipe, record.pipeline, record.params, len(record.inputs)))
+    except JetcutError as exc:
+        fail_job(record, error_info(exc))
+    return True
 
 
 async def _publish_ready(record: JobRecord, ctx: Context) -> None:
@@ -231,5 +289,14 @@ async def _announce(record: JobRecord, ctx: Context, *, changed: bool) -> None:
     ))
     if changed and record.terminal:
         ctx.services.telemetry.jobs.labels(record.recipe or "inline", record.status).inc()
+    if record.status == JobStatus.SUCCEEDED:
+        # Repeats included: a conductor that crashed after the write that made the job
+        # succeed hears of it again only as a redelivery (changed=False). The message id
+        # dedups, and the janitor's cleanup is idempotent anyway.
+        await ctx.services.bus.publish(
+            ctx.services.names.cleanup,
+            JobCleanup(job_id=record.job_id, tenant=record.tenant, keep_outputs=True),
+            msg_id=f"cleanup:{record.job_id}",
+        )
 
 
