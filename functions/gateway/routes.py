@@ -232,8 +232,8 @@ async def _submit(request: Request[Any, Any, Any], services: Services) -> Respon
     )).hexdigest()
     now = time.time()
     record = JobRecord(job_id=job_id, tenant=tenant, recipe=body.recipe, inputs=inputs,
-                       params=body.params, idempotency_key=idem, request_hash=fingerprint,
-                       created_at=now)
+                       params=body.params, pipeline=body.steps, idempotency_key=idem,
+                       request_hash=fingerprint, created_at=now)
     event = JobSubmit(job_id=job_id, tenant=tenant, recipe=body.recipe, steps=body.steps,
                       inputs=inputs, params=body.params, idempotency_key=idem,
                       submitted_at=now)
