@@ -9,6 +9,10 @@
 * Watchdog: pull subscriptions can silently stop after a server restart (nats.py #504) or
   stall in ``fetch`` (#986); a loop that sees nothing for ``watchdog_s`` while its consumer
   reports pending work rebuilds its subscription.
+* Admission: before each fetch, a stage worker checks its memory and disk headroom, and
+  every loop checks the store's circuit breaker (``shared.admission``); when either says
+  "not now" the loop waits, and the task waits in the stream.
+* Retry policy per function (``JETCUT_RETRY_POLICY``): MaxDeliver and backoff.
 * Drain: on stop, no new fetch starts (one already waiting ends within
   ``fetch_timeout_s``); in-flight handlers get ``drain_grace_s`` to finish,
   then are cancelled and their messages nak'ed for immediate redelivery elsewhere. Nothing
@@ -29,7 +33,8 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from shared.errors import ErrorCode, RetryLater
+from shared.admission import Headroom, StoreBreaker
+from shared.errors import ErrorCode, RetryLater, StoreUnavailable
 from shared.events import DeadLetter, ErrorInfo, decode
 from shared.function import Context, Delivery, Subscription, error_info
 from shared.retry import backoff_delay
@@ -50,7 +55,8 @@ class ConsumerLoop:
 
     def __init__(
         self, sub: Subscription[Any], ctx: Context, *, stream: str, subject: str,
-        ensure_consumer: Any,
+        ensure_consumer: Any, headroom: Headroom | None = None,
+        breaker: StoreBreaker | None = None,
     ) -> None:
         self.sub = sub
         self.ctx = ctx
@@ -59,6 +65,9 @@ class ConsumerLoop:
         self.ensure_consumer = ensure_consumer
         settings = ctx.services.settings
         self.settings = settings
+        self.policy = settings.policy_for(ctx.function)
+        self.headroom = headroom
+        self.breaker = breaker
         self.concurrency = settings.concurrency or sub.concurrency or 1
         self.js: JetStreamContext = ctx.services.bus.js
         self.telemetry = ctx.services.telemetry
@@ -67,6 +76,7 @@ class ConsumerLoop:
         self.psub: JetStreamContext.PullSubscription | None = None
         self.last_activity = time.monotonic()
         self.rebuilds = 0
+        self.waiting_for: str | None = None
 
     async def _subscribe(self) -> None:
         if self.psub is not None:
@@ -82,6 +92,8 @@ class ConsumerLoop:
                 free = self.concurrency - len(self.inflight)
                 if free <= 0:
                     await self._wait_for_slot(stop)
+                    continue
+                if not await self._admitted(stop):
                     continue
                 msgs = await self._fetch(min(free, self.sub.batch))
                 for msg in msgs:
@@ -100,6 +112,34 @@ class ConsumerLoop:
             await asyncio.wait([*self.inflight, stopper], return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopper.cancel()
+
+    async def _admitted(self, stop: asyncio.Event) -> bool:
+        """True when this loop may fetch now; otherwise wait one poll interval (or until
+        stopped) and return False, so the caller looks again."""
+        reason: str | None = None
+        interval = self.settings.admission_poll_s
+        if self.breaker is not None and self.breaker.open:
+            if await self.breaker.probe():
+                return True
+            reason, interval = "store", self.breaker.probe_interval_s
+        elif self.headroom is not None:
+            shortage = self.headroom.shortage()
+            if shortage is not None:
+                reason = shortage.split(":", 1)[0]
+                if self.waiting_for != reason:
+                    log.warning("%s: not fetching: %s", self.sub.durable, shortage)
+        if reason is None:
+            if self.waiting_for is not None:
+                log.info("%s: fetching again (%s recovered)", self.sub.durable, self.waiting_for)
+            self.waiting_for = None
+            return True
+        if self.waiting_for != reason:
+            self.telemetry.admission_waits.labels(self.ctx.function, reason).inc()
+        self.waiting_for = reason
+        self.last_activity = time.monotonic()  # waiting on purpose is not a stalled pull
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
+        return False
 
     async def _fetch(self, batch: int) -> list[Msg]:
         assert self.psub is not None
@@ -155,7 +195,8 @@ class ConsumerLoop:
         meta = msg.metadata
         delivery = Delivery(
             subject=msg.subject, number=meta.num_delivered or 1,
-            max_deliver=self.settings.max_deliver, stream_seq=meta.sequence.stream,
+            max_deliver=self.policy.max_deliver or self.settings.max_deliver,
+            stream_seq=meta.sequence.stream,
         )
         ctx = self.ctx.for_delivery(delivery)
         function = self.ctx.function
@@ -204,7 +245,11 @@ class ConsumerLoop:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            if self.breaker is not None and isinstance(exc, StoreUnavailable):
+                self.breaker.record_failure()
             return await self._settle_failure(msg, ctx, event, exc)
+        if self.breaker is not None:
+            self.breaker.record_success()
         await msg.ack()
         return "ack"
 
@@ -213,8 +258,9 @@ class ConsumerLoop:
         permanent = bool(getattr(exc, "non_retryable", False))
         if not permanent and not ctx.delivery.last:
             delay = backoff_delay(
-                ctx.delivery.number, base_s=self.settings.backoff_base_s,
-                max_s=self.settings.backoff_max_s,
+                ctx.delivery.number,
+                base_s=self.policy.backoff_base_s or self.settings.backoff_base_s,
+                max_s=self.policy.backoff_max_s or self.settings.backoff_max_s,
             )
             log.info("%s: transient failure (delivery %d/%d), retry in %.1fs: %s",
                      self.sub.durable, ctx.delivery.number, ctx.delivery.max_deliver, delay,

@@ -55,6 +55,8 @@ class PartState(msgspec.Struct, kw_only=True):
     attempt: int = 1
     lease: int = 0
     """Delivery number of the worker that holds this attempt (see ``mark_running``)."""
+    last_error: ErrorInfo | None = None
+    """The latest transient failure of this attempt (it is being retried)."""
     outputs: dict[str, str] = {}
     meta: dict[str, Any] = {}
     error: ErrorInfo | None = None
@@ -74,6 +76,8 @@ class StepState(msgspec.Struct, kw_only=True):
     attempt: int = 0
     lease: int = 0
     """Delivery number of the worker that holds this attempt (see ``mark_running``)."""
+    last_error: ErrorInfo | None = None
+    """The latest transient failure of this attempt (it is being retried)."""
     parts: list[PartState] = []
     outputs: dict[str, str] = {}
     meta: dict[str, Any] = {}
@@ -320,6 +324,19 @@ def mark_running(record: JobRecord, step: str, attempt: int, part: int | None = 
     return True
 
 
+def note_failure(record: JobRecord, step: str, attempt: int, part: int | None,
+                 delivery: int, error: ErrorInfo) -> bool:
+    """Record a transient failure that is about to be retried, so the job shows why."""
+    if not holds_lease(record, step, attempt, part, delivery):
+        return False
+    unit = _unit(record, step, part)
+    assert unit is not None
+    unit.last_error = error
+    record.steps[step].last_error = error
+    record.updated_at = time.time()
+    return True
+
+
 def set_progress(
     record: JobRecord, step: str, attempt: int, fraction: float, part: int | None = None
 ) -> bool:
@@ -385,6 +402,7 @@ def _reset_unit(unit: StepState | PartState) -> None:
     unit.status = StepStatus.READY
     unit.attempt += 1
     unit.lease = 0
+    unit.last_error = None
     unit.error = None
     unit.progress = 0.0
     unit.started_at = None

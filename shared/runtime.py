@@ -17,6 +17,7 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.js import api
 
+from shared.admission import Headroom, StoreBreaker
 from shared.bus import Bus, connect
 from shared.cancellation import CancelWatch
 from shared.consumer import ConsumerLoop
@@ -71,30 +72,37 @@ class Runtime:
     def _stream_of(self, sub: Subscription[Any]) -> str:
         return {"jobs": self.names.jobs_stream, "stages": self.names.stages_stream}[sub.family]
 
-    def _consumer(self, sub: Subscription[Any]) -> api.ConsumerConfig:
+    def _consumer(self, fn: Function, sub: Subscription[Any]) -> api.ConsumerConfig:
         s = self.settings
         return consumer_config(
             durable=sub.durable, subject=sub.subject(self.names), ack_wait=s.ack_wait_s,
-            max_deliver=s.max_deliver, max_ack_pending=s.max_ack_pending, replicas=s.replicas,
+            max_deliver=s.policy_for(fn.name).max_deliver or s.max_deliver,
+            max_ack_pending=s.max_ack_pending, replicas=s.replicas,
         )
 
     async def start(self) -> Services:
         """Connect, provision streams/KV/consumers, and start every consumer and service."""
         self.nc = await connect(self.settings, name=self.service_name)
         bus = Bus(self.nc, self.names, self.telemetry, source=f"jetcut/{self.service_name}")
-        subs = [sub for fn in self.functions for sub in fn.subscriptions]
+        subs = [(fn, sub) for fn in self.functions for sub in fn.subscriptions]
         kv = await provision(
             bus.js, self.names, self.settings,
-            [(self._stream_of(sub), self._consumer(sub)) for sub in subs],
+            [(self._stream_of(sub), self._consumer(fn, sub)) for fn, sub in subs],
         )
         store = self._store or open_store(self.settings)
         await store.ensure_ready()
         cancels = CancelWatch()
-        if any(sub.family == "stages" for sub in subs):
+        if any(sub.family == "stages" for _, sub in subs):
             await cancels.start(self.nc, self.names.cancel)
         self.services = Services(
             settings=self.settings, names=self.names, bus=bus, jobs=JobStore(kv), store=store,
             telemetry=self.telemetry, media=MediaTools(self.settings), cancels=cancels,
+        )
+        headroom = Headroom(self.settings)
+        breaker = StoreBreaker(
+            store, failures=self.settings.store_breaker_failures,
+            probe_interval_s=self.settings.store_probe_interval_s,
+            gauge=self.telemetry.store_breaker_open,
         )
         for fn in self.functions:
             ctx = Context(services=self.services, function=fn.name,
@@ -102,7 +110,8 @@ class Runtime:
             for sub in fn.subscriptions:
                 loop = ConsumerLoop(
                     sub, ctx, stream=self._stream_of(sub), subject=sub.subject(self.names),
-                    ensure_consumer=partial(self._ensure_consumer, sub),
+                    ensure_consumer=partial(self._ensure_consumer, fn, sub),
+                    headroom=headroom if sub.family == "stages" else None, breaker=breaker,
                 )
                 self.loops.append(loop)
                 self._spawn(loop.run(self.stop_event), f"{fn.name}:{sub.durable}")
@@ -110,9 +119,9 @@ class Runtime:
                 self._spawn(fn.service(self.services, self.stop_event), f"{fn.name}:service")
         return self.services
 
-    async def _ensure_consumer(self, sub: Subscription[Any]) -> None:
+    async def _ensure_consumer(self, fn: Function, sub: Subscription[Any]) -> None:
         assert self.services is not None
-        await self.services.bus.js.add_consumer(self._stream_of(sub), self._consumer(sub))
+        await self.services.bus.js.add_consumer(self._stream_of(sub), self._consumer(fn, sub))
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)

@@ -34,8 +34,15 @@ from shared.errors import (
     PermanentError,
 )
 from shared.events import ErrorInfo, JobEvent, StageComplete, StageTask, TaskInput
-from shared.function import Context, Function, Services
-from shared.jobstate import JobRecord, holds_lease, input_ref_index, mark_running, set_progress
+from shared.function import Context, Function, Services, error_info
+from shared.jobstate import (
+    JobRecord,
+    holds_lease,
+    input_ref_index,
+    mark_running,
+    note_failure,
+    set_progress,
+)
 from shared.jobstore import JobNotFound, NoChange
 from shared.params.base import Params
 from shared.recipes import decode_params
@@ -227,6 +234,26 @@ async def run_task(name: str, handler: StageHandler[P], task: StageTask, ctx: Co
             # already says what happens next, the work dir is gone and nothing was uploaded
             # or reported. Ack and move on.
             log_.info("%s stopped (%s): %s", task.task_id, exc.code, exc.message)
+        except Exception as exc:
+            if not getattr(exc, "non_retryable", False):
+                await _note_failure(services, task, delivery, exc)
+            raise
+
+
+async def _note_failure(services: Services, task: StageTask, delivery: int,
+                        exc: Exception) -> None:
+    """Show a transient failure on the job while it is retried (best effort)."""
+    error = error_info(exc)
+
+    def note(record: JobRecord) -> bool:
+        if not note_failure(record, task.step, task.attempt, task.part, delivery, error):
+            raise NoChange
+        return True
+
+    try:
+        await services.jobs.update(task.job_id, note)
+    except Exception as update_exc:
+        log.debug("could not record the failure on the job: %r", update_exc)
 
 
 class Lease:

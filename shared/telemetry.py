@@ -131,6 +131,13 @@ class Telemetry:
         jobs: ``jetcut_jobs_total{recipe, status}``; jobs reaching a terminal status.
         step_seconds: ``jetcut_step_duration_seconds{stage}``; wall time of one step (or part):
             inputs in, the stage's work, outputs and manifest out.
+        admission_waits: ``jetcut_admission_waits_total{function, reason}``; a consumer
+            stopped fetching (reason ``memory``, ``disk`` or ``store``), counted once per wait.
+        store_breaker_open: ``jetcut_store_breaker_open``; 1 while the store's circuit
+            breaker holds this process's consumers.
+        janitor_actions: ``jetcut_janitor_actions_total{action}``; what the janitor did, one
+            count per job, object or directory: ``redrive_stuck``, ``expire_job``,
+            ``delete_intermediates``, ``delete_job``, ``delete_upload``, ``remove_temp_dir``.
     """
 
     def __init__(
@@ -206,6 +213,23 @@ class Telemetry:
             "Wall time of one step or part: download, the stage's work, upload.",
             ("stage",),
             buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.janitor_actions = Counter(
+            "jetcut_janitor_actions_total",
+            "Cleanup, retention and re-drive actions taken by the janitor.",
+            ("action",),
+            registry=self.registry,
+        )
+        self.admission_waits = Counter(
+            "jetcut_admission_waits_total",
+            "Times a consumer stopped fetching to wait for headroom or the store.",
+            ("function", "reason"),
+            registry=self.registry,
+        )
+        self.store_breaker_open = Gauge(
+            "jetcut_store_breaker_open",
+            "1 while the object-store circuit breaker stops this process fetching work.",
             registry=self.registry,
         )
         self._metrics_server: WSGIServer | None = None

@@ -171,8 +171,12 @@ async def test_task_cancellation_kills_the_child(runner: FFmpegRunner) -> None:
     assert not runner.pids
 
 
-async def test_child_gets_nice_and_resource_limits(binaries: Binaries) -> None:
-    runner = FFmpegRunner(binaries, nice=7, address_space_bytes=4 * 1024**3, kill_grace_s=2.0)
+async def test_child_gets_the_configured_nice_and_resource_limits(
+    binaries: Binaries, tmp_path: Path
+) -> None:
+    settings = Settings(ffmpeg_nice=7, ffmpeg_max_memory_mb=4096, ffmpeg_max_file_mb=64,
+                        work_dir=str(tmp_path))
+    runner = FFmpegRunner.from_settings(settings, binaries, kill_grace_s=2.0)
     task = asyncio.create_task(runner.run(ENDLESS.get_args(), timeout_s=60))
     pid = await _child_pid(runner, task)
     try:
@@ -185,7 +189,22 @@ async def test_child_gets_nice_and_resource_limits(binaries: Binaries) -> None:
     assert int(stat[16]) == os.getpriority(os.PRIO_PROCESS, 0) + 7  # field 19: nice
     assert int(stat[2]) == pid  # field 5: process group = its own
     assert "Max address space         4294967296" in limits
+    assert "Max file size             67108864" in limits
     assert "Max core file size        0" in limits
+
+
+async def test_an_output_past_the_file_size_limit_is_a_transient_disk_full(
+    binaries: Binaries, tmp_path: Path
+) -> None:
+    runner = FFmpegRunner(binaries, file_size_bytes=64 * 1024, kill_grace_s=2.0)
+    out = tmp_path / "big.mkv"
+    cmd = ffmpeg.input("testsrc2=size=320x240:rate=25:duration=4", f="lavfi").output(
+        str(out), vcodec="ffv1")  # lossless: megabytes, far past the 64 KiB limit
+    with pytest.raises(FFmpegError) as caught:
+        await runner.run(cmd.get_args(), timeout_s=60)
+    assert caught.value.code == ErrorCode.DISK_FULL
+    assert not caught.value.non_retryable  # another try, or another worker, can succeed
+    assert out.stat().st_size <= 64 * 1024
 
 
 def _proc_text(pid: int, name: str) -> str:

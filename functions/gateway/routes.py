@@ -71,6 +71,11 @@ class StepView(msgspec.Struct):
     outputs: dict[str, str]
     meta: dict[str, Any]
     skipped: str | None
+    deliveries: int = 0
+    """Deliveries of the current attempt so far (more than 1: it was retried or taken
+    over from a lost worker)."""
+    last_error: ErrorInfo | None = None
+    """Why the current attempt's last delivery failed, while it is being retried."""
 
 
 class JobView(msgspec.Struct):
@@ -119,7 +124,9 @@ def view(record: JobRecord, base: str) -> JobView:
             name: StepView(stage=s.stage, status=s.status, attempt=s.attempt,
                            progress=s.progress, started_at=s.started_at,
                            finished_at=s.finished_at, error=s.error, outputs=s.outputs,
-                           meta=s.meta, skipped=s.skipped)
+                           meta=s.meta, skipped=s.skipped,
+                           deliveries=max([s.lease, *(p.lease for p in s.parts)]),
+                           last_error=s.last_error)
             for name, s in record.steps.items()
         },
         links={"self": f"{base}/v1/jobs/{record.job_id}",

@@ -119,6 +119,8 @@ class FFmpegRunner:
             and heartbeats of the processes around them.
         address_space_bytes: ``RLIMIT_AS`` for the child; a decoder fed a hostile file then
             fails with ENOMEM instead of taking the machine down.
+        file_size_bytes: ``RLIMIT_FSIZE`` for the child: the largest file it may write, so a
+            runaway output fails its step (``disk_full``) before it fills the disk.
         kill_grace_s: how long SIGTERM gets to end the child before SIGKILL.
         work_dir: default parent of :meth:`workdir` directories (``None``: system temp).
     """
@@ -130,6 +132,7 @@ class FFmpegRunner:
         threads: int = 0,
         nice: int = 10,
         address_space_bytes: int | None = None,
+        file_size_bytes: int | None = None,
         kill_grace_s: float = 5.0,
         work_dir: str | None = None,
     ) -> None:
@@ -137,6 +140,7 @@ class FFmpegRunner:
         self._threads = threads
         self._nice = nice
         self._address_space = _cap_to_hard_limit(address_space_bytes)
+        self._file_size = _cap_to_hard_limit(file_size_bytes, resource.RLIMIT_FSIZE)
         self._kill_grace_s = kill_grace_s
         self._work_dir = work_dir
         self._pids: set[int] = set()
@@ -147,8 +151,6 @@ class FFmpegRunner:
         settings: Settings,
         binaries: Binaries | None = None,
         *,
-        nice: int = 10,
-        address_space_bytes: int | None = None,
         kill_grace_s: float = 5.0,
     ) -> FFmpegRunner:
         """A runner configured from ``JETCUT_FFMPEG*`` / ``JETCUT_WORK_DIR`` settings.
@@ -156,11 +158,15 @@ class FFmpegRunner:
         Raises:
             BinaryNotFoundError: when ``binaries`` is not given and none can be found.
         """
+        mb = 1024 * 1024
         return cls(
             binaries or find_binaries(settings),
             threads=settings.ffmpeg_threads,
-            nice=nice,
-            address_space_bytes=address_space_bytes,
+            nice=settings.ffmpeg_nice,
+            address_space_bytes=(settings.ffmpeg_max_memory_mb * mb
+                                 if settings.ffmpeg_max_memory_mb else None),
+            file_size_bytes=(settings.ffmpeg_max_file_mb * mb
+                             if settings.ffmpeg_max_file_mb else None),
             kill_grace_s=kill_grace_s,
             work_dir=settings.work_dir,
         )
@@ -331,7 +337,9 @@ class FFmpegRunner:
     async def _workdir(self, parent: str | None) -> AsyncIterator[Path]:
         if parent is not None:
             os.makedirs(parent, exist_ok=True)
-        path = Path(tempfile.mkdtemp(prefix="jetcut-", dir=parent))
+        # The owner's pid is in the name so the janitor can tell an orphan (its process
+        # died before the cleanup below ran) from a step still running on this host.
+        path = Path(tempfile.mkdtemp(prefix=f"jetcut-{os.getpid()}-", dir=parent))
         try:
             yield path
         finally:
@@ -347,6 +355,11 @@ class FFmpegRunner:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         if self._address_space is not None:
             resource.setrlimit(resource.RLIMIT_AS, (self._address_space, self._address_space))
+        if self._file_size is not None:
+            # Past the limit a write fails with EFBIG ("File too large"), which ffmpeg
+            # reports, instead of SIGXFSZ killing it without a word.
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (self._file_size, self._file_size))
 
     async def _stop(self, proc: asyncio.subprocess.Process) -> None:
         """SIGTERM the child's group, SIGKILL it after the grace period, then reap it."""
@@ -393,6 +406,12 @@ def classify_failure(returncode: int, stderr_tail: str, inputs: Iterable[str] = 
             # A decoder that crashes on a file crashes on it every time: never retry.
             return error(ErrorCode.INVALID_INPUT, f"ffmpeg crashed ({name}) on this input", True)
         return error(ErrorCode.FFMPEG_FAILED, f"ffmpeg was killed by {name}", False)
+    for marker in _DISK_FULL_MARKERS:
+        if marker in stderr_tail:
+            # The machine ran out of room, not the input: another worker (or this one, once
+            # the janitor has swept) can succeed. Nothing partial is ever uploaded.
+            return error(ErrorCode.DISK_FULL, f"ffmpeg could not write its output: {marker}",
+                         False)
     for marker in _TRANSIENT_MARKERS:
         if marker in stderr_tail:
             return error(ErrorCode.FFMPEG_FAILED, f"ffmpeg failed: {marker}", False)
@@ -410,8 +429,12 @@ CRASH_SIGNALS = frozenset(
 )
 """Signals a process raises on itself when it crashes, as opposed to being killed."""
 
-_TRANSIENT_MARKERS = (
+_DISK_FULL_MARKERS = (
     "No space left on device",
+    "File too large",  # RLIMIT_FSIZE (JETCUT_FFMPEG_MAX_FILE_MB) or the filesystem's own limit
+    "Disk quota exceeded",
+)
+_TRANSIENT_MARKERS = (
     "Cannot allocate memory",
     # ffmpeg caught SIGTERM/SIGINT from someone other than this runner and exited 255.
     "Exiting normally, received signal",
@@ -456,11 +479,11 @@ def _input_urls(argv: Sequence[str]) -> list[str]:
     return [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "-i"]
 
 
-def _cap_to_hard_limit(limit: int | None) -> int | None:
+def _cap_to_hard_limit(limit: int | None, which: int = resource.RLIMIT_AS) -> int | None:
     # setrlimit cannot raise the soft limit above the hard one; ask for what is allowed.
     if limit is None:
         return None
-    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    hard = resource.getrlimit(which)[1]
     return limit if hard == resource.RLIM_INFINITY else min(limit, hard)
 
 

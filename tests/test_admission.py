@@ -1,0 +1,147 @@
+"""Admission and resource limits, done for real: a worker without headroom waits, a full
+disk is a transient error that uploads nothing, and a store outage opens the breaker.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from functions.registry import FUNCTIONS
+from shared.events import InputRef, JobSubmit
+from shared.ids import new_job_id
+from shared.jobstate import JobStatus
+from shared.runtime import Runtime
+from tests.support.nats import consumer_settled, running, submit_job, wait_for_job
+from tests.support.s3 import S3Endpoint, unique_bucket
+from tests.support.tcpproxy import TcpProxy
+from tests.support.waiting import eventually
+
+pytestmark = pytest.mark.timeout(120)
+
+TRANSCODE_BIG = {"probe": {"stage": "probe", "uses": [":input"]},
+                 "encode": {"stage": "transcode", "uses": [":input", "probe"],
+                            "params": {"crf": 1, "audio_codec": "aac"}}}
+"""A near-lossless encode: about 1 MB out of a 3 s 640x360 clip of about 270 KB."""
+
+
+def metric(runtime: Runtime, name: str, **labels: str) -> float:
+    return runtime.telemetry.registry.get_sample_value(name, labels) or 0.0
+
+
+async def test_a_worker_without_disk_headroom_leaves_the_task_in_the_stream(
+    make_settings: Any, clip_3s: Path
+) -> None:
+    starved = make_settings(min_free_disk_mb=10**9, admission_poll_s=0.1)
+    async with running(starved, [FUNCTIONS["conductor"]], name="conductor") as conductor, \
+            running(starved, [FUNCTIONS["probe"]], name="starved") as worker:
+        services = conductor.services
+        assert services is not None
+        job_id = await submit_job(conductor, [clip_3s], steps={
+            "probe": {"stage": "probe", "uses": [":input"]}})
+        await eventually(lambda: metric(worker, "jetcut_admission_waits_total",
+                                        function="probe", reason="disk") >= 1,
+                         what="the starved worker to report it waits for disk")
+        await wait_for_job(services, job_id, until=lambda r: r.planned)
+        info = await services.bus.js.consumer_info(services.names.stages_stream, "stage-probe")
+        assert (info.num_pending, info.num_ack_pending) == (1, 0)  # waiting, not taken
+        assert (await services.jobs.get(job_id)).status == JobStatus.QUEUED
+    # A worker with room takes the same task and the job finishes.
+    roomy = make_settings(min_free_disk_mb=1)
+    async with running(roomy, [FUNCTIONS["conductor"], FUNCTIONS["probe"]]) as runtime:
+        assert runtime.services is not None
+        record = await wait_for_job(runtime.services, job_id)
+        assert record.status == JobStatus.SUCCEEDED
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 768 KiB tmpfs: room for the input, not for the output."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=768k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()})")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+async def test_disk_full_while_encoding_is_retried_and_uploads_nothing(
+    make_settings: Any, clip_3s: Path, tiny_disk: Path
+) -> None:
+    settings = make_settings(work_dir=str(tiny_disk), min_free_disk_mb=0, max_deliver=2)
+    async with running(settings, [FUNCTIONS[f] for f in ("conductor", "probe", "transcode")]) \
+            as runtime:
+        services = runtime.services
+        assert services is not None
+        job_id = await submit_job(runtime, [clip_3s], steps=TRANSCODE_BIG)
+        record = await wait_for_job(services, job_id)
+        step = record.steps["encode"]
+        assert record.status == JobStatus.FAILED
+        assert record.error is not None and record.error.code == "retries_exhausted"
+        assert record.error.details["last_error"] == "disk_full"
+        # Both deliveries ran and the job shows why each one failed.
+        assert step.lease == 2
+        assert step.last_error is not None and step.last_error.code == "disk_full"
+        assert await services.store.list(f"jobs/{job_id}/encode/") == []
+        assert list(tiny_disk.iterdir()) == []  # no temp dir, no partial file left behind
+
+
+async def test_a_store_outage_opens_the_breaker_and_the_queue_holds_the_work(
+    make_settings: Any, clip_3s: Path, s3_server: S3Endpoint
+) -> None:
+    host, port = s3_server.endpoint.split(":")
+    proxy = TcpProxy(host, int(port))
+    await proxy.open()
+    settings = make_settings(
+        store="s3", s3_endpoint=proxy.endpoint, s3_access_key=s3_server.access_key,
+        s3_secret_key=s3_server.secret_key, s3_region=s3_server.region,
+        bucket=unique_bucket(), store_breaker_failures=2, store_probe_interval_s=0.2,
+        max_deliver=3,
+    )
+    try:
+        async with running(settings, [FUNCTIONS["conductor"], FUNCTIONS["probe"]]) as runtime:
+            services = runtime.services
+            assert services is not None
+            key = "uploads/default/u1/clip.mp4"
+            info = await services.store.put_file(key, clip_3s)
+            await proxy.close()  # the store goes down before the job arrives
+
+            job_id = new_job_id()
+            await services.bus.publish(services.names.submit, JobSubmit(
+                job_id=job_id, inputs=[InputRef(key=key, filename="clip.mp4", size=info.size)],
+                steps=msgspec.convert({"probe": {"stage": "probe", "uses": [":input"]}},
+                                      dict[str, Any]),
+            ), msg_id=job_id)
+            await eventually(lambda: metric(runtime, "jetcut_store_breaker_open") == 1,
+                             what="the breaker to open")
+            delivered = (await services.bus.js.consumer_info(
+                services.names.jobs_stream, "conductor-submit")).delivered.consumer_seq
+            probes = runtime.loops[0].breaker
+            assert probes is not None
+            failed_before = probes.failed_probes
+            await eventually(lambda: probes.failed_probes >= failed_before + 3,
+                             what="three more failed probes")
+            # Meanwhile nothing was fetched: no delivery burnt, nothing dead-lettered.
+            info_now = await services.bus.js.consumer_info(services.names.jobs_stream,
+                                                           "conductor-submit")
+            assert info_now.delivered.consumer_seq == delivered
+            dlq = await services.bus.js.stream_info(services.names.dlq_stream)
+            assert dlq.state.messages == 0
+
+            await proxy.open()  # the store is back
+            record = await wait_for_job(services, job_id, timeout=30)
+            assert record.status == JobStatus.SUCCEEDED
+            assert metric(runtime, "jetcut_store_breaker_open") == 0
+            assert await consumer_settled(services, services.names.jobs_stream,
+                                          "conductor-submit") == (0, 0)
+    finally:
+        await proxy.close()
