@@ -37,6 +37,7 @@ from shared.events import ErrorInfo, JobEvent, StageComplete, StageTask, TaskInp
 from shared.function import Context, Function, Services, error_info
 from shared.jobstate import (
     JobRecord,
+    JobStatus,
     holds_lease,
     input_ref_index,
     mark_running,
@@ -270,7 +271,8 @@ class Lease:
         self.task = task
         self.delivery = delivery
         self.cancelled = cancelled
-        self.lost = False
+        self.lost: str | None = None
+        """Why this delivery lost the task (None: it holds it, or the job was cancelled)."""
         self.interval = max(1.0, services.settings.stuck_after_s / 4)
 
     def _still_mine(self, record: JobRecord) -> bool:
@@ -286,14 +288,18 @@ class Lease:
             raise self.error()
 
     def error(self) -> Cancelled:
-        if self.lost:
-            return LeaseLost(f"delivery {self.delivery} of {self.task.task_id} was superseded "
-                             "by a later delivery; its result is discarded")
+        if self.lost is not None:
+            return LeaseLost(f"delivery {self.delivery} of {self.task.task_id} is no longer "
+                             f"current ({self.lost}); its result is discarded")
         return Cancelled("the job was cancelled")
 
     def _lose(self, record: JobRecord) -> None:
-        # A finished (cancelled, failed) job is not a lost lease: the step just stops.
-        self.lost = not record.terminal
+        if record.status != JobStatus.CANCELLED:
+            unit = record.steps[self.task.step]
+            held_by = (unit.parts[self.task.part].lease if self.task.part is not None
+                       and self.task.part < len(unit.parts) else unit.lease)
+            self.lost = (f"job {record.status}, step {unit.status}, "
+                         f"taken over by delivery {held_by}")
         self.cancelled.set()
 
     @contextlib.asynccontextmanager

@@ -4,10 +4,12 @@
 - tests.support.s3:    a real S3 API (moto server on loopback; MinIO via testcontainers
                        when a Docker engine answers).
 - tests.support.media: small clips generated with real ffmpeg.
+- tests.support.processes: jetcut functions as real OS processes (kill, pause, restart).
 """
 
 pytest_plugins = [
     "tests.support.nats",
     "tests.support.s3",
     "tests.support.media",
+    "tests.support.processes",
 ]
