@@ -142,7 +142,11 @@ def cmd_submit(settings: Settings, args: argparse.Namespace) -> int:
         return _wait(client, job["job_id"], args.timeout)
 
 
-def _wait(client: Any, job_id: str, timeout: float) -> int:
+def _wait(client: Any, job_id: str, timeout: float,
+          superseded: float | None = None) -> int:
+    """Show progress until the job finishes. ``superseded``: the ``finished_at`` of an outcome
+    that no longer counts (a retried job still shows its old failure until the conductor
+    takes the retry), so that outcome is waited past, not reported."""
     from tqdm import tqdm
 
     deadline = time.monotonic() + timeout
@@ -155,7 +159,8 @@ def _wait(client: Any, job_id: str, timeout: float) -> int:
             job = r.json()
             bar.n = round(job["progress"] * 100, 1)
             bar.set_postfix_str(job["status"])
-            if job["status"] in ("succeeded", "failed", "cancelled"):
+            if job["status"] in ("succeeded", "failed", "cancelled") and (
+                    superseded is None or job["finished_at"] != superseded):
                 break
             if time.monotonic() > deadline:
                 print(f"\ngave up waiting after {timeout:.0f}s", file=sys.stderr)
@@ -190,6 +195,67 @@ def cmd_cancel(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
+    """Run a failed or cancelled job again from its checkpoints."""
+    with _client(args, settings) as client:
+        r = client.post(f"/v1/jobs/{args.job_id}:retry")
+        if r.status_code != 202:
+            return _fail(r)
+        print(f"job {args.job_id} retrying (it was {r.json()['status']})", flush=True)
+        if not args.wait:
+            return 0
+        return _wait(client, args.job_id, args.timeout, superseded=r.json()["finished_at"])
+
+
+def _when(at: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+
+
+def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
+    """Inspect and act on dead letters through the gateway (admin)."""
+    with _client(args, settings) as client:
+        if args.dlq_command == "list":
+            params: dict[str, Any] = {"after": args.after, "limit": args.limit}
+            if args.function:
+                params["function"] = args.function
+            r = client.get("/v1/dlq", params=params)
+            if r.status_code != 200:
+                return _fail(r)
+            page = r.json()
+            for e in page["entries"]:
+                print(f"{e['seq']:>8}  {_when(e['at'])}  {e['function']:14} "
+                      f"{e['error']['code']:18} {e['job_id'] or '-':28} "
+                      f"x{e['num_delivered']}  {e['subject']}")
+            if not page["entries"]:
+                print("the DLQ is empty" + (f" for {args.function}" if args.function else ""))
+            if page["next_after"] is not None:
+                print(f"more: jetcut dlq list --after {page['next_after']}")
+            return 0
+        if args.dlq_command == "show":
+            r = client.get(f"/v1/dlq/{args.seq}")
+        elif args.dlq_command == "replay":
+            r = client.post(f"/v1/dlq/{args.seq}:replay")
+        elif args.seq is not None:
+            r = client.delete(f"/v1/dlq/{args.seq}")
+        elif args.function or args.all:
+            r = client.delete("/v1/dlq", params={"function": args.function} if args.function
+                              else {"all": "true"})
+        else:
+            print("jetcut dlq purge: give an entry's seq, --function NAME, or --all",
+                  file=sys.stderr)
+            return 2
+        if r.status_code != 200:
+            return _fail(r)
+        body = r.json()
+        if args.dlq_command == "show":
+            print(json.dumps(body, indent=2))
+        elif args.dlq_command == "replay":
+            print(body["message"])
+        else:
+            print(f"purged {body['purged']} entr{'y' if body['purged'] == 1 else 'ies'}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jetcut", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -215,11 +281,34 @@ def parser() -> argparse.ArgumentParser:
     cancel = sub.add_parser("cancel", help="cancel a queued or running job")
     cancel.add_argument("job_id")
     cancel.add_argument("--url")
+    retry = sub.add_parser("retry", help="run a failed or cancelled job again from its "
+                                         "checkpoints")
+    retry.add_argument("job_id")
+    retry.add_argument("--wait", action="store_true", help="show progress until done")
+    retry.add_argument("--timeout", type=float, default=3600.0)
+    retry.add_argument("--url")
+    dlq = sub.add_parser("dlq", help="list, show, replay or purge dead letters (admin)")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
+    dlq_list = dlq_sub.add_parser("list", help="entries, oldest first")
+    dlq_list.add_argument("--function", help="only this function's entries")
+    dlq_list.add_argument("--after", type=int, default=0, help="entries after this seq")
+    dlq_list.add_argument("--limit", type=int, default=50)
+    dlq_show = dlq_sub.add_parser("show", help="one entry with its original message")
+    dlq_show.add_argument("seq", type=int)
+    dlq_replay = dlq_sub.add_parser("replay", help="retry the entry's job (stage tasks) or "
+                                                   "re-publish it, and remove it")
+    dlq_replay.add_argument("seq", type=int)
+    dlq_purge = dlq_sub.add_parser("purge", help="delete one entry, a function's, or all")
+    dlq_purge.add_argument("seq", type=int, nargs="?")
+    dlq_purge.add_argument("--function")
+    dlq_purge.add_argument("--all", action="store_true", help="every entry")
+    for command in (dlq_list, dlq_show, dlq_replay, dlq_purge):
+        command.add_argument("--url")
     return p
 
 
 COMMANDS = {"dev": cmd_dev, "run": cmd_run, "schema": cmd_schema, "submit": cmd_submit,
-            "status": cmd_status, "cancel": cmd_cancel}
+            "status": cmd_status, "cancel": cmd_cancel, "retry": cmd_retry, "dlq": cmd_dlq}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ Every message carries W3C ``traceparent`` and CloudEvents ``ce-*`` headers.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 import ssl
@@ -36,6 +37,14 @@ RETRYABLE_PUBLISH = (
     nats.errors.StaleConnectionError,
     nats.js.errors.ServiceUnavailableError,
 )
+
+
+PUBLISH_WINDOW_S = 30.0
+"""How long a publish keeps retrying before it gives up. A JetStream stream on a cluster
+has no leader for one election when its leader's node dies (measured 5-8 s on loopback:
+a 4-9 s raft election timeout, plus the client's reconnect to another seed), and every
+publish in that window fails fast with "no response from stream". Counting attempts with
+jittered backoff gave up after 3.5-10 s, inside that window; a time budget outlasts it."""
 
 
 class PublishFailed(Exception):
@@ -82,14 +91,14 @@ class Bus:
 
     def __init__(
         self, nc: NATS, names: Names, telemetry: Telemetry, *, source: str,
-        publish_attempts: int = 8, publish_timeout_s: float = 5.0,
+        publish_window_s: float = PUBLISH_WINDOW_S, publish_timeout_s: float = 5.0,
     ) -> None:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream(timeout=publish_timeout_s)
         self.names = names
         self.telemetry = telemetry
         self.source = source
-        self.publish_attempts = publish_attempts
+        self.publish_window_s = publish_window_s
         self.publish_timeout_s = publish_timeout_s
 
     def headers(self, event: Event, msg_id: str) -> dict[str, str]:
@@ -111,8 +120,11 @@ class Bus:
     ) -> api.PubAck:
         """Publish to a stream and wait for its PubAck, retrying with the same message id.
 
+        Retries for ``publish_window_s``: long enough to ride out a leader election or a
+        reconnect to another seed, which a caller would otherwise see as a failure.
+
         Raises:
-            PublishFailed: when no attempt got a PubAck.
+            PublishFailed: when no attempt within the window got a PubAck.
         """
         msg_id = msg_id or uuid.uuid4().hex
         payload = encode(event)
@@ -122,17 +134,23 @@ class Bus:
             if extra_headers:
                 headers.update(extra_headers)
             delay = 0.1
-            for attempt in range(1, self.publish_attempts + 1):
+            loop = asyncio.get_running_loop()
+            give_up_at = loop.time() + self.publish_window_s
+            for attempt in itertools.count(1):
                 try:
                     ack = await self.js.publish(
                         subject, payload, headers=headers, timeout=self.publish_timeout_s
                     )
                 except RETRYABLE_PUBLISH as exc:
-                    if attempt == self.publish_attempts:
+                    left = give_up_at - loop.time()
+                    if left <= 0:
                         self.telemetry.publishes.labels(kind, "failed").inc()
-                        raise PublishFailed(f"publish to {subject} failed: {exc!r}") from exc
+                        raise PublishFailed(
+                            f"publish to {subject} failed for {self.publish_window_s:.0f}s "
+                            f"({attempt} attempts): {exc!r}"
+                        ) from exc
                     log.info("publish to %s failed (%r); retry %d", subject, exc, attempt)
-                    await asyncio.sleep(delay * (0.5 + random.random()))
+                    await asyncio.sleep(min(left, delay * (0.5 + random.random())))
                     delay = min(delay * 2, 2.0)
                     continue
                 outcome = "retried" if attempt > 1 else "ok"

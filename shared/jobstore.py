@@ -8,11 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import TypeVar
 
 import msgspec
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+import nats.errors
+import nats.js.errors
+from nats.js.errors import (
+    APIError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoKeysError,
+)
 from nats.js.kv import KeyValue
 
 from shared.errors import ErrorCode, JetcutError
@@ -23,6 +31,40 @@ T = TypeVar("T")
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(JobRecord)
 MAX_CAS_ATTEMPTS = 64
+ELECTION_WINDOW_S = 30.0
+"""How long a KV read or write keeps retrying while the bucket's stream has no leader."""
+TRANSIENT_KV = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.js.errors.NoStreamResponseError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.StaleConnectionError,
+    nats.js.errors.ServiceUnavailableError,
+)
+"""What the bucket answers while it elects a leader or the client moves to another seed."""
+
+
+async def ride_out(op: Callable[[], Awaitable[T]], window_s: float = ELECTION_WINDOW_S) -> T:
+    """Run a KV operation, retrying it through a leader election (seconds on a cluster).
+
+    Retrying a write whose outcome is unknown (it may have landed before the timeout) is
+    safe here: every write is a compare-and-set, so a repeat of one that landed fails with
+    a wrong last sequence and ``update`` re-reads and re-applies, as after any lost race.
+    Without this, every handler that touched a job during an election failed and waited
+    for redelivery, burning deliveries towards MaxDeliver.
+    """
+    loop = asyncio.get_running_loop()
+    give_up_at = loop.time() + window_s
+    delay = 0.1
+    while True:
+        try:
+            return await op()
+        except TRANSIENT_KV:
+            left = give_up_at - loop.time()
+            if left <= 0:
+                raise
+            await asyncio.sleep(min(left, delay * (0.5 + random.random())))
+            delay = min(delay * 2, 2.0)
 
 
 class JobNotFound(JetcutError):
@@ -48,7 +90,7 @@ class JobStore:
 
     async def get_with_revision(self, job_id: str) -> tuple[JobRecord, int]:
         try:
-            entry = await self.kv.get(job_id)
+            entry = await ride_out(lambda: self.kv.get(job_id))
         except KeyNotFoundError as exc:
             raise JobNotFound(job_id) from exc
         if entry.value is None or entry.revision is None:
@@ -58,7 +100,8 @@ class JobStore:
     async def create(self, record: JobRecord) -> int | None:
         """Store a new record; its revision, or None when the job already exists."""
         try:
-            return int(await self.kv.create(record.job_id, _encoder.encode(record)))
+            data = _encoder.encode(record)
+            return int(await ride_out(lambda: self.kv.create(record.job_id, data)))
         except KeyWrongLastSequenceError:
             return None
 
@@ -86,7 +129,9 @@ class JobStore:
             except NoChange:
                 return record, None
             try:
-                await self.kv.update(job_id, _encoder.encode(record), last=revision)
+                await ride_out(
+                    partial(self.kv.update, job_id, _encoder.encode(record), last=revision)
+                )
             except KeyWrongLastSequenceError:
                 # Lost the race: back off a little (jittered) and re-apply to the new revision.
                 await asyncio.sleep(random.random() * 0.005 * (attempt + 1))
@@ -96,6 +141,21 @@ class JobStore:
 
     async def delete(self, job_id: str) -> None:
         await self.kv.delete(job_id)
+
+    async def remove(self, job_id: str, revision: int) -> bool:
+        """Delete a record for good, history included, if it is still at ``revision``.
+
+        Retention uses it: a record that changed since the caller read it (a job retried
+        meanwhile) is kept, and False tells the caller to re-read and decide again.
+        """
+        try:
+            await self.kv.delete(job_id, last=revision)
+        except APIError as exc:
+            if exc.err_code in (10071, 10164):  # wrong last sequence: changed since read
+                return False
+            raise
+        await self.kv.purge(job_id)
+        return True
 
     async def watch(self, job_id: str) -> AsyncIterator[JobRecord]:
         """Yield the record now and after every change (for waiters and live views)."""

@@ -24,7 +24,9 @@ STREAM_EXISTS_DIFFERENT = 10058
 
 
 def stream_configs(names: Names, settings: Settings) -> list[api.StreamConfig]:
-    """The four streams of the contract (DESIGN.md, "Streams, subjects, consumers")."""
+    """The four streams of the contract (DESIGN.md, "Streams, subjects, consumers"), and
+    ``ADVISORIES``, which keeps JetStream's max-deliveries advisories for the deadletter
+    function: a plain subscription would miss those sent while no deadletter runs."""
 
     def stream(name: str, family: str, retention: api.RetentionPolicy, max_age: float,
                duplicate_window: float, allow_direct: bool | None = None) -> api.StreamConfig:
@@ -42,6 +44,12 @@ def stream_configs(names: Names, settings: Settings) -> list[api.StreamConfig]:
         stream(names.stages_stream, "stages", work_queue, 7 * DAY, 600.0),
         stream(names.events_stream, "events", limits, DAY, 120.0, allow_direct=True),
         stream(names.dlq_stream, "dlq", limits, 30 * DAY, 600.0),
+        api.StreamConfig(
+            name=names.advisories_stream, retention=limits, max_age=3 * DAY,
+            subjects=[names.max_deliveries(names.jobs_stream),
+                      names.max_deliveries(names.stages_stream)],
+            storage=api.StorageType.FILE, num_replicas=settings.replicas,
+        ),
     ]
 
 

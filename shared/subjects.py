@@ -47,6 +47,11 @@ class Names:
         return self._n("DLQ")
 
     @property
+    def advisories_stream(self) -> str:
+        """Where JetStream's max-deliveries advisories for our streams are kept (deadletter)."""
+        return self._n("ADVISORIES")
+
+    @property
     def jobs_bucket(self) -> str:
         return f"{self.namespace}_jobs" if self.namespace else "jobs"
 
@@ -80,6 +85,12 @@ class Names:
     def dlq(self, function: str) -> str:
         return self._s(f"dlq.{check_token('function', function)}")
 
+    @staticmethod
+    def max_deliveries(stream: str) -> str:
+        """JetStream's advisory subject when a consumer of ``stream`` gives up on a message
+        (any consumer: the last token is its name). Stream names carry the namespace."""
+        return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.*"
+
     def all(self, family: str) -> str:
         """Wildcard for one family: ``jobs``, ``stages``, ``events`` or ``dlq``."""
         return self._s(f"{family}.>")
@@ -88,3 +99,8 @@ class Names:
         """The contract subject without the namespace prefix (for metrics and logs)."""
         prefix = f"{self.namespace}." if self.namespace else ""
         return subject[len(prefix) :] if prefix and subject.startswith(prefix) else subject
+
+    def qualify(self, subject: str) -> str:
+        """The inverse of ``strip``: a contract subject (as DLQ entries store it) with this
+        deployment's namespace prefix, ready to publish on."""
+        return self._s(subject)

@@ -135,9 +135,10 @@ class Telemetry:
             stopped fetching (reason ``memory``, ``disk`` or ``store``), counted once per wait.
         store_breaker_open: ``jetcut_store_breaker_open``; 1 while the store's circuit
             breaker holds this process's consumers.
-        janitor_actions: ``jetcut_janitor_actions_total{action}``; what the janitor did, one
-            count per job, object or directory: ``redrive_stuck``, ``expire_job``,
-            ``delete_intermediates``, ``delete_job``, ``delete_upload``, ``remove_temp_dir``.
+        janitor_actions: ``jetcut_janitor_actions_total{action}``; what the janitor did:
+            jobs for ``redrive_stuck``, ``expire_job`` and ``delete_job``, objects for
+            ``delete_intermediates`` and ``delete_upload``, directories for
+            ``remove_temp_dir``.
     """
 
     def __init__(

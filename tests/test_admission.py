@@ -123,13 +123,14 @@ async def test_a_store_outage_opens_the_breaker_and_the_queue_holds_the_work(
             ), msg_id=job_id)
             await eventually(lambda: metric(runtime, "jetcut_store_breaker_open") == 1,
                              what="the breaker to open")
+            breaker = runtime.loops[0].breaker
+            assert breaker is not None
+            # A pull already waiting when the breaker opened may still deliver once; after
+            # that (fetch_timeout_s = 0.5 s, so by the 5th probe 0.2 s apart) nothing is.
+            await eventually(lambda: breaker.failed_probes >= 5, what="five failed probes")
             delivered = (await services.bus.js.consumer_info(
                 services.names.jobs_stream, "conductor-submit")).delivered.consumer_seq
-            probes = runtime.loops[0].breaker
-            assert probes is not None
-            failed_before = probes.failed_probes
-            await eventually(lambda: probes.failed_probes >= failed_before + 3,
-                             what="three more failed probes")
+            await eventually(lambda: breaker.failed_probes >= 10, what="ten failed probes")
             # Meanwhile nothing was fetched: no delivery burnt, nothing dead-lettered.
             info_now = await services.bus.js.consumer_info(services.names.jobs_stream,
                                                            "conductor-submit")

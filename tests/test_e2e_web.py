@@ -130,10 +130,12 @@ async def test_same_idempotency_key_makes_one_job(stack, clip_3s):  # type: igno
     # one set of outputs: each step ran exactly once
     record = await runtime.services.jobs.get(job_id)
     assert {s.attempt for s in record.steps.values()} == {1}
-    outputs = await runtime.services.store.list(f"jobs/{job_id}/")
-    assert sorted(o.key.split("/", 2)[2] for o in outputs) == [
-        "poster/manifest.json", "poster/poster.jpg", "probe/manifest.json",
-        "transcode/manifest.json", "transcode/video.mp4"]
+    stored = sorted(o.key.split("/", 2)[2]
+                    for o in await runtime.services.store.list(f"jobs/{job_id}/"))
+    # probe is an intermediate: the janitor may already have deleted its manifest.
+    assert [k for k in stored if not k.startswith("probe/")] == [
+        "poster/manifest.json", "poster/poster.jpg", "transcode/manifest.json",
+        "transcode/video.mp4"]
 
 
 async def test_metrics_count_handled_messages(stack, clip_3s):  # type: ignore[no-untyped-def]

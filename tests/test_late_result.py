@@ -11,18 +11,17 @@ as its manifest records them, and nothing the first worker made is left anywhere
 from __future__ import annotations
 
 import signal
-from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
 
 from functions.registry import FUNCTIONS
+from loadtests.procs import Workers
 from shared.jobstate import JobRecord, JobStatus
 from shared.stage import Manifest, manifest_key
 from tests.support.media import MakeClip
 from tests.support.nats import consumer_settled, running, submit_job, wait_for_job
-from tests.support.processes import Workers
 from tests.support.waiting import eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -45,7 +44,7 @@ async def test_a_paused_workers_late_result_is_refused_by_the_fence(
 ) -> None:
     settings = make_settings()
     clip = make_clip("late_10s", duration=10.0, width=640, height=360)
-    worker = {"ACK_WAIT_S": "2", "FFMPEG_THREADS": "1"}
+    worker = {"ack_wait_s": "2", "ffmpeg_threads": "1"}
     async with running(settings, [FUNCTIONS["conductor"], FUNCTIONS["probe"]]) as runtime:
         services = runtime.services
         assert services is not None

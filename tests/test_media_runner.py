@@ -273,8 +273,9 @@ def test_whitelist_goes_before_every_input(runner: FFmpegRunner) -> None:
     ("returncode", "stderr", "code", "non_retryable"),
     [
         (-9, "", ErrorCode.FFMPEG_FAILED, False),
-        (1, "av_interleaved_write_frame(): No space left on device\n", ErrorCode.FFMPEG_FAILED,
+        (1, "av_interleaved_write_frame(): No space left on device\n", ErrorCode.DISK_FULL,
          False),
+        (1, "Error writing trailer: File too large\n", ErrorCode.DISK_FULL, False),
         (1, "in.mp4: Invalid argument\n", ErrorCode.INVALID_INPUT, True),
         (1, "[mov] moov atom not found\nin.mp4: Invalid data found when processing input\n",
          ErrorCode.INVALID_INPUT, True),

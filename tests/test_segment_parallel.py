@@ -71,7 +71,9 @@ async def test_split_encode_join_is_exact(make_settings, bframe_clip: Path, bina
     # Parts of 3 s, HLS segments of 2 s: keyframes must still fall on the 2 s grid of the
     # whole video, wherever a part starts.
     params = {"segment_seconds": 2, "part_seconds": 3, "ladder": [360, 240]}
-    async with running(make_settings(concurrency=2), list(FUNCTIONS.values())) as rt:
+    # The test reads the intermediates (parts, joined renditions, audio) after success.
+    settings = make_settings(concurrency=2, keep_intermediates=True)
+    async with running(settings, list(FUNCTIONS.values())) as rt:
         job_id = await submit_job(rt, [bframe_clip], recipe="hls", params=params)
         record = await wait_for_job(rt.services, job_id, timeout=100)
         assert record.status == "succeeded", record.error

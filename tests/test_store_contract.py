@@ -251,6 +251,17 @@ async def test_list_prefix_sorted_recursive(store: ObjectStore) -> None:
     assert len(await store.list("jobs/")) == 5
 
 
+async def test_list_says_when_each_object_was_written(store: ObjectStore) -> None:
+    # The janitor ages uploads by what a listing says, without a stat per object.
+    before = time.time()
+    await store.put_bytes("uploads/t/u1/a.mp4", b"a")
+    after = time.time()
+    (listed,) = await store.list("uploads/t/")
+    # S3 keeps whole seconds; allow for that and a little clock skew.
+    assert before - 5 <= listed.last_modified <= after + 5
+    assert abs(listed.last_modified - (await store.stat(listed.key)).last_modified) <= 1
+
+
 async def test_exists(store: ObjectStore) -> None:
     assert not await store.exists("jobs/j/step/manifest.json")
     await store.put_bytes("jobs/j/step/manifest.json", b"{}")

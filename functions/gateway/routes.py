@@ -10,18 +10,19 @@ import tempfile
 import time
 import unicodedata
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Litestar, Request, Response, delete, get, post
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
-from litestar.params import FromPath, FromQuery
+from litestar.params import FromPath, FromQuery, QueryParameter
 from litestar.response import Stream
 from opentelemetry.trace import SpanKind
 
+from shared import dlq
 from shared.bus import PublishFailed
 from shared.errors import ErrorCode, JetcutError, ObjectNotFound
-from shared.events import ErrorInfo, InputRef, JobCancel, JobSubmit, StepSpec
+from shared.events import ErrorInfo, InputRef, JobCancel, JobRetry, JobSubmit, StepSpec
 from shared.function import Services
 from shared.ids import job_id_for, new_job_id, new_upload_id
 from shared.jobstate import JobRecord
@@ -136,17 +137,24 @@ def view(record: JobRecord, base: str) -> JobView:
 
 async def load_job(services: Services, tenant: str, job_id: str) -> JobRecord:
     """Another tenant's job is indistinguishable from a missing one (404, never 403)."""
+    record, _ = await load_job_revision(services, tenant, job_id)
+    return record
+
+
+async def load_job_revision(services: Services, tenant: str,
+                            job_id: str) -> tuple[JobRecord, int]:
+    """``load_job`` with the record's KV revision (which names one state of the job)."""
     try:
-        record = await services.jobs.get(job_id)
+        found: tuple[JobRecord, int] | None = await services.jobs.get_with_revision(job_id)
     except (JobNotFound, ValueError):
-        record = None
+        found = None
     except Exception as exc:  # nats-py rejects malformed keys with its own error types
         if type(exc).__name__ != "InvalidKeyError":
             raise
-        record = None
-    if record is None or record.tenant != tenant:
+        found = None
+    if found is None or found[0].tenant != tenant:
         raise ApiError(404, ErrorCode.NOT_FOUND, f"no job {job_id!r}")
-    return record
+    return found
 
 
 @post("/v1/uploads", request_max_body_size=None, status_code=201)
@@ -296,6 +304,50 @@ async def cancel(request: Request[Any, Any, Any], job_id: FromPath[str]) -> Resp
     return Response({"job_id": job_id, "status": "cancelling"}, status_code=202)
 
 
+@post("/v1/jobs/{job_id:str}", status_code=202)
+async def job_action(request: Request[Any, Any, Any], job_id: FromPath[str]) -> Response[Any]:
+    """``POST /v1/jobs/{id}:retry``. Litestar matches whole path segments only, so the
+    segment is ``<id>:<action>`` and is split here (Google's custom-method style)."""
+    target, _, action = job_id.rpartition(":")
+    if action != "retry" or not target:
+        raise ApiError(404, ErrorCode.NOT_FOUND, "no such resource; did you mean "
+                       "POST /v1/jobs/{job_id}:retry?")
+    return await retry_job(request, target)
+
+
+async def retry_job(request: Request[Any, Any, Any], job_id: str) -> Response[Any]:
+    """Run a failed or cancelled job again from its checkpoints: 202 with the job as it is
+    now (the conductor sets it running within moments). Anything else is 409.
+
+    The message id is the record's revision: a double click, or a client retrying the
+    request, is one retry; a retry of the job after it failed again is a new one.
+    """
+    services: Services = request.app.state.services
+    record, revision = await load_job_revision(services, tenant_of(request), job_id)
+    status = str(record.status)
+    if status not in ("failed", "cancelled"):
+        raise ApiError(409, ErrorCode.CONFLICT,
+                       f"job {job_id} is {status}: only a failed or cancelled job can be retried",
+                       {"status": status})
+    if not record.planned:
+        code = record.error.code if record.error else None
+        raise ApiError(409, ErrorCode.CONFLICT,
+                       f"job {job_id} failed before it was planned ({code}): nothing can "
+                       "resume; fix the request and submit again",
+                       {"status": status, "error_code": code})
+    reason = request.query_params.get("reason", "retried on request")[:200]
+    event = JobRetry(job_id=job_id, tenant=record.tenant, mode="failed", reason=reason)
+    try:
+        await services.bus.publish(services.names.retry, event,
+                                   msg_id=f"retry:{job_id}:{revision}")
+    except PublishFailed as exc:
+        raise ApiError(503, ErrorCode.BUS_UNAVAILABLE, "could not retry now; retry",
+                       {"retry_after_s": 1}) from exc
+    return Response(msgspec.to_builtins(view(record, services.settings.base_url)),
+                    status_code=202,
+                    headers={"Location": f"{services.settings.base_url}/v1/jobs/{job_id}"})
+
+
 @get("/v1/jobs/{job_id:str}/outputs")
 async def list_outputs(request: Request[Any, Any, Any], job_id: FromPath[str]) -> dict[str, Any]:
     services: Services = request.app.state.services
@@ -328,6 +380,92 @@ async def download(request: Request[Any, Any, Any], job_id: FromPath[str], step:
     return Stream(body(), media_type=info.content_type or "application/octet-stream",
                   headers={"Content-Length": str(info.size),
                            "Content-Disposition": f'attachment; filename="{filename}"'})
+
+
+# --- DLQ (admin) ---------------------------------------------------------------------------
+# Admin-scoped: entries belong to every tenant. Until API keys and tenants arrive (issue 5)
+# every caller is the default tenant; then these endpoints take an admin key.
+
+
+def _dlq_seq(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise ApiError(400, ErrorCode.INVALID_REQUEST,
+                       f"a DLQ entry is named by its sequence, a positive integer, not {value!r}")
+    return int(value)
+
+
+def _dlq_error(exc: JetcutError) -> ApiError:
+    status = {ErrorCode.NOT_FOUND: 404, ErrorCode.CONFLICT: 409}.get(exc.code, 503)
+    return ApiError(status, exc.code, exc.message, exc.details)
+
+
+@get("/v1/dlq")
+async def dlq_list(request: Request[Any, Any, Any], function: FromQuery[str | None] = None,
+                   after: FromQuery[int] = 0, limit: FromQuery[int] = 50) -> Response[Any]:
+    """Dead letters, oldest first, ``limit`` at a time after sequence ``after``."""
+    services: Services = request.app.state.services
+    try:
+        page = await dlq.list_entries(services, function=function or None, after=after,
+                                      limit=limit)
+    except ValueError as exc:
+        raise ApiError(400, ErrorCode.INVALID_REQUEST, str(exc)) from exc
+    return Response(msgspec.to_builtins(page))
+
+
+@get("/v1/dlq/{seq:str}")
+async def dlq_show(request: Request[Any, Any, Any], seq: FromPath[str]) -> Response[Any]:
+    services: Services = request.app.state.services
+    try:
+        entry = await dlq.get_entry(services, _dlq_seq(seq))
+    except (dlq.EntryNotFound, dlq.ReplayConflict) as exc:
+        raise _dlq_error(exc) from exc
+    return Response(msgspec.to_builtins(entry))
+
+
+@post("/v1/dlq/{seq:str}", status_code=200)
+async def dlq_action(request: Request[Any, Any, Any], seq: FromPath[str]) -> Response[Any]:
+    """``POST /v1/dlq/{seq}:replay`` (see ``job_action`` for the path shape)."""
+    services: Services = request.app.state.services
+    target, _, action = seq.rpartition(":")
+    if action != "replay":
+        raise ApiError(404, ErrorCode.NOT_FOUND, "no such resource; did you mean "
+                       "POST /v1/dlq/{seq}:replay?")
+    try:
+        result = await dlq.replay(services, _dlq_seq(target))
+    except (dlq.EntryNotFound, dlq.ReplayConflict) as exc:
+        raise _dlq_error(exc) from exc
+    return Response(msgspec.to_builtins(result))
+
+
+@delete("/v1/dlq/{seq:str}", status_code=200)
+async def dlq_delete(request: Request[Any, Any, Any], seq: FromPath[str]) -> Response[Any]:
+    services: Services = request.app.state.services
+    try:
+        purged = await dlq.purge_entry(services, _dlq_seq(seq))
+    except dlq.EntryNotFound as exc:
+        raise _dlq_error(exc) from exc
+    return Response({"purged": purged})
+
+
+@delete("/v1/dlq", status_code=200)
+async def dlq_purge(
+    request: Request[Any, Any, Any], function: FromQuery[str | None] = None,
+    purge_all: Annotated[bool, QueryParameter(name="all")] = False,
+) -> Response[Any]:
+    """Purge one function's entries (``?function=``) or, only when asked with ``?all=true``,
+    every entry: an empty query must never wipe the DLQ."""
+    services: Services = request.app.state.services
+    if not function and not purge_all:
+        raise ApiError(400, ErrorCode.INVALID_REQUEST,
+                       "say what to purge: ?function=<name>, or ?all=true for every entry")
+    try:
+        purged = await dlq.purge(services, function=function or None)
+    except ValueError as exc:
+        raise ApiError(400, ErrorCode.INVALID_REQUEST, str(exc)) from exc
+    return Response({"purged": purged, "function": function or None})
+
+
+DLQ_ROUTES = [dlq_list, dlq_show, dlq_action, dlq_delete, dlq_purge]
 
 
 @get("/healthz")
@@ -384,8 +522,8 @@ def _on_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
 
 def build_app(services: Services) -> Litestar:
     app = Litestar(
-        route_handlers=[upload, submit, get_job, cancel, list_outputs, download, healthz, readyz,
-                        metrics],
+        route_handlers=[upload, submit, get_job, cancel, job_action, list_outputs, download,
+                        *DLQ_ROUTES, healthz, readyz, metrics],
         exception_handlers={Exception: _on_error},
         debug=False,
     )

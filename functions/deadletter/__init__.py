@@ -1,0 +1,3 @@
+from functions.deadletter.handler import function
+
+__all__ = ["function"]

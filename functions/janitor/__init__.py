@@ -1,0 +1,3 @@
+from functions.janitor.handler import function
+
+__all__ = ["function"]
