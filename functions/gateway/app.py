@@ -4,10 +4,16 @@ Serves (on JETCUT_HTTP_HOST:JETCUT_HTTP_PORT):
   POST /v1/uploads?filename=   stream a file into the store (constant memory)
   POST /v1/jobs                validate and submit a job; 202 only after the PubAck
   GET  /v1/jobs/{id}           status, steps, progress, error
+  DELETE /v1/jobs/{id}         cancel a queued or running job
+  POST /v1/jobs/{id}:retry     re-run a failed or cancelled job from its checkpoints
   GET  /v1/jobs/{id}/outputs   output files with download links
   GET  /v1/jobs/{id}/outputs/{step}/{name}   stream one output
+  GET|DELETE /v1/dlq[/{seq}], POST /v1/dlq/{seq}:replay   dead letters (admin)
   GET  /healthz /readyz /metrics
-Emits: jobs.submit (Nats-Msg-Id = job id, so a retried request never makes two jobs)
+Emits: jobs.submit (Nats-Msg-Id = job id, so a retried request never makes two jobs),
+       jobs.cancel, jobs.retry
+Routes live in one module per resource (uploads, jobs, dlq_routes, health); api.py holds
+what they share; routes.py assembles the app.
 """
 
 from __future__ import annotations

@@ -1,0 +1,61 @@
+"""POST /v1/uploads: stream a file into the store in constant memory."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import unicodedata
+from typing import Any
+
+from litestar import Request, post
+from litestar.params import FromQuery
+
+from functions.gateway.api import (
+    ApiError,
+    UploadView,
+    tenant_of,
+)
+from shared.errors import ErrorCode
+from shared.function import Services
+from shared.ids import new_upload_id
+
+
+def safe_filename(name: str) -> str:
+    """A display name only (keys are built from minted ids); still keep it boring."""
+    name = unicodedata.normalize("NFKC", os.path.basename(name.replace("\\", "/")))
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "upload"
+    return name[:100]
+
+
+@post("/v1/uploads", request_max_body_size=None, status_code=201)
+async def upload(
+    request: Request[Any, Any, Any], filename: FromQuery[str] = "upload"
+) -> UploadView:
+    services: Services = request.app.state.services
+    tenant = tenant_of(request)
+    limit = services.settings.max_upload_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, ErrorCode.PAYLOAD_TOO_LARGE, f"uploads are limited to {limit} bytes")
+    upload_id = new_upload_id()
+    name = safe_filename(filename)
+    key = f"uploads/{tenant}/{upload_id}/{name}"
+    digest = hashlib.sha256()
+    size = 0
+    # Spool to disk, never to memory: multi-GB uploads use constant memory.
+    with tempfile.NamedTemporaryFile(dir=services.settings.work_dir, prefix="upload-") as spool:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, ErrorCode.PAYLOAD_TOO_LARGE,
+                               f"uploads are limited to {limit} bytes")
+            digest.update(chunk)
+            spool.write(chunk)
+        spool.flush()
+        if size == 0:
+            raise ApiError(400, ErrorCode.INVALID_REQUEST, "the upload is empty")
+        await services.store.put_file(key, spool.name)
+    return UploadView(upload_id=upload_id, key=key, filename=name, size=size,
+                      sha256=digest.hexdigest())
