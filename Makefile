@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test test-fast lint bench schema clean
+.PHONY: install run test test-fast lint bench chaos schema clean
 
 install: $(STAMP)
 
@@ -27,6 +27,9 @@ lint: install
 
 bench: install
 	$(PY) -m loadtests
+
+chaos: install
+	$(PY) -m loadtests.chaos
 
 schema: install
 	$(VENV)/bin/jetcut schema

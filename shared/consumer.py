@@ -50,6 +50,29 @@ TRANSIENT_FETCH = (
 )
 
 
+KNOWN_TRANSIENT = frozenset({
+    ErrorCode.TIMEOUT, ErrorCode.DISK_FULL, ErrorCode.STORE_UNAVAILABLE,
+    ErrorCode.BUS_UNAVAILABLE, ErrorCode.FFMPEG_FAILED,
+})
+"""Transient failures with a cause users can act on: when retries run out, the step fails
+with this code (``timeout`` says more than ``retries_exhausted``)."""
+
+
+def exhausted(error: ErrorInfo, attempts: int) -> ErrorInfo:
+    """The final error of a message whose transient failures used up its deliveries.
+
+    It keeps the last error's code when that names a known cause, ``retries_exhausted``
+    otherwise (an unclassified failure); ``details`` says which and how many attempts.
+    """
+    code = error.code if error.code in KNOWN_TRANSIENT else str(ErrorCode.RETRIES_EXHAUSTED)
+    return ErrorInfo(
+        code=code,
+        message=f"gave up after {attempts} attempts; last error: {error.code}: {error.message}",
+        details={**error.details, "last_error": error.code, "attempts": attempts,
+                 "retries_exhausted": True},
+    )
+
+
 class ConsumerLoop:
     """Fetch, handle and settle messages of one subscription until told to stop."""
 
@@ -268,12 +291,7 @@ class ConsumerLoop:
             await msg.nak(delay=delay)
             return "nak"
         if not permanent:
-            error = ErrorInfo(
-                code=str(ErrorCode.RETRIES_EXHAUSTED),
-                message=f"gave up after {ctx.delivery.number} attempts; last error: "
-                f"{error.code}: {error.message}",
-                details={"last_error": error.code},
-            )
+            error = exhausted(error, ctx.delivery.number)
         try:
             if self.sub.on_failure is not None:
                 await self.sub.on_failure(event, error, ctx)

@@ -223,8 +223,15 @@ def encode(event: Event) -> bytes:
 
 
 def decode(cls: type[E], data: bytes) -> E:
-    """Decode ``data`` as ``cls``; raises ``msgspec.ValidationError``/``DecodeError``."""
-    result: E = _decoders[cls].decode(data)
+    """Decode ``data`` as ``cls``; raises ``msgspec.ValidationError``/``DecodeError``.
+
+    ``cls`` may also be a message that is not ours (a NATS advisory a function consumes):
+    its decoder is built on first use and kept, like ours.
+    """
+    decoder = _decoders.get(cls)
+    if decoder is None:
+        decoder = _decoders.setdefault(cls, msgspec.json.Decoder(cls))
+    result: E = decoder.decode(data)
     return result
 
 

@@ -82,7 +82,7 @@ class Subscription(Generic[E]):
     """One durable pull consumer and the handler for its messages."""
 
     family: str
-    """Stream family: ``jobs`` or ``stages``."""
+    """Stream family: ``jobs``, ``stages`` or ``advisories`` (see ``Runtime._stream_of``)."""
     subject: Callable[[Names], str]
     durable: str
     event_type: type[E]

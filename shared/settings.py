@@ -107,7 +107,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """``RLIMIT_AS`` of each ffmpeg child (unset: no cap)."""
     ffmpeg_max_file_mb: PositiveInt | None = None
     """``RLIMIT_FSIZE`` of each ffmpeg child: the largest file it may write (unset: no cap)."""
-    store_breaker_failures: PositiveInt = 5
+    store_breaker_failures: PositiveInt = 3
     """Consecutive object-store failures that open the circuit breaker: the process stops
     fetching work and probes the store until it answers again."""
     store_probe_interval_s: Positive = 2.0

@@ -47,9 +47,14 @@ async def test_a_worker_without_disk_headroom_leaves_the_task_in_the_stream(
         await eventually(lambda: metric(worker, "jetcut_admission_waits_total",
                                         function="probe", reason="disk") >= 1,
                          what="the starved worker to report it waits for disk")
-        await wait_for_job(services, job_id, until=lambda r: r.planned)
-        info = await services.bus.js.consumer_info(services.names.stages_stream, "stage-probe")
-        assert (info.num_pending, info.num_ack_pending) == (1, 0)  # waiting, not taken
+
+        async def probe_task_published() -> bool:
+            info = await services.bus.js.consumer_info(services.names.stages_stream,
+                                                       "stage-probe")
+            assert info.num_ack_pending == 0  # never taken by the starved worker
+            return info.num_pending == 1
+
+        await eventually(probe_task_published, what="the probe task in the stream")
         assert (await services.jobs.get(job_id)).status == JobStatus.QUEUED
     # A worker with room takes the same task and the job finishes.
     roomy = make_settings(min_free_disk_mb=1)
@@ -86,8 +91,9 @@ async def test_disk_full_while_encoding_is_retried_and_uploads_nothing(
         record = await wait_for_job(services, job_id)
         step = record.steps["encode"]
         assert record.status == JobStatus.FAILED
-        assert record.error is not None and record.error.code == "retries_exhausted"
-        assert record.error.details["last_error"] == "disk_full"
+        # Out of retries, the job says why: disk_full, after both attempts.
+        assert record.error is not None and record.error.code == "disk_full"
+        assert record.error.details["attempts"] == 2
         # Both deliveries ran and the job shows why each one failed.
         assert step.lease == 2
         assert step.last_error is not None and step.last_error.code == "disk_full"
@@ -105,7 +111,7 @@ async def test_a_store_outage_opens_the_breaker_and_the_queue_holds_the_work(
         store="s3", s3_endpoint=proxy.endpoint, s3_access_key=s3_server.access_key,
         s3_secret_key=s3_server.secret_key, s3_region=s3_server.region,
         bucket=unique_bucket(), store_breaker_failures=2, store_probe_interval_s=0.2,
-        max_deliver=3,
+        max_deliver=5,  # > failures + 1: a pull already waiting may still take one delivery
     )
     try:
         async with running(settings, [FUNCTIONS["conductor"], FUNCTIONS["probe"]]) as runtime:
@@ -146,3 +152,24 @@ async def test_a_store_outage_opens_the_breaker_and_the_queue_holds_the_work(
                                           "conductor-submit") == (0, 0)
     finally:
         await proxy.close()
+
+
+async def test_a_stages_own_retry_policy_bounds_its_deliveries(
+    make_settings: Any, clip_3s: Path, tmp_path: Path
+) -> None:
+    # A probe worker whose ffprobe is missing fails every delivery transiently.
+    settings = make_settings(retry_policy={"probe": {"max_deliver": 2}},
+                             ffprobe=str(tmp_path / "no-ffprobe"))
+    async with running(settings, [FUNCTIONS["conductor"], FUNCTIONS["probe"]]) as runtime:
+        services = runtime.services
+        assert services is not None
+        job_id = await submit_job(runtime, [clip_3s], steps={
+            "probe": {"stage": "probe", "uses": [":input"]}})
+        record = await wait_for_job(services, job_id)
+        assert record.error is not None and record.error.code == "retries_exhausted"
+        assert "after 2 attempts" in record.error.message
+        assert record.steps["probe"].lease == 2
+        js = services.bus.js
+        stage = await js.consumer_info(services.names.stages_stream, "stage-probe")
+        conductor = await js.consumer_info(services.names.jobs_stream, "conductor-submit")
+        assert (stage.config.max_deliver, conductor.config.max_deliver) == (2, 5)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 from pathlib import Path
 
@@ -17,16 +16,9 @@ from tests.support.nats import (
     until_http_up,
     wait_for_job,
 )
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.timeout(120)
-
-
-async def eventually(check, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not check():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
 
 
 async def test_cancelling_a_running_job_stops_its_ffmpeg(  # type: ignore[no-untyped-def]
@@ -56,7 +48,7 @@ async def test_cancelling_a_running_job_stops_its_ffmpeg(  # type: ignore[no-unt
             assert record.status == "cancelled"
             assert record.error is not None and record.error.code == "cancelled"
 
-            await eventually(lambda: not runner.pids)
+            await eventually(lambda: not runner.pids, timeout=5, what="ffmpeg to be gone")
             for pid in pids:
                 with pytest.raises(ProcessLookupError):
                     os.kill(pid, 0)

@@ -11,62 +11,24 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import signal
-import sys
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from functions.registry import FUNCTIONS
+from loadtests.procs import Workers
 from shared.dlq import get_entry, list_entries
 from shared.events import StageTask, decode
 from shared.jobstate import JobRecord
-from shared.settings import Settings
 from tests.support.nats import consumer_settled, running, submit_job, wait_for_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
-JETCUT = str(Path(sys.executable).parent / "jetcut")
 STEP = "slow"
-
-
-def worker_env(settings: Settings, tmp_path: Path) -> dict[str, str]:
-    return {
-        **{k: v for k, v in os.environ.items() if not k.startswith("JETCUT_")},
-        "JETCUT_NATS_URL": settings.nats_url,
-        "JETCUT_NAMESPACE": settings.namespace,
-        "JETCUT_STORE": "local",
-        "JETCUT_STORE_DIR": settings.store_root,
-        "JETCUT_WORK_DIR": str(tmp_path / "worker-work"),
-        "JETCUT_DATA_DIR": str(tmp_path / "worker-data"),
-        "JETCUT_MAX_DELIVER": "2",
-        "JETCUT_ACK_WAIT_S": "2",  # a killed worker's task comes back within 2 s
-        "JETCUT_FETCH_TIMEOUT_S": "0.5",
-        "JETCUT_FFMPEG_THREADS": "1",  # slow enough that every kill lands mid-task
-    }
-
-
-@pytest.fixture
-async def spawn(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    procs: list[asyncio.subprocess.Process] = []
-    (tmp_path / "worker-work").mkdir()
-
-    async def start(env: dict[str, str], name: str) -> asyncio.subprocess.Process:
-        with (tmp_path / f"{name}.log").open("wb") as log:
-            proc = await asyncio.create_subprocess_exec(
-                JETCUT, "run", "transcode", env=env, stdout=log,
-                stderr=asyncio.subprocess.STDOUT)
-        procs.append(proc)
-        return proc
-
-    yield start
-    for proc in procs:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+WORKER = {"max_deliver": "2", "ack_wait_s": "2",  # a killed worker's task is back in 2 s
+          "ffmpeg_threads": "1"}  # slow enough that every kill lands mid-task
 
 
 def step_of(record: JobRecord) -> Any:
@@ -88,16 +50,19 @@ async def kill(proc: asyncio.subprocess.Process) -> None:
 
 
 async def test_a_worker_lost_on_the_last_delivery_fails_the_job_and_dead_letters_the_task(
-    make_settings, spawn, make_clip, tmp_path: Path  # type: ignore[no-untyped-def]
+    make_settings, workers: Workers, make_clip  # type: ignore[no-untyped-def]
 ) -> None:
     clip = make_clip("deadletter_30s", duration=30.0, width=640, height=360)
     settings = make_settings()
-    env = worker_env(settings, tmp_path)
+
+    async def spawn(name: str) -> asyncio.subprocess.Process:
+        return await workers.start("transcode", settings, name=name, **WORKER)
+
     in_process = [FUNCTIONS[n] for n in ("conductor", "probe", "deadletter")]
     async with running(settings, in_process) as rt:
         services = rt.services
         assert services is not None
-        first = await spawn(env, "worker1")
+        first = await spawn("worker1")
         job_id = await submit_job(rt, [clip], steps={
             "probe": {"stage": "probe", "uses": [":input"]},
             STEP: {"stage": "transcode", "uses": [":input", "probe"],
@@ -108,13 +73,13 @@ async def test_a_worker_lost_on_the_last_delivery_fails_the_job_and_dead_letters
         record = await wait_for_job(services, job_id, timeout=30, until=lambda r: r.terminal or (
             held_by(1)(r) and step_of(r).progress > 0))
         assert not record.terminal, record.error
-        second = await spawn(env, "worker2")
+        second = await spawn("worker2")
         await kill(first)
 
         # The second worker takes delivery 2 (the last): the record shows its lease.
         record = await wait_for_job(services, job_id, timeout=30, until=held_by(2))
         assert not record.terminal, record.error
-        await spawn(env, "worker3")  # a live puller, as a supervisor would restart
+        await spawn("worker3")  # a live puller, as a supervisor would restart
         await kill(second)
 
         record = await wait_for_job(services, job_id, timeout=30)

@@ -11,19 +11,17 @@ worker.
 
 from __future__ import annotations
 
-import asyncio
-import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import pytest
 
 from functions.registry import FUNCTIONS
+from loadtests.procs import Workers
 from shared.jobstate import JobRecord
-from shared.settings import Settings
 from tests.support.media import MakeClip, ffprobe_json
 from tests.support.nats import fetch_output, running, submit_job, wait_for_job
 
@@ -36,59 +34,15 @@ STEP = "encode_360p"
 PARTS = 6
 
 
-def worker_env(settings: Settings, tmp_path: Path) -> dict[str, str]:
-    return {
-        **{k: v for k, v in os.environ.items() if not k.startswith("JETCUT_")},
-        "JETCUT_NATS_URL": settings.nats_url,
-        "JETCUT_NAMESPACE": settings.namespace,
-        "JETCUT_STORE": "local",
-        "JETCUT_STORE_DIR": settings.store_root,
-        "JETCUT_WORK_DIR": str(tmp_path / "worker-work"),
-        "JETCUT_DATA_DIR": str(tmp_path / "worker-data"),
-        "JETCUT_ACK_WAIT_S": "2",  # a killed worker's task comes back within 2 s
-        "JETCUT_FETCH_TIMEOUT_S": "0.5",
-        "JETCUT_FFMPEG_THREADS": "1",  # slow enough that the kill lands mid-job
-    }
-
-
-def _log_file(path: Path) -> BinaryIO:
-    return path.open("wb")
+WORKER = {"ack_wait_s": "2",  # a killed worker's task comes back within 2 s
+          "ffmpeg_threads": "1"}  # slow enough that the kill lands mid-job
 
 
 @pytest.fixture
-def spawn(tmp_path: Path) -> Callable[..., Any]:
-    procs: list[asyncio.subprocess.Process] = []
-
-    async def start(env: dict[str, str], name: str) -> asyncio.subprocess.Process:
-        log = _log_file(tmp_path / f"{name}.log")
-        proc = await asyncio.create_subprocess_exec(JETCUT, "run", "encode-part", env=env,
-                                                    stdout=log, stderr=asyncio.subprocess.STDOUT)
-        log.close()  # the child holds its own descriptor
-        procs.append(proc)
-        return proc
-
-    async def cleanup() -> None:
-        for proc in procs:
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(proc.wait(), 30)
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()
-
-    start.cleanup = cleanup  # type: ignore[attr-defined]
-    return start
-
-
-@pytest.fixture
-async def stack(make_settings, spawn) -> AsyncIterator[Any]:  # type: ignore[no-untyped-def]
+async def stack(make_settings) -> AsyncIterator[Any]:  # type: ignore[no-untyped-def]
     settings = make_settings(concurrency=2)
     async with running(settings, [FUNCTIONS[n] for n in IN_PROCESS]) as rt:
-        try:
-            yield settings, rt
-        finally:
-            await spawn.cleanup()
+        yield settings, rt
 
 
 def parts_in(record: JobRecord, status: str) -> list[int]:
@@ -106,12 +60,12 @@ async def snapshot(rt: Any, job_id: str) -> dict[str, tuple[str, float]]:
     return {o.key: (o.etag, o.last_modified) for o in objects}
 
 
-async def test_killed_encoder_resumes_from_checkpoints(stack, spawn, make_clip: MakeClip,  # type: ignore[no-untyped-def]
-                                                       binaries, tmp_path: Path) -> None:
+async def test_killed_encoder_resumes_from_checkpoints(stack, workers: Workers,  # type: ignore[no-untyped-def]
+                                                       make_clip: MakeClip, binaries,
+                                                       tmp_path: Path) -> None:
     settings, rt = stack
-    env = worker_env(settings, tmp_path)
     clip = make_clip("resume_12s", duration=12.0, width=640, height=360)
-    first = await spawn(env, "worker1")
+    first = await workers.start("encode-part", settings, name="worker1", **WORKER)
     job_id = await submit_job(rt, [clip], recipe="hls", params={
         "segment_seconds": 2, "part_seconds": 2, "ladder": [360], "preset": "medium"})
 
@@ -129,7 +83,7 @@ async def test_killed_encoder_resumes_from_checkpoints(stack, spawn, make_clip: 
     assert set(done_before) <= set(checkpointed)
     assert len(checkpointed) < PARTS, "the kill came too late to interrupt anything"
 
-    await spawn(env, "worker2")
+    await workers.start("encode-part", settings, name="worker2", **WORKER)
     record = await wait_for_job(rt.services, job_id, timeout=90)
     assert record.status == "succeeded", record.error
 

@@ -311,7 +311,7 @@ def _container_env(deployment: dict[str, Any]) -> dict[str, str]:
 def test_k8s_env_is_valid_settings() -> None:
     deployments = k8s_kind("Deployment")
     assert {d["metadata"]["name"] for d in deployments} == {"gateway", "conductor", "janitor",
-                                                             *STAGES}
+                                                             "deadletter", *STAGES}
     for source in (*k8s_kind("ConfigMap"), *k8s_kind("Secret")):
         data = source.get("data") or source.get("stringData") or {}
         assert set(data) <= SETTINGS_ENV, sorted(set(data) - SETTINGS_ENV)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import msgspec
 
-from shared import events
 from shared.dlq import entry_msg_id, load_original, remove_original
 from shared.errors import ErrorCode, PermanentError
 from shared.events import DeadLetter, ErrorInfo, Event, StageTask, decode
@@ -42,10 +41,6 @@ class MaxDeliveries(Event, tag="io.nats.jetstream.advisory.v1.max_deliver", kw_o
     stream_seq: int
     deliveries: int
 
-
-# NATS's advisory is decoded by the consumer loop like our events; it is not one of ours, so
-# it stays out of ``BUS_EVENTS`` (and the published JSON Schemas) and is only registered here.
-events._decoders.setdefault(MaxDeliveries, msgspec.json.Decoder(MaxDeliveries))
 
 
 def function_of(consumer: str, *, stage: bool) -> str:

@@ -4,10 +4,14 @@ JetStream is the transport, not the record: a task message can be lost (a purged
 replica lost with its data) while the job record still says the step is ready. The sweep
 reads every job record and asks the conductor to re-drive a job whose record has not changed
 for ``stuck_after_s``; the conductor gives its ready and running tasks new attempts and the
-fence discards whatever the old ones still report. So ``stuck_after_s`` must be longer than
-the longest a healthy job goes without a record change: a step with no progress reports,
-or a job waiting behind a backlog (a re-drive there only costs one stale message per task,
-which the fence drops).
+fence discards whatever the old ones still report. A running step's worker touches the
+record every ``stuck_after_s / 4`` (its lease), so a long step is never taken for stuck.
+
+A job that merely waits behind a backlog is not stuck either: it is re-driven only when its
+tasks cannot be in the stream any more, i.e. when the work-queue stream holds no message at
+all on the subject of a stage it waits on (or, for a job never planned, when the conductor
+has no submit pending). On a busy stage a lost task therefore waits for the backlog to
+drain before it is re-driven; nothing is re-run while it might still arrive.
 
 Every action is a message with a deterministic id or an idempotent delete, so several
 janitors (or a janitor restarted mid-sweep) do no harm. Each sweep reads all job records
@@ -21,13 +25,16 @@ import asyncio
 import logging
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
+from functools import partial
 
 import msgspec
+from nats.js.errors import NotFoundError
 
 from functions.janitor.tempdirs import remove_orphan_dirs
 from shared.events import JobCleanup, JobRetry
 from shared.function import Services
-from shared.jobstate import JobRecord, JobStatus
+from shared.jobstate import LIVE_STEP, JobRecord, JobStatus
 from shared.jobstore import JobNotFound
 from shared.store import ObjectInfo
 
@@ -106,8 +113,9 @@ async def sweep(services: Services, *, now: float | None = None) -> SweepReport:
     try:
         records = await load_records(services)
         report.jobs_seen = len(records)
+        drained = DrainedQueues(services)
         for record in records:
-            if is_stuck(record, now, settings.stuck_after_s):
+            if is_stuck(record, now, settings.stuck_after_s) and await drained.all_of(record):
                 await _redrive(services, record, now)
                 report.redriven.append(record.job_id)
                 count.labels("redrive_stuck").inc()
@@ -141,6 +149,47 @@ async def sweep(services: Services, *, now: float | None = None) -> SweepReport:
         log.exception("janitor: removing orphaned temp dirs failed")
         report.errors.append("temp_dirs")
     return report
+
+
+class DrainedQueues:
+    """Which queues a stuck job waits on are empty, so its task cannot still arrive.
+
+    Looked up once per queue per sweep: one STREAM.INFO filtered on the stage's subject
+    (a work-queue stream keeps a message until it is acked, delivered or not), or the
+    conductor's submit consumer for a job that was never planned.
+    """
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.known: dict[str, bool] = {}
+
+    async def all_of(self, record: JobRecord) -> bool:
+        names = self.services.names
+        if not record.planned:
+            return await self._cached("submit", self._submit_drained)
+        stages = {step.stage for step in record.steps.values() if step.status in LIVE_STEP}
+        for stage in sorted(stages):
+            if not await self._cached(stage, partial(self._stage_drained, names.stage(stage))):
+                return False
+        return True
+
+    async def _cached(self, key: str, look: Callable[[], Awaitable[bool]]) -> bool:
+        if key not in self.known:
+            self.known[key] = await look()
+        return self.known[key]
+
+    async def _stage_drained(self, subject: str) -> bool:
+        info = await self.services.bus.js.stream_info(self.services.names.stages_stream,
+                                                      subjects_filter=subject)
+        return not (info.state.subjects or {}).get(subject)
+
+    async def _submit_drained(self) -> bool:
+        try:
+            info = await self.services.bus.js.consumer_info(self.services.names.jobs_stream,
+                                                            "conductor-submit")
+        except NotFoundError:
+            return True  # no conductor ever ran: nothing is pending for one
+        return not (info.num_pending or info.num_ack_pending)
 
 
 async def _redrive(services: Services, record: JobRecord, now: float) -> None:
