@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,12 +34,21 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
     data_dir = Path(settings.data_dir).resolve()
     server = NatsServer(data_dir / "nats", port=settings.nats_port, binary=settings.nats_server_bin)
     server.start()
-    settings = load_settings(nats_url=server.url, data_dir=str(data_dir))
+    # A local stack for one person: callers without an API key are the default tenant
+    # (admin), unless JETCUT_ALLOW_ANONYMOUS=false asks for keys even here.
+    anonymous: dict[str, object] = ({} if "JETCUT_ALLOW_ANONYMOUS" in os.environ
+                                    else {"allow_anonymous": True})
+    settings = load_settings(None, nats_url=server.url, data_dir=str(data_dir), **anonymous)
+    auth = (f"anonymous access ON: no key needed, every caller is tenant "
+            f"{settings.default_tenant!r} with admin rights (development only)"
+            if settings.allow_anonymous else
+            "API keys required (create one: jetcut keys create --tenant NAME)")
 
     def ready(_: object) -> None:
         print(
             f"jetcut dev is running\n"
             f"  gateway   {settings.base_url}   (try: curl {settings.base_url}/healthz)\n"
+            f"  auth      {auth}\n"
             f"  metrics   {settings.base_url}/metrics\n"
             f"  nats      {server.url}   (JetStream files in {server.data_dir})\n"
             f"  store     {Path(settings.store_root).resolve()}\n"
@@ -105,7 +115,9 @@ def cmd_schema(settings: Settings, args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace, settings: Settings) -> Any:
     import httpx
 
-    return httpx.Client(base_url=args.url or settings.base_url, timeout=httpx.Timeout(30.0))
+    headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
+    return httpx.Client(base_url=args.url or settings.base_url, timeout=httpx.Timeout(30.0),
+                        headers=headers)
 
 
 def _fail(response: Any) -> int:
@@ -256,6 +268,51 @@ def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
+    """Manage API keys in the ``keys`` KV bucket, straight through NATS."""
+    return asyncio.run(_keys(settings, args))
+
+
+async def _keys(settings: Settings, args: argparse.Namespace) -> int:
+    from shared.bus import connect
+    from shared.keys import KeyStore
+    from shared.subjects import Names
+
+    nc = await connect(settings, name="jetcut-keys")
+    try:
+        store = await KeyStore.open(nc.jetstream(), Names(settings.namespace), settings)
+        if args.keys_command == "create":
+            try:
+                key, record = await store.create(args.tenant, name=args.name,
+                                                 admin=args.admin)
+            except ValueError as exc:
+                print(f"jetcut keys: {exc}", file=sys.stderr)
+                return 2
+            print(key, flush=True)
+            print(f"key {record.key_id} for tenant {record.tenant!r}"
+                  f"{' (admin)' if record.admin else ''} created; the key above is shown "
+                  "only this once: send it as 'Authorization: Bearer <key>'", file=sys.stderr)
+            return 0
+        if args.keys_command == "list":
+            records = [r for r in await store.list()
+                       if args.tenant is None or r.tenant == args.tenant]
+            for r in records:
+                state = f"revoked {_when(r.revoked_at)}" if r.revoked_at else "active"
+                print(f"{r.key_id}  {r.tenant:20} {'admin' if r.admin else '-':5}  "
+                      f"{_when(r.created_at)}  {state:27}  {r.name}")
+            if not records:
+                print("no API keys" + (f" for tenant {args.tenant!r}" if args.tenant else ""))
+            return 0
+        revoked = await store.revoke(args.key_id)
+        if revoked is None:
+            print(f"jetcut keys: no key {args.key_id!r}", file=sys.stderr)
+            return 1
+        print(f"key {revoked.key_id} (tenant {revoked.tenant!r}) revoked")
+        return 0
+    finally:
+        await nc.close()
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jetcut", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -304,11 +361,25 @@ def parser() -> argparse.ArgumentParser:
     dlq_purge.add_argument("--all", action="store_true", help="every entry")
     for command in (dlq_list, dlq_show, dlq_replay, dlq_purge):
         command.add_argument("--url")
+    keys = sub.add_parser("keys", help="create, list or revoke API keys (talks to NATS "
+                                       "directly: an operator tool)")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    keys_create = keys_sub.add_parser("create", help="mint a key for a tenant; it is printed "
+                                                     "once and never stored")
+    keys_create.add_argument("--tenant", required=True)
+    keys_create.add_argument("--name", default="", help="a label: who or what uses it")
+    keys_create.add_argument("--admin", action="store_true",
+                             help="may also use the admin endpoints (dead letters)")
+    keys_list = keys_sub.add_parser("list", help="every key, without secrets")
+    keys_list.add_argument("--tenant", help="only this tenant's keys")
+    keys_revoke = keys_sub.add_parser("revoke", help="revoke a key (at once, for good)")
+    keys_revoke.add_argument("key_id")
     return p
 
 
 COMMANDS = {"dev": cmd_dev, "run": cmd_run, "schema": cmd_schema, "submit": cmd_submit,
-            "status": cmd_status, "cancel": cmd_cancel, "retry": cmd_retry, "dlq": cmd_dlq}
+            "status": cmd_status, "cancel": cmd_cancel, "retry": cmd_retry, "dlq": cmd_dlq,
+            "keys": cmd_keys}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -213,6 +213,7 @@ def gateway(nats_url: str, work: Path) -> Iterator[tuple[subprocess.Popen[bytes]
         "JETCUT_STORE_DIR": str(work / "store"), "JETCUT_DATA_DIR": str(work / "data"),
         "JETCUT_WORK_DIR": str(work / "work"), "JETCUT_HTTP_HOST": "127.0.0.1",
         "JETCUT_HTTP_PORT": str(port), "JETCUT_LOG_LEVEL": "WARNING",
+        "JETCUT_ALLOW_ANONYMOUS": "true",
     })
     log = (work / "gateway.log").open("wb")
     proc = subprocess.Popen([str(VENV_BIN / "jetcut"), "run", "gateway"], env=env,

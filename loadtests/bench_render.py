@@ -143,7 +143,7 @@ async def run_interleaved(server_url: str, work: Path, binaries: Binaries, clip:
     settings = load_settings(
         {}, nats_url=server_url, namespace="benchrender", data_dir=str(work / "data"),
         store="local", store_dir=str(work / "store"), work_dir=str(work / "work"),
-        http_host="127.0.0.1", http_port=port,
+        http_host="127.0.0.1", http_port=port, allow_anonymous=True,
     )
     functions, why = all_functions(["gateway", "conductor", "probe", "transcode", "thumbnail"])
     if why:

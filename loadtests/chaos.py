@@ -168,6 +168,7 @@ class Chaos:
             store_dir=str(self.root / "store"), data_dir=str(self.root / "data"),
             http_port=self.http_port, ack_wait_s=2.0, fetch_timeout_s=0.5,
             backoff_base_s=0.2, backoff_max_s=1.0, drain_grace_s=5.0, min_free_disk_mb=0,
+            allow_anonymous=True,
         )
 
     async def _start(self, name: str) -> None:

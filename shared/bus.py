@@ -51,8 +51,22 @@ class PublishFailed(Exception):
     """Every attempt of a publish failed; the message may or may not be stored."""
 
 
+class StreamFull(PublishFailed):
+    """The stream is at its ``max_msgs`` / ``max_bytes`` limit and refused the message
+    (``discard: new``). Not retried within the publish: the backlog has to drain first."""
+
+
+STREAM_STORE_FAILED = 10077
+"""JetStream's error code for a publish the stream refused to store (a full stream)."""
+
+
 async def connect(settings: Settings, *, name: str) -> NATS:
-    """Connect to any seed and keep reconnecting forever (the bus is never optional)."""
+    """Connect to any seed and keep reconnecting forever (the bus is never optional).
+
+    Authenticates with a user credentials file (``nats_creds``, operator mode) or a user
+    and password (``nats_user``/``nats_password``, infra/nats/auth), and verifies the
+    server's TLS certificate against ``nats_tls_ca`` when set.
+    """
     tls: ssl.SSLContext | None = None
     if settings.nats_tls_ca:
         tls = ssl.create_default_context(cafile=settings.nats_tls_ca)
@@ -74,6 +88,8 @@ async def connect(settings: Settings, *, name: str) -> NATS:
         servers=settings.nats_servers,
         name=name,
         user_credentials=settings.nats_creds,
+        user=settings.nats_user,
+        password=settings.nats_password,
         tls=tls,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.25,
@@ -142,6 +158,9 @@ class Bus:
                         subject, payload, headers=headers, timeout=self.publish_timeout_s
                     )
                 except RETRYABLE_PUBLISH as exc:
+                    if getattr(exc, "err_code", None) == STREAM_STORE_FAILED:
+                        self.telemetry.publishes.labels(kind, "failed").inc()
+                        raise StreamFull(f"{subject}: the stream is full ({exc})") from exc
                     left = give_up_at - loop.time()
                     if left <= 0:
                         self.telemetry.publishes.labels(kind, "failed").inc()
@@ -158,16 +177,18 @@ class Bus:
                 return ack
         raise AssertionError("unreachable")
 
-    async def emit(self, event: JobEvent, *, durable: bool = False) -> None:
+    async def emit(self, event: JobEvent, *, durable: bool = False,
+                   msg_id: str | None = None) -> None:
         """Announce job lifecycle/progress on ``events.<tenant>.<job_id>``.
 
         Fire-and-forget by default: the EVENTS stream still stores what reaches the server,
         and the job record in KV, not this stream, is the truth a watcher reconciles with.
-        ``durable`` waits for the PubAck, for callers that must know it was stored.
+        ``durable`` waits for the PubAck, for callers that must know it was stored (status
+        changes drive callbacks); ``msg_id`` then makes a repeat a no-op.
         """
         subject = self.names.events(event.tenant, event.job_id)
         if durable:
-            await self.publish(subject, event)
+            await self.publish(subject, event, msg_id=msg_id)
             return
         msg_id = uuid.uuid4().hex
         try:

@@ -40,7 +40,16 @@ class ErrorCode(StrEnum):
     CANCELLED = "cancelled"
     DISK_FULL = "disk_full"
     LEASE_LOST = "lease_lost"
+    NOT_SUPPORTED = "not_supported"
     INTERNAL = "internal"
+    UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
+    RATE_LIMITED = "rate_limited"
+    TOO_MANY_ACTIVE_JOBS = "too_many_active_jobs"
+    OVERLOADED = "overloaded"
+    UNSUPPORTED_FORMAT = "unsupported_format"
+    INPUT_TOO_LARGE = "input_too_large"
+    INVALID_CALLBACK = "invalid_callback"
 
 
 class JetcutError(Exception):
@@ -109,6 +118,13 @@ class ObjectNotFound(JetcutError):
     def __init__(self, key: str) -> None:
         super().__init__(f"no object at {key!r}", details={"key": key})
         self.key = key
+
+
+class NotSupported(PermanentError):
+    """The configured backend cannot do this (a presigned URL from the local store)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.NOT_SUPPORTED, message)
 
 
 class StoreUnavailable(TransientError):

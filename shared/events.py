@@ -71,6 +71,10 @@ class JobSubmit(Event, tag="job.submit", kw_only=True, frozen=True):
     params: dict[str, Any] = {}
     idempotency_key: str | None = None
     submitted_at: float = msgspec.field(default_factory=time.time)
+    callback_url: str | None = None
+    """http(s) URL that gets the job's status changes, signed (the ``notify`` function)."""
+    callback_secret: str | None = None
+    """HMAC key for those callbacks (unset: the deployment's ``JETCUT_CALLBACK_SECRET``)."""
 
 
 def part_name(step: str, part: int | None) -> str:

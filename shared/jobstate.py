@@ -113,6 +113,11 @@ class JobRecord(msgspec.Struct, kw_only=True):
     request_hash: str | None = None
     """Fingerprint of the request that made the job: a repeat with the same idempotency key
     but a different request is a conflict, not a silent match."""
+    callback_url: str | None = None
+    """Where the ``notify`` function POSTs this job's status changes (webhook)."""
+    callback_secret: str | None = None
+    """HMAC key signing those POSTs (unset: ``JETCUT_CALLBACK_SECRET``). Never shown by
+    the API."""
     created_at: float = msgspec.field(default_factory=time.time)
     updated_at: float = msgspec.field(default_factory=time.time)
     started_at: float | None = None
@@ -140,6 +145,15 @@ class JobRecord(msgspec.Struct, kw_only=True):
             for s in self.steps.values()
         )
         return round(total / len(self.steps), 4)
+
+
+def status_event_id(record: JobRecord) -> str:
+    """Message id of the announcement of the record's status: the same for every repeat of
+    one status change (a redelivered message announces again), new for a later one (a job
+    retried after it failed announces ``running`` and its next outcome afresh)."""
+    since = {JobStatus.QUEUED: record.created_at, JobStatus.RUNNING: record.started_at}.get(
+        record.status, record.finished_at if record.terminal else record.updated_at)
+    return f"status:{record.job_id}:{record.status}:{since!r}"
 
 
 def input_ref_index(ref: str) -> int | None:

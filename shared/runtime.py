@@ -71,7 +71,8 @@ class Runtime:
 
     def _stream_of(self, sub: Subscription[Any]) -> str:
         return {"jobs": self.names.jobs_stream, "stages": self.names.stages_stream,
-                "advisories": self.names.advisories_stream}[sub.family]
+                "advisories": self.names.advisories_stream,
+                "events": self.names.events_stream}[sub.family]
 
     def _consumer(self, fn: Function, sub: Subscription[Any]) -> api.ConsumerConfig:
         s = self.settings

@@ -11,7 +11,7 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -20,6 +20,7 @@ PREFIX = "JETCUT_"
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 
 
@@ -35,6 +36,22 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     backoff_max_s: Positive | None = None
 
 
+class IngestRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Which job a MinIO upload starts: the first rule whose bucket and prefix match wins."""
+
+    prefix: str = ""
+    """Matched against the whole (decoded) object key, e.g. ``incoming/web/``."""
+    bucket: str | None = None
+    """Only notifications from this bucket (unset: any, which in practice is the store's)."""
+    recipe: str | None = None
+    steps: dict[str, Any] | None = None
+    """Inline steps instead of a recipe (``{"probe": {"stage": "probe", "uses": [":input"]}}``);
+    give exactly one of the two. The ingest function checks both when it starts."""
+    params: dict[str, Any] = {}
+    tenant: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = None
+    """Tenant that owns the jobs (unset: ``default_tenant``)."""
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Everything a jetcut process can be configured with (see docs/configuration.md)."""
 
@@ -43,6 +60,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Comma-separated seed URLs; a client connects to any and fails over to the others."""
     nats_creds: str | None = None
     nats_tls_ca: str | None = None
+    nats_user: str | None = None
+    """User name for servers with per-function users (infra/nats/auth/nats-server.conf)."""
+    nats_password: str | None = None
     replicas: PositiveInt = 1
     """Stream and KV replicas: 1 embedded, 3 on a cluster."""
     namespace: Annotated[str, msgspec.Meta(pattern=r"^([a-z][a-z0-9_]{0,31})?$")] = ""
@@ -138,12 +158,89 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     timeout_per_media_s: Positive = 10.0
     """A step may take this many seconds per second of input media (times the stage cost)."""
 
+    # --- HTTP job API: batches, listings, live events, queue/status, presigned URLs --------
+    max_batch: PositiveInt = 100
+    """Most jobs one ``POST /v1/jobs:batch`` may carry."""
+    list_max_limit: PositiveInt = 500
+    """Largest ``limit`` a ``GET /v1/jobs`` page may ask for."""
+    sse_heartbeat_s: Positive = 15.0
+    """Seconds between keep-alive comments on an idle ``/v1/jobs/{id}/events`` stream (and
+    re-checks of the job record, so a stream never outlives its job)."""
+    queue_position_scan: PositiveInt = 1000
+    """Most queued tasks read to find a queued job's position; beyond it the position is
+    reported as at least this many."""
+    status_max_backlog: PositiveInt = 1000
+    """``/v1/status`` is ``degraded`` when a stage has more tasks than this waiting."""
+    status_max_pending_age_s: Positive = 600.0
+    """...or when a stage's oldest waiting task is older than this."""
+    s3_public_endpoint: str | None = None
+    """``host:port`` clients reach S3 at, for presigned URLs (default: ``s3_endpoint``); the
+    signature covers the host, so set it when clients see S3 under another name."""
+    presign_expiry_s: Annotated[float, msgspec.Meta(gt=0, le=604800)] = 900.0
+    """Lifetime of presigned upload and download URLs (S3 store only)."""
+    presign_outputs: bool = False
+    """Output listings give presigned S3 URLs by default (``?presign=`` overrides)."""
+
+    # --- ingest (MinIO notifications, CloudEvents) -----------------------------------
+    ingest_rules: list[IngestRule] = []
+    """JSON list of ``{bucket, prefix, recipe | steps, params, tenant}``: what a MinIO upload
+    starts; first match wins, no match: the notification is acked and ignored."""
+    ingest_prefix: Annotated[str, msgspec.Meta(pattern=r"^([A-Za-z0-9_-]+/)+$")] = "incoming/"
+    """Only objects under this prefix of the store's bucket may start jobs or be named as
+    job inputs besides uploads (ends in ``/``)."""
+
     # --- observability ----------------------------------------------------------------
     metrics_port: Port = 0
     """Port for ``/metrics`` in ``jetcut run`` (0: off). The gateway always serves it."""
     otel_exporter: Literal["none", "console", "otlp"] = "none"
     otel_endpoint: str = "http://127.0.0.1:4318"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    # --- security and fairness (gateway) ---------------------------------------------
+    allow_anonymous: bool = False
+    """Callers without an API key act as ``default_tenant`` with admin rights. Development
+    only; ``jetcut dev`` turns it on. Off: every request needs a key (401 without one)."""
+    api_key: str | None = None
+    """The key the client commands (``jetcut submit``, ``status``, ``dlq``...) send."""
+    rate_limit_key_per_s: NonNegativeFloat = 20.0
+    """Requests per second one API key may make on average (token bucket; 0: no limit)."""
+    rate_limit_key_burst: PositiveInt = 100
+    rate_limit_address_per_s: NonNegativeFloat = 50.0
+    """Requests per second from one client address, authenticated or not (0: no limit)."""
+    rate_limit_address_burst: PositiveInt = 200
+    trust_forwarded_for: bool = False
+    """Take the client address from the last ``X-Forwarded-For`` hop (behind a proxy)."""
+    max_active_jobs_per_tenant: NonNegativeInt = 1000
+    """Queued plus running jobs one tenant may have through the gateway (0: no cap)."""
+    backpressure_max_pending: NonNegativeInt = 10000
+    """Submissions get 503 ``overloaded`` once a needed stage has this many tasks waiting or
+    in flight, or the conductor this many unread submits (0: never)."""
+    stream_max_msgs: PositiveInt = 10_000_000
+    """Message cap of each stream; a full stream refuses publishes (``discard: new``)
+    except EVENTS, which drops its oldest progress events."""
+    stream_max_bytes: PositiveInt | None = None
+    """Byte cap of each stream (unset: none). nats-server reserves it against its JetStream
+    storage when the stream is created, so keep the sum within the disk."""
+
+    # --- untrusted input (the probe gate) ---------------------------------------------
+    input_max_pixels: PositiveInt = 8192 * 8192
+    """Largest picture (width x height) of any video stream an input may have."""
+    input_max_duration_s: Positive = 4 * 3600.0
+    """Longest input accepted, as its container declares it."""
+    input_max_streams: PositiveInt = 16
+    """Most streams (of any kind) an input may have."""
+    input_max_fps: Positive = 240.0
+    """Highest average frame rate of any video stream."""
+
+    # --- job callbacks (webhooks) -----------------------------------------------------
+    callback_allow_private: bool = False
+    """Allow callback URLs on loopback, private, link-local and other non-global addresses
+    (development, or receivers inside your network). Off: refused at submit and at send."""
+    callback_secret: str | None = None
+    """HMAC key that signs callbacks of jobs that give no ``callback_secret`` of their own
+    (unset: such jobs must give one)."""
+    callback_timeout_s: Positive = 10.0
+    """Deadline of one callback POST (connect, send, and the receiver's answer)."""
 
     def policy_for(self, stage: str) -> RetryPolicy:
         """The retry policy of ``stage`` with every unset field taken from the globals."""
@@ -167,7 +264,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         return self.public_url or f"http://{self.http_host}:{self.http_port}"
 
 
-JSON_FIELDS = ("retry_policy",)
+JSON_FIELDS = ("retry_policy", "ingest_rules")
 """Settings whose variable holds JSON (a mapping), not a plain value."""
 
 

@@ -43,6 +43,7 @@ from shared.jobstate import (
     mark_running,
     note_failure,
     set_progress,
+    status_event_id,
 )
 from shared.jobstore import JobNotFound, NoChange
 from shared.params.base import Params
@@ -214,10 +215,18 @@ async def run_task(name: str, handler: StageHandler[P], task: StageTask, ctx: Co
             raise NoChange
         return True
 
-    _, took = await services.jobs.update(task.job_id, running, current=(record, revision))
+    was = record.status
+    record, took = await services.jobs.update(task.job_id, running, current=(record, revision))
     if not took:
         log_.info("task %s became stale; dropped", task.task_id)
         return
+    if was == JobStatus.QUEUED and record.status == JobStatus.RUNNING:
+        # The first step to start makes the job running: announce it like the conductor
+        # announces every other status change.
+        await services.bus.emit(JobEvent(
+            job_id=task.job_id, tenant=task.tenant, kind="status", status=record.status,
+            progress=record.progress,
+        ), durable=True, msg_id=status_event_id(record))
     await services.bus.emit(JobEvent(job_id=task.job_id, tenant=task.tenant, kind="step",
                                      step=task.step, step_status="running"))
     try:

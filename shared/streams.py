@@ -26,14 +26,20 @@ STREAM_EXISTS_DIFFERENT = 10058
 def stream_configs(names: Names, settings: Settings) -> list[api.StreamConfig]:
     """The four streams of the contract (DESIGN.md, "Streams, subjects, consumers"), and
     ``ADVISORIES``, which keeps JetStream's max-deliveries advisories for the deadletter
-    function: a plain subscription would miss those sent while no deadletter runs."""
+    function: a plain subscription would miss those sent while no deadletter runs; and
+    ``INGEST``, MinIO's bucket notifications for the ingest function."""
 
     def stream(name: str, family: str, retention: api.RetentionPolicy, max_age: float,
-               duplicate_window: float, allow_direct: bool | None = None) -> api.StreamConfig:
+               duplicate_window: float, allow_direct: bool | None = None,
+               discard: api.DiscardPolicy = api.DiscardPolicy.NEW) -> api.StreamConfig:
+        # Bounded, and a full stream refuses the publish (the publisher sees an error and
+        # retries or answers 503) instead of silently dropping its oldest work.
         return api.StreamConfig(
             name=name, subjects=[names.all(family)], retention=retention, max_age=max_age,
             duplicate_window=duplicate_window, allow_direct=allow_direct,
             storage=api.StorageType.FILE, num_replicas=settings.replicas,
+            max_msgs=settings.stream_max_msgs, max_bytes=settings.stream_max_bytes,
+            discard=discard,
         )
 
     limits, work_queue = api.RetentionPolicy.LIMITS, api.RetentionPolicy.WORK_QUEUE
@@ -42,8 +48,21 @@ def stream_configs(names: Names, settings: Settings) -> list[api.StreamConfig]:
         # conductor's create-only job record catches repeats.
         stream(names.jobs_stream, "jobs", limits, 7 * DAY, 3600.0),
         stream(names.stages_stream, "stages", work_queue, 7 * DAY, 600.0),
-        stream(names.events_stream, "events", limits, DAY, 120.0, allow_direct=True),
+        # Progress events are a replayable log, not the record (the job KV is): when full,
+        # the oldest go, so a flood of progress can never block a job's work.
+        stream(names.events_stream, "events", limits, DAY, 120.0, allow_direct=True,
+               discard=api.DiscardPolicy.OLD),
         stream(names.dlq_stream, "dlq", limits, 30 * DAY, 600.0),
+        # MinIO notifications wait here while ingest is down (MinIO publishes with JetStream
+        # on and keeps what gets no PubAck in its queue dir). Only ``ingest.minio``: the
+        # request/reply subject ``ingest.request`` must stay outside every stream.
+        api.StreamConfig(
+            name=names.ingest_stream, subjects=[names.minio_notifications],
+            retention=work_queue, max_age=7 * DAY, duplicate_window=600.0,
+            storage=api.StorageType.FILE, num_replicas=settings.replicas,
+            max_msgs=settings.stream_max_msgs, max_bytes=settings.stream_max_bytes,
+            discard=api.DiscardPolicy.NEW,
+        ),
         api.StreamConfig(
             name=names.advisories_stream, retention=limits, max_age=3 * DAY,
             subjects=[names.max_deliveries(names.jobs_stream),

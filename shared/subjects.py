@@ -47,6 +47,11 @@ class Names:
         return self._n("DLQ")
 
     @property
+    def ingest_stream(self) -> str:
+        """Where MinIO bucket notifications wait for the ingest function (``ingest.minio``)."""
+        return self._n("INGEST")
+
+    @property
     def advisories_stream(self) -> str:
         """Where JetStream's max-deliveries advisories for our streams are kept (deadletter)."""
         return self._n("ADVISORIES")
@@ -54,6 +59,16 @@ class Names:
     @property
     def jobs_bucket(self) -> str:
         return f"{self.namespace}_jobs" if self.namespace else "jobs"
+
+    @property
+    def keys_bucket(self) -> str:
+        """API keys (hashed) and their tenants: ``shared.keys``."""
+        return f"{self.namespace}_keys" if self.namespace else "keys"
+
+    @property
+    def active_bucket(self) -> str:
+        """The gateway's index of each tenant's active jobs (the per-tenant cap)."""
+        return f"{self.namespace}_active" if self.namespace else "active"
 
     # subjects
     @property
@@ -75,6 +90,18 @@ class Names:
     @property
     def stage_complete(self) -> str:
         return self._s("jobs.stage.complete")
+
+    @property
+    def minio_notifications(self) -> str:
+        """MinIO's NATS target publishes here (JetStream on): kept in ``INGEST``."""
+        return self._s("ingest.minio")
+
+    @property
+    def ingest_request(self) -> str:
+        """Request/reply submits (JobSubmit or CloudEvent) answered by ingest with the job id.
+        Plain NATS, deliberately outside every stream: a stream capturing it would answer
+        the requester with its PubAck before ingest could."""
+        return self._s("ingest.request")
 
     def stage(self, stage: str) -> str:
         return self._s(f"stages.{check_token('stage', stage)}")

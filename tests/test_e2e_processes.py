@@ -40,6 +40,7 @@ def fleet(nats_server: NatsServer, s3_server: S3Endpoint, tmp_path: Path) -> Ite
         "JETCUT_HTTP_PORT": str(port),
         "JETCUT_WORK_DIR": str(tmp_path),
         "JETCUT_FETCH_TIMEOUT_S": "0.5",
+        "JETCUT_ALLOW_ANONYMOUS": "true",  # HTTP without API keys (tests/test_auth.py has them)
     }
     procs: dict[str, subprocess.Popen[bytes]] = {}
     logs = {name: open(tmp_path / f"{name}.log", "wb") for name in FUNCTIONS}

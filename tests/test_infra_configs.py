@@ -8,6 +8,7 @@ is parsed and cross-checked against ``Settings``, the function registry and the 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -63,12 +64,15 @@ def with_store_dir(conf: Path, store_dir: Path) -> str:
 def nats_check(conf_text: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     path = tmp_path / "check.conf"
     path.write_text(conf_text)
+    # infra/nats/auth takes its users' passwords from the environment ($NATS_PASSWORD_*).
+    secrets = {var: "check" for var in re.findall(r"\$(NATS_PASSWORD_[A-Z0-9_]+)", conf_text)}
     return subprocess.run(
         [nats_server_bin(), "-t", "-c", str(path)],
         capture_output=True,
         text=True,
         timeout=30,
         check=False,
+        env={**os.environ, **secrets},
     )
 
 

@@ -134,7 +134,7 @@ async def test_hls_playlist_named_mp4_is_refused(
     binaries: Binaries, clip_3s: Path, tmp_path: Path
 ) -> None:
     error = await _refused(binaries, _write_playlist(tmp_path, clip_3s))
-    assert error.code == ErrorCode.INVALID_INPUT
+    assert error.code == ErrorCode.UNSUPPORTED_FORMAT
     assert "playlist" in error.message
 
 
@@ -180,7 +180,7 @@ async def test_missing_empty_and_special_files(binaries: Binaries, tmp_path: Pat
 )
 async def test_limits(binaries: Binaries, clip_3s: Path, limits: ProbeLimits, named: str) -> None:
     error = await _refused(binaries, clip_3s, limits=limits)
-    assert error.code == ErrorCode.INVALID_INPUT
+    assert error.code == ErrorCode.INPUT_TOO_LARGE
     assert named in error.message
 
 

@@ -21,6 +21,7 @@ from shared.media import (
     find_binaries,
     step_timeout,
 )
+from shared.media.allowlist import FORMAT_WHITELIST
 from shared.settings import Settings
 from tests.support.media import ffprobe_json
 
@@ -256,15 +257,20 @@ async def test_own_command_failure_is_permanent(
 
 
 def test_whitelist_goes_before_every_input(runner: FFmpegRunner) -> None:
-    args = ["-i", "a.mp4", "-protocol_whitelist", "file,crypto", "-i", "b.mp4", "out.mp4"]
+    args = ["-i", "a.mp4", "-protocol_whitelist", "file,crypto", "-i", "b.mp4",
+            "-f", "lavfi", "-i", "color", "out.mp4"]
     argv = runner.command(args)
 
     assert argv[:7] == [
         runner.binaries.ffmpeg, "-hide_banner", "-nostdin", "-y", "-progress", "pipe:1", "-nostats"
     ]  # fmt: skip
     assert argv[7:] == [
-        "-protocol_whitelist", PROTOCOL_WHITELIST, "-i", "a.mp4",
-        "-protocol_whitelist", "file,crypto", "-i", "b.mp4",  # the caller's own stays
+        "-protocol_whitelist", PROTOCOL_WHITELIST, "-format_whitelist", FORMAT_WHITELIST,
+        "-i", "a.mp4",
+        "-protocol_whitelist", "file,crypto", "-format_whitelist", FORMAT_WHITELIST,
+        "-i", "b.mp4",  # the caller's own protocol whitelist stays
+        "-f", "lavfi", "-protocol_whitelist", PROTOCOL_WHITELIST,  # a forced demuxer stays
+        "-i", "color",
         "out.mp4",
     ]  # fmt: skip
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from shared.errors import ErrorCode, FFmpegError
 from shared.events import StageTask
-from shared.media import Binaries, run_ffprobe
+from shared.media import STRIP_METADATA_ARGS, Binaries, run_ffprobe
 from shared.params.hls import AudioExtractParams, source_video
 from shared.stage import StageContext, StageResult, stage
 
@@ -63,8 +63,8 @@ async def handle(task: StageTask, ctx: StageContext[AudioExtractParams]) -> Stag
     out = ctx.workdir / "audio.m4a"
     args = ["-copyts", "-i", str(source), "-map", f"0:{int(audio['index'])}", "-vn", "-sn",
             "-dn", "-af", ",".join(chain), "-c:a", "aac", "-b:a", f"{p.bitrate_k}k",
-            "-ac", str(p.channels), "-ar", str(p.sample_rate), "-map_metadata", "-1",
-            "-map_chapters", "-1", str(out)]
+            "-ac", str(p.channels), "-ar", str(p.sample_rate), *STRIP_METADATA_ARGS,
+            str(out)]
     await runner.run(args, duration_s=task.media_duration_s, timeout_s=task.timeout_s,
                      on_progress=lambda pr: ctx.progress(pr.fraction or 0.0),
                      cancel=ctx.cancel)

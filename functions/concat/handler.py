@@ -23,7 +23,7 @@ import msgspec
 
 from shared.errors import ErrorCode, FFmpegError, PermanentError
 from shared.events import StageTask
-from shared.media import Binaries, run_ffprobe
+from shared.media import STRIP_METADATA_ARGS, Binaries, run_ffprobe
 from shared.params.hls import ConcatParams
 from shared.stage import StageContext, StageResult, stage
 
@@ -100,7 +100,7 @@ async def handle(task: StageTask, ctx: StageContext[ConcatParams]) -> StageResul
     args = ["-f", "concat", "-i", str(listing)]
     args += ["-i", str(audio)] if audio else []
     args += ["-map", "0:v:0", *(["-map", "1:a:0"] if audio else []), "-c", "copy",
-             "-movflags", "+faststart", "-map_metadata", "-1", "-map_chapters", "-1", str(out)]
+             "-movflags", "+faststart", *STRIP_METADATA_ARGS, str(out)]
     _, runner = ctx.services.media()
     await runner.run(args, duration_s=expected_s or None, timeout_s=task.timeout_s,
                      on_progress=lambda pr: ctx.progress(0.9 * (pr.fraction or 0.0)),

@@ -47,6 +47,7 @@ from shared.jobstate import (
     plan,
     redrive,
     retry_job,
+    status_event_id,
 )
 from shared.jobstore import JobNotFound, NoChange
 from shared.media import step_timeout
@@ -76,6 +77,7 @@ async def on_submit(event: JobSubmit, ctx: Context) -> None:
         job_id=job_id, tenant=event.tenant, recipe=event.recipe, inputs=list(event.inputs),
         params=dict(event.params), pipeline=event.steps,
         idempotency_key=event.idempotency_key, created_at=event.submitted_at,
+        callback_url=event.callback_url, callback_secret=event.callback_secret,
     )
     revision = await services.jobs.create(fresh)
     error = await _check_job(event, ctx)
@@ -283,10 +285,12 @@ async def _announce(record: JobRecord, ctx: Context, *, changed: bool) -> None:
     Repeats (a redelivered message) announce again, harmlessly; only the write that made
     the job terminal counts it, so the metric never counts a job twice.
     """
+    # Durable, with one id per status change: callbacks (the notify function) are driven by
+    # these, so a terminal status must not be lost, nor announced twice.
     await ctx.services.bus.emit(JobEvent(
         job_id=record.job_id, tenant=record.tenant, kind="status", status=record.status,
         error=record.error, progress=record.progress,
-    ))
+    ), durable=True, msg_id=status_event_id(record))
     if changed and record.terminal:
         ctx.services.telemetry.jobs.labels(record.recipe or "inline", record.status).inc()
     if record.status == JobStatus.SUCCEEDED:

@@ -23,7 +23,7 @@ from typing import Any
 
 from shared.errors import ErrorCode, PermanentError
 from shared.events import StageTask
-from shared.media import Progress, step_timeout
+from shared.media import STRIP_METADATA_ARGS, Progress, step_timeout
 from shared.params.hls import STAGES, EncodePartParams, rung_size, source_size, source_video
 from shared.stage import StageContext, StageResult, stage
 
@@ -76,7 +76,7 @@ def encode_args(source: Path, out: Path, p: EncodePartParams, video: dict[str, A
         args += ["-maxrate", f"{p.maxrate_k}k", "-bufsize", f"{p.bufsize_k or 2 * p.maxrate_k}k"]
     if threads:
         args += ["-threads", str(threads)]
-    return [*args, "-an", "-sn", "-dn", "-map_metadata", "-1", "-map_chapters", "-1", str(out)]
+    return [*args, "-an", "-sn", "-dn", *STRIP_METADATA_ARGS, str(out)]
 
 
 async def handle(task: StageTask, ctx: StageContext[EncodePartParams]) -> StageResult:

@@ -7,11 +7,15 @@ produces a stack trace (``on_error``).
 from __future__ import annotations
 
 import logging
-from typing import Any
+import time
+from dataclasses import dataclass
+from typing import Any, cast
 
 import msgspec
 from litestar import Request, Response
+from litestar.connection import ASGIConnection
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
+from litestar.types import Scope
 
 from shared.errors import ErrorCode, JetcutError, ObjectNotFound
 from shared.events import ErrorInfo
@@ -29,9 +33,11 @@ class ApiError(JetcutError):
     """An error answered to the client with an HTTP status."""
 
     def __init__(self, status: int, code: ErrorCode, message: str,
-                 details: dict[str, Any] | None = None) -> None:
+                 details: dict[str, Any] | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message, code=code, details=details)
         self.status = status
+        self.headers = headers or {}
 
 
 class UploadView(msgspec.Struct):
@@ -58,6 +64,23 @@ class StepView(msgspec.Struct):
     over from a lost worker)."""
     last_error: ErrorInfo | None = None
     """Why the current attempt's last delivery failed, while it is being retried."""
+    ready_at: float | None = None
+    """When the current attempt was queued (its inputs were all ready)."""
+    elapsed_s: float | None = None
+    """Run time: finished - started, or now - started while it runs."""
+    waited_s: float | None = None
+    """Time queued before a worker took it: started (or now) - ready."""
+
+
+class QueueSpot(msgspec.Struct):
+    """Where a queued job waits (see functions/gateway/queue.py for how it is counted)."""
+
+    stage: str
+    """The queue: a stage, or ``submit`` while the conductor has not planned the job."""
+    ahead: int
+    """Tasks ahead of the job's in that queue (0: it is next)."""
+    capped: bool = False
+    """True when counting stopped at JETCUT_QUEUE_POSITION_SCAN: at least ``ahead``."""
 
 
 class JobView(msgspec.Struct):
@@ -71,6 +94,10 @@ class JobView(msgspec.Struct):
     error: ErrorInfo | None
     steps: dict[str, StepView]
     links: dict[str, str]
+    percent: float = 0.0
+    """``progress`` as a percentage, one decimal."""
+    queue: QueueSpot | None = None
+    """Only on ``GET /v1/jobs/{id}`` of a queued job: its place in the queue."""
 
 
 class OutputView(msgspec.Struct):
@@ -78,19 +105,63 @@ class OutputView(msgspec.Struct):
     name: str
     key: str
     url: str
+    expires_at: float | None = None
+    """When a presigned S3 URL stops working; ``null`` for a gateway URL."""
 
 
-def error_response(status: int, error: ErrorInfo) -> Response[Any]:
-    return Response({"error": msgspec.to_builtins(error)}, status_code=status)
+class OutputList(msgspec.Struct):
+    job_id: str
+    status: str
+    outputs: list[OutputView]
+
+
+def error_response(status: int, error: ErrorInfo,
+                   headers: dict[str, str] | None = None) -> Response[Any]:
+    return Response({"error": msgspec.to_builtins(error)}, status_code=status, headers=headers)
+
+
+SCOPE_KEY = "jetcut"
+"""Where the auth guard leaves what it learnt about a request (in the ASGI scope)."""
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The authenticated caller of one request (set by ``auth.authenticate``)."""
+
+    tenant: str
+    key_id: str | None
+    """None for an anonymous caller (``JETCUT_ALLOW_ANONYMOUS``)."""
+    admin: bool
+
+
+def request_state(scope: Scope) -> dict[str, Any]:
+    return cast(dict[str, Any], scope).setdefault(SCOPE_KEY, {})
+
+
+def caller_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Caller | None:
+    caller = request_state(connection.scope).get("caller")
+    return caller if isinstance(caller, Caller) else None
 
 
 def tenant_of(request: Request[Any, Any, Any]) -> str:
-    """The caller's tenant. API keys map to tenants in a later change; until then, one."""
-    services: Services = request.app.state.services
-    return services.settings.default_tenant
+    """The caller's tenant, from its API key: every read and write is scoped to it.
+
+    Raises:
+        ApiError: 401 on a route the auth guard did not cover (never a default tenant).
+    """
+    caller = caller_of(request)
+    if caller is None:
+        raise ApiError(401, ErrorCode.UNAUTHORIZED, "an API key is required",
+                       headers={"WWW-Authenticate": 'Bearer realm="jetcut"'})
+    return caller.tenant
+
+
+def _span(start: float | None, end: float | None, now: float) -> float | None:
+    return None if start is None else round(max(0.0, (end or now) - start), 3)
 
 
 def view(record: JobRecord, base: str) -> JobView:
+    now = time.time()
     return JobView(
         job_id=record.job_id, status=record.status, recipe=record.recipe,
         progress=record.progress, created_at=record.created_at, started_at=record.started_at,
@@ -101,11 +172,16 @@ def view(record: JobRecord, base: str) -> JobView:
                            finished_at=s.finished_at, error=s.error, outputs=s.outputs,
                            meta=s.meta, skipped=s.skipped,
                            deliveries=max([s.lease, *(p.lease for p in s.parts)]),
-                           last_error=s.last_error)
+                           last_error=s.last_error, ready_at=s.ready_at,
+                           elapsed_s=_span(s.started_at, s.finished_at, now),
+                           waited_s=_span(s.ready_at, s.started_at, now)
+                           if s.started_at is not None or s.status == "ready" else None)
             for name, s in record.steps.items()
         },
         links={"self": f"{base}/v1/jobs/{record.job_id}",
-               "outputs": f"{base}/v1/jobs/{record.job_id}/outputs"},
+               "outputs": f"{base}/v1/jobs/{record.job_id}/outputs",
+               "events": f"{base}/v1/jobs/{record.job_id}/events"},
+        percent=round(record.progress * 100, 1),
     )
 
 
@@ -134,7 +210,7 @@ async def load_job_revision(services: Services, tenant: str,
 def on_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     if isinstance(exc, ApiError):
         return error_response(exc.status, ErrorInfo(code=str(exc.code), message=exc.message,
-                                                    details=exc.details))
+                                                    details=exc.details), exc.headers)
     if isinstance(exc, ObjectNotFound):
         return error_response(404, ErrorInfo(code=str(ErrorCode.NOT_FOUND),
                                              message="the object is gone from the store"))

@@ -1,7 +1,7 @@
 """Dead letters over HTTP (admin-scoped: entries belong to every tenant).
 
-Until API keys and tenants arrive (issue 5) every caller is the default tenant; then these
-endpoints take an admin key.
+Every route takes an admin API key (``jetcut keys create --admin``); any other key is 403
+``forbidden``. An anonymous caller (``JETCUT_ALLOW_ANONYMOUS``, development) is admin.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from litestar.params import FromPath, FromQuery, QueryParameter
 from functions.gateway.api import (
     ApiError,
 )
+from functions.gateway.auth import require_admin
 from shared import dlq
 from shared.errors import ErrorCode, JetcutError
 from shared.function import Services
@@ -32,7 +33,7 @@ def _dlq_error(exc: JetcutError) -> ApiError:
     return ApiError(status, exc.code, exc.message, exc.details)
 
 
-@get("/v1/dlq")
+@get("/v1/dlq", guards=[require_admin])
 async def dlq_list(request: Request[Any, Any, Any], function: FromQuery[str | None] = None,
                    after: FromQuery[int] = 0, limit: FromQuery[int] = 50) -> Response[Any]:
     """Dead letters, oldest first, ``limit`` at a time after sequence ``after``."""
@@ -45,7 +46,7 @@ async def dlq_list(request: Request[Any, Any, Any], function: FromQuery[str | No
     return Response(msgspec.to_builtins(page))
 
 
-@get("/v1/dlq/{seq:str}")
+@get("/v1/dlq/{seq:str}", guards=[require_admin])
 async def dlq_show(request: Request[Any, Any, Any], seq: FromPath[str]) -> Response[Any]:
     services: Services = request.app.state.services
     try:
@@ -55,7 +56,7 @@ async def dlq_show(request: Request[Any, Any, Any], seq: FromPath[str]) -> Respo
     return Response(msgspec.to_builtins(entry))
 
 
-@post("/v1/dlq/{seq:str}", status_code=200)
+@post("/v1/dlq/{seq:str}", status_code=200, guards=[require_admin])
 async def dlq_action(request: Request[Any, Any, Any], seq: FromPath[str]) -> Response[Any]:
     """``POST /v1/dlq/{seq}:replay`` (see ``job_action`` for the path shape)."""
     services: Services = request.app.state.services
@@ -70,7 +71,7 @@ async def dlq_action(request: Request[Any, Any, Any], seq: FromPath[str]) -> Res
     return Response(msgspec.to_builtins(result))
 
 
-@delete("/v1/dlq/{seq:str}", status_code=200)
+@delete("/v1/dlq/{seq:str}", status_code=200, guards=[require_admin])
 async def dlq_delete(request: Request[Any, Any, Any], seq: FromPath[str]) -> Response[Any]:
     services: Services = request.app.state.services
     try:
@@ -80,7 +81,7 @@ async def dlq_delete(request: Request[Any, Any, Any], seq: FromPath[str]) -> Res
     return Response({"purged": purged})
 
 
-@delete("/v1/dlq", status_code=200)
+@delete("/v1/dlq", status_code=200, guards=[require_admin])
 async def dlq_purge(
     request: Request[Any, Any, Any], function: FromQuery[str | None] = None,
     purge_all: Annotated[bool, QueryParameter(name="all")] = False,

@@ -6,9 +6,11 @@ import hashlib
 import os
 import re
 import tempfile
+import time
 import unicodedata
 from typing import Any
 
+import msgspec
 from litestar import Request, post
 from litestar.params import FromQuery
 
@@ -17,7 +19,8 @@ from functions.gateway.api import (
     UploadView,
     tenant_of,
 )
-from shared.errors import ErrorCode
+from functions.gateway.openapi import errors
+from shared.errors import ErrorCode, NotSupported
 from shared.function import Services
 from shared.ids import new_upload_id
 
@@ -59,3 +62,37 @@ async def upload(
         await services.store.put_file(key, spool.name)
     return UploadView(upload_id=upload_id, key=key, filename=name, size=size,
                       sha256=digest.hexdigest())
+
+
+class PresignedUpload(msgspec.Struct):
+    upload_id: str
+    """Use it as a job ``input`` once the PUT succeeded."""
+    key: str
+    filename: str
+    method: str
+    url: str
+    """PUT the file's bytes here (any S3 client or ``curl -T``), before ``expires_at``."""
+    expires_at: float
+    max_bytes: int
+    """Larger objects are refused when a job names them (an S3 PUT URL cannot cap size)."""
+
+
+@post("/v1/uploads:presign", status_code=201, responses=errors(501, 503))
+async def presign_upload(
+    request: Request[Any, Any, Any], filename: FromQuery[str] = "upload"
+) -> PresignedUpload:
+    """A short-lived URL to PUT a file straight into S3 (the gateway never sees its bytes).
+    Only with the S3 store: the local store answers ``501 not_supported``."""
+    services: Services = request.app.state.services
+    tenant = tenant_of(request)
+    upload_id = new_upload_id()
+    name = safe_filename(filename)
+    key = f"uploads/{tenant}/{upload_id}/{name}"
+    expiry = services.settings.presign_expiry_s
+    try:
+        url = await services.store.presign_put(key, expiry)
+    except NotSupported as exc:
+        raise ApiError(501, ErrorCode.NOT_SUPPORTED, exc.message) from exc
+    return PresignedUpload(upload_id=upload_id, key=key, filename=name, method="PUT", url=url,
+                           expires_at=time.time() + expiry,
+                           max_bytes=services.settings.max_upload_bytes)

@@ -28,7 +28,7 @@ import msgspec
 
 from shared.errors import ErrorCode, PermanentError
 from shared.events import StageTask
-from shared.media import probe
+from shared.media import STRIP_METADATA, ProbeLimits, probe
 from shared.params.audio import LoudnormParams
 from shared.stage import StageContext, StageResult, stage
 
@@ -91,7 +91,7 @@ async def handle(task: StageTask, ctx: StageContext[LoudnormParams]) -> StageRes
 
     audio_path = ctx.workdir / f"audio.{p.output_container}"
     encode: dict[str, Any] = {"acodec": ENCODERS[p.codec], "audio_bitrate": f"{p.bitrate_k}k",
-                              "ar": p.sample_rate, "ac": p.channels, "map_metadata": -1}
+                              "ar": p.sample_rate, "ac": p.channels, **STRIP_METADATA}
     files: dict[str, Path] = {"audio": audio_path}
     if video is None:
         outputs = [ffmpeg.output(normalised, str(audio_path), vn=None, **encode,
@@ -145,7 +145,8 @@ async def _media_info(ctx: StageContext[LoudnormParams], source: Path) -> dict[s
         if isinstance(meta.get("streams"), list):
             return meta
     binaries, _ = ctx.services.media()
-    info: dict[str, Any] = msgspec.to_builtins(await probe(binaries, str(source)))
+    limits = ProbeLimits.from_settings(ctx.services.settings)
+    info: dict[str, Any] = msgspec.to_builtins(await probe(binaries, str(source), limits=limits))
     return info
 
 

@@ -29,7 +29,7 @@ import ffmpeg
 from functions.montage import title as titles
 from shared.errors import ErrorCode, PermanentError
 from shared.events import StageTask
-from shared.media import MediaInfo, probe, step_timeout
+from shared.media import STRIP_METADATA, MediaInfo, ProbeLimits, probe, step_timeout
 from shared.params.montage import MAX_CLIPS, STAGES, MontageParams
 from shared.stage import StageContext, StageResult, stage
 
@@ -61,10 +61,11 @@ async def handle(task: StageTask, ctx: StageContext[MontageParams]) -> StageResu
                              f"step {task.step!r}: at most {MAX_CLIPS} clips, got {len(paths)}")
     binaries, runner = ctx.services.media()
     slots = asyncio.Semaphore(PROBES_AT_ONCE)
+    limits = ProbeLimits.from_settings(ctx.services.settings)
 
     async def probe_one(path: Path) -> MediaInfo:
         async with slots:
-            return await probe(binaries, str(path))
+            return await probe(binaries, str(path), limits=limits)
 
     infos = await asyncio.gather(*(probe_one(path) for path in paths))
     music_info = await probe_one(music_path) if music_path else None
@@ -98,7 +99,7 @@ async def handle(task: StageTask, ctx: StageContext[MontageParams]) -> StageResu
     out = ffmpeg.output(
         video, audio, str(out_path), vcodec="libx264", preset=p.preset, crf=p.crf,
         profile="high", pix_fmt="yuv420p", acodec="aac", audio_bitrate=f"{p.audio_bitrate_k}k",
-        ar=SAMPLE_RATE, ac=2, movflags="+faststart", map_metadata=-1,
+        ar=SAMPLE_RATE, ac=2, movflags="+faststart", **STRIP_METADATA,
         **({"threads": threads} if threads else {}),
     )
     args = out.get_args()

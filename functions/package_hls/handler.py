@@ -29,7 +29,7 @@ from typing import Any
 
 from shared.errors import ErrorCode, FFmpegError, PermanentError
 from shared.events import StageTask
-from shared.media import Progress
+from shared.media import STRIP_METADATA_ARGS, Progress
 from shared.params.hls import PackageHlsParams
 from shared.stage import StageContext, StageResult, stage
 
@@ -111,7 +111,7 @@ async def handle(task: StageTask, ctx: StageContext[PackageHlsParams]) -> StageR
     for i, (name, video, meta) in enumerate(renditions):
         playlist = out_dir / f"{name}.m3u8"
         seg_ext = "m4s" if fmp4 else "ts"
-        args = ["-i", str(video), "-map", "0", "-c", "copy", "-f", "hls",
+        args = ["-i", str(video), "-map", "0", "-c", "copy", *STRIP_METADATA_ARGS, "-f", "hls",
                 "-hls_time", f"{p.segment_seconds:g}", "-hls_playlist_type", "vod",
                 "-hls_flags", "independent_segments", "-hls_segment_type", p.segment_type,
                 "-hls_segment_filename", str(out_dir / f"{name}_%05d.{seg_ext}")]

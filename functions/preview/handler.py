@@ -22,6 +22,7 @@ import ffmpeg
 
 from shared.events import StageTask
 from shared.geometry import display_size, fit, video_stream
+from shared.media import STRIP_METADATA
 from shared.params.images import PreviewParams
 from shared.stage import StageContext, StageResult, stage
 
@@ -58,7 +59,7 @@ async def handle(task: StageTask, ctx: StageContext[PreviewParams]) -> StageResu
     # the frame cap keeps longer clips at exactly duration x fps.
     frames = source.video.filter("fps", p.fps, eof_action="pass").filter(
         "scale", width, height, flags="lanczos")
-    options: dict[str, Any] = {"an": None, "map_metadata": -1, "vframes": count}
+    options: dict[str, Any] = {"an": None, **STRIP_METADATA, "vframes": count}
     if p.format == "gif":
         split = frames.filter_multi_output("split")
         palette = split[0].filter("palettegen", stats_mode="diff")

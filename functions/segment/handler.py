@@ -21,7 +21,7 @@ from pathlib import Path
 
 from shared.errors import ErrorCode, FFmpegError, PermanentError
 from shared.events import StageTask
-from shared.media import Binaries, run_ffprobe
+from shared.media import STRIP_METADATA_ARGS, Binaries, run_ffprobe
 from shared.params.hls import SegmentParams, source_video
 from shared.stage import StageContext, StageResult, stage
 
@@ -122,7 +122,7 @@ async def handle(task: StageTask, ctx: StageContext[SegmentParams]) -> StageResu
     out_dir = ctx.workdir / "parts"
     out_dir.mkdir()
     args = ["-i", str(source), "-map", f"0:{int(video['index'])}", "-c", "copy",
-            "-map_metadata", "-1", "-map_chapters", "-1"]
+            *STRIP_METADATA_ARGS]
     if plan.cuts:
         args += ["-f", "segment", "-segment_format", "matroska", "-reset_timestamps", "1",
                  "-segment_frames", ",".join(map(str, plan.cuts)),

@@ -26,6 +26,7 @@ from functions.subtitles.fonts import find_font, stage_fonts
 from shared.errors import ErrorCode, PermanentError
 from shared.events import StageTask
 from shared.geometry import audio_plan, display_size, fit, video_stream
+from shared.media import STRIP_METADATA
 from shared.params.images import SubtitlesParams
 from shared.stage import StageContext, StageResult, stage
 
@@ -59,7 +60,7 @@ async def handle(task: StageTask, ctx: StageContext[SubtitlesParams]) -> StageRe
     streams = [video, source["a:0"]] if audio else [video]
     out_path = ctx.workdir / "subtitled.mp4"
     out = ffmpeg.output(*streams, str(out_path), vcodec="libx264", preset=p.preset, crf=p.crf,
-                        profile="high", movflags="+faststart", map_metadata=-1, **audio_opts)
+                        profile="high", movflags="+faststart", **STRIP_METADATA, **audio_opts)
     threads = ctx.services.settings.ffmpeg_threads
     args = out.get_args() + (["-threads", str(threads)] if threads else [])
     _, runner = ctx.services.media()

@@ -33,6 +33,7 @@ import ffmpeg
 from shared.errors import ErrorCode, PermanentError
 from shared.events import StageTask
 from shared.geometry import display_size, fit, video_stream
+from shared.media import STRIP_METADATA
 from shared.params.images import MAX_FRAMES, MAX_SPRITE_SIDE, ThumbnailParams
 from shared.stage import StageContext, StageResult, stage
 
@@ -109,7 +110,7 @@ async def _spread(ctx: StageContext[ThumbnailParams], media: dict[str, Any],
     # Our own numbered tiles (never user input), read as an image sequence.
     sheet = ffmpeg.input(str(tiles / "t-%04d.bmp"), f="image2", framerate=1, start_number=0)
     await grabber.run(sheet.filter("tile", f"{columns}x{rows}").output(
-        str(sprite), vframes=1, **{"q:v": 3}, update=1).get_args())
+        str(sprite), vframes=1, **{"q:v": 3}, update=1, **STRIP_METADATA).get_args())
     vtt = ctx.workdir / "sprite.vtt"
     vtt.write_text(sprite_vtt(bounds, sprite.name, columns, tile_w, tile_h), encoding="utf-8")
     return StageResult(files={sprite.name: sprite, vtt.name: vtt}, meta={
@@ -205,7 +206,7 @@ class _Grabber:
         exit 0 (durations lie: audio outlasting the picture, a one-frame clip reported as
         0.04 s); then take the last frame before ``at``, and at worst the first one.
         """
-        options: dict[str, Any] = {"update": 1, "map_metadata": -1}
+        options: dict[str, Any] = {"update": 1, **STRIP_METADATA}
         if quality is not None:
             options["q:v"] = quality
         attempts = [

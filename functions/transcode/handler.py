@@ -22,6 +22,7 @@ import ffmpeg
 from shared.errors import ErrorCode, PermanentError
 from shared.events import StageTask
 from shared.geometry import fit
+from shared.media import STRIP_METADATA
 from shared.media.runner import Progress
 from shared.params.video import TranscodeParams
 from shared.stage import StageContext, StageResult, stage
@@ -105,7 +106,7 @@ def build(p: TranscodeParams, media: dict[str, Any], src: Path, dst: Path, *,
     if acodec is not None:
         streams.append(source["a:0?"])
 
-    out: dict[str, Any] = {"c:v": ENCODER[p.vcodec], "pix_fmt": "yuv420p", "map_metadata": -1,
+    out: dict[str, Any] = {"c:v": ENCODER[p.vcodec], "pix_fmt": "yuv420p", **STRIP_METADATA,
                            # Without an fps, keep each frame's own time: MP4's default (cfr at
                            # the stream's nominal rate) duplicates frames of a phone's VFR video.
                            "fps_mode": "vfr" if rate is None else "cfr"}

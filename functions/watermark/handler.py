@@ -23,7 +23,7 @@ import ffmpeg
 from shared.errors import ErrorCode, FFmpegError, PermanentError
 from shared.events import StageTask
 from shared.geometry import audio_plan, display_size, fit, video_stream
-from shared.media import probe
+from shared.media import STRIP_METADATA, ProbeLimits, probe
 from shared.params.images import WatermarkParams
 from shared.stage import StageContext, StageResult, stage
 
@@ -40,7 +40,8 @@ async def check_image(ctx: StageContext[Any], path: str) -> tuple[str, int, int]
     demuxer, codec = kinds[0]
     binaries, _ = ctx.services.media()
     try:
-        info = await probe(binaries, path, timeout_s=15)
+        info = await probe(binaries, path, timeout_s=15,
+                           limits=ProbeLimits.from_settings(ctx.services.settings))
     except FFmpegError as exc:
         if not exc.non_retryable:
             raise
@@ -96,7 +97,7 @@ async def handle(task: StageTask, ctx: StageContext[WatermarkParams]) -> StageRe
     streams = [video, source["a:0"]] if audio else [video]
     out_path = ctx.workdir / "watermarked.mp4"
     out = ffmpeg.output(*streams, str(out_path), vcodec="libx264", preset=p.preset, crf=p.crf,
-                        profile="high", movflags="+faststart", map_metadata=-1, **audio_opts)
+                        profile="high", movflags="+faststart", **STRIP_METADATA, **audio_opts)
     threads = ctx.services.settings.ffmpeg_threads
     args = out.get_args() + (["-threads", str(threads)] if threads else [])
     _, runner = ctx.services.media()

@@ -7,6 +7,12 @@ Stages import from here, never from the submodules::
 
 from __future__ import annotations
 
+from shared.media.allowlist import (
+    FORMAT_WHITELIST,
+    INPUT_FORMATS,
+    STRIP_METADATA,
+    STRIP_METADATA_ARGS,
+)
 from shared.media.binaries import Binaries, BinaryNotFoundError, child_env, find_binaries
 from shared.media.probe import (
     REFUSED_FORMATS,
@@ -27,8 +33,12 @@ from shared.media.runner import (
 )
 
 __all__ = [
+    "FORMAT_WHITELIST",
+    "INPUT_FORMATS",
     "PROTOCOL_WHITELIST",
     "REFUSED_FORMATS",
+    "STRIP_METADATA",
+    "STRIP_METADATA_ARGS",
     "Binaries",
     "BinaryNotFoundError",
     "FFmpegRunner",

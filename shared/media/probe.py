@@ -3,12 +3,16 @@
 Every input a user hands us is probed before any stage decodes it, so this is where hostile
 files are turned away:
 
-* formats that make the demuxer open *other* files (HLS and DASH playlists, ``ffconcat``
-  lists, image sequences by pattern) are refused, both by sniffing the first bytes before
-  ffprobe sees them and by checking the demuxer ffprobe picked;
+* only demuxers on the allowlist (:mod:`shared.media.allowlist`) may read it: ffprobe
+  enforces that itself (``-format_whitelist``), so formats that make the demuxer open
+  *other* files (HLS and DASH playlists, ``ffconcat`` lists, SDP, image sequences) are
+  refused with ``unsupported_format`` before they read anything; the first bytes are also
+  sniffed for playlists before ffprobe sees them, and the demuxer it picked is checked again;
+* video and audio streams must use allowlisted codecs (``unsupported_codec``);
 * ffprobe may only use the ``file`` protocol, and reads a bounded amount of data;
 * a probe that hangs is killed; a file is then treated as bad, not the run as unlucky;
-* sizes beyond :class:`ProbeLimits` are refused before a decoder is pointed at them.
+* sizes beyond :class:`ProbeLimits` (the ``JETCUT_INPUT_MAX_*`` settings) are refused with
+  ``input_too_large`` before a decoder is pointed at them.
 """
 
 from __future__ import annotations
@@ -19,13 +23,22 @@ import math
 import os
 import signal
 import stat
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from shared.errors import ErrorCode, FFmpegError
+from shared.media.allowlist import (
+    FORMAT_WHITELIST,
+    codec_allowed,
+    format_allowed,
+    refused_format,
+)
 from shared.media.binaries import Binaries, child_env
 from shared.media.runner import CRASH_SIGNALS
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
 
 __all__ = ["REFUSED_FORMATS", "MediaInfo", "ProbeLimits", "StreamInfo", "probe", "run_ffprobe"]
 
@@ -65,6 +78,13 @@ class ProbeLimits(msgspec.Struct, frozen=True, kw_only=True):
     max_duration_s: float = 4 * 3600.0
     max_streams: int = 16
     max_fps: float = 240.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ProbeLimits:
+        """The limits an operator set with ``JETCUT_INPUT_MAX_*``."""
+        return cls(max_pixels=settings.input_max_pixels,
+                   max_duration_s=settings.input_max_duration_s,
+                   max_streams=settings.input_max_streams, max_fps=settings.input_max_fps)
 
 
 class StreamInfo(msgspec.Struct, frozen=True):
@@ -164,10 +184,12 @@ async def probe(
         Format and streams of the file.
 
     Raises:
-        FFmpegError: ``input_not_found`` when there is no such file; ``invalid_input``
-            (not retryable) when it is not media ffprobe can parse, is a playlist or
-            reference format, has neither audio nor video, exceeds ``limits``, or makes
-            ffprobe run past ``timeout_s``; ``ffmpeg_failed`` (retryable) when ffprobe was
+        FFmpegError: ``input_not_found`` when there is no such file; not retryable:
+            ``unsupported_format`` for a demuxer off the allowlist (playlists and other
+            reference formats included), ``unsupported_codec`` for a video or audio codec
+            off it, ``input_too_large`` beyond ``limits``, ``invalid_input`` when it is not
+            media ffprobe can parse or has neither audio nor video, ``timeout`` when
+            ffprobe runs past ``timeout_s``; ``ffmpeg_failed`` (retryable) when ffprobe was
             killed by a signal or could not be started.
     """
     limits = limits or ProbeLimits()
@@ -186,6 +208,11 @@ async def probe(
             stderr_tail=stderr,
         )
     if returncode != 0:
+        detected = refused_format(stderr)
+        if detected is not None:
+            raise _unsupported(f"refusing input format {detected!r}: jetcut reads media "
+                               "containers only, never playlists or lists that name other "
+                               "files", returncode, stderr)
         raise _invalid(f"not a media file ffprobe can read: {reason}", returncode, stderr)
     try:
         raw = msgspec.json.decode(stdout)
@@ -195,13 +222,17 @@ async def probe(
     info = _media_info(raw if isinstance(raw, dict) else {}, size)
     refused = REFUSED_FORMATS.intersection(info.format_name.split(","))
     if refused or (info.format_name.startswith("image2") and "%" in os.path.basename(path)):
-        raise _invalid(
+        raise _unsupported(
             f"refusing playlist/reference format {info.format_name!r}: it names other files",
             returncode,
             stderr,
         )
+    if not format_allowed(info.format_name):
+        raise _unsupported(f"refusing input format {info.format_name!r}: not a media "
+                           "container jetcut reads", returncode, stderr)
     if not (info.has_video or info.has_audio):
         raise _invalid("no audio or video stream in the input", returncode, stderr)
+    _check_codecs(info)
     _check_limits(info, limits)
     return info
 
@@ -228,7 +259,7 @@ def _check_file(path: str) -> tuple[str, int]:
         raise _invalid("input file is empty")
     start = head.lstrip(b"\xef\xbb\xbf \t\r\n")
     if start.startswith(_REFERENCE_MAGIC):
-        raise _invalid(
+        raise _unsupported(
             "refusing playlist/reference format: the input is a playlist, manifest or "
             "file list that names other files"
         )
@@ -247,6 +278,10 @@ async def run_ffprobe(
         FFmpegError: ``timeout`` (a probe that hangs on a file: the file is treated as bad)
             or ``ffmpeg_failed`` when ffprobe cannot be started.
     """
+    if "-f" not in args and "-format_whitelist" not in args:
+        # Every probe of a file is a probe of untrusted bytes: never let a playlist in it
+        # make ffprobe open other files (the caller chose the demuxer when it passes -f).
+        args = ["-format_whitelist", FORMAT_WHITELIST, *args]
     try:
         proc = await asyncio.create_subprocess_exec(
             binaries.ffprobe, *args,
@@ -358,6 +393,15 @@ def _rotation(raw: dict[str, Any]) -> int:
     return (round(degrees / 90) * 90) % 360
 
 
+def _check_codecs(info: MediaInfo) -> None:
+    refused = [f"stream {s.index} ({s.codec_type}: {s.codec_name or 'unknown'})"
+               for s in info.streams if not codec_allowed(s.codec_type, s.codec_name)]
+    if refused:
+        raise FFmpegError(ErrorCode.UNSUPPORTED_CODEC,
+                          "refusing codecs jetcut does not decode: " + ", ".join(refused),
+                          non_retryable=True)
+
+
 def _check_limits(info: MediaInfo, limits: ProbeLimits) -> None:
     problems: list[str] = []
     if len(info.streams) > limits.max_streams:
@@ -369,20 +413,32 @@ def _check_limits(info: MediaInfo, limits: ProbeLimits) -> None:
             continue
         if not s.width or not s.height:
             # What ffprobe reports for a text file named like an image (image2 by extension).
-            problems.append(f"stream {s.index} has no picture size")
-        elif s.width * s.height > limits.max_pixels:
+            raise _invalid(f"stream {s.index} has no picture size")
+        if s.width * s.height > limits.max_pixels:
             problems.append(
                 f"stream {s.index} is {s.width}x{s.height} > max_pixels {limits.max_pixels}"
             )
         if s.fps is not None and s.fps > limits.max_fps:
             problems.append(f"stream {s.index} at {s.fps:g} fps > max_fps {limits.max_fps:g}")
     if problems:
-        raise _invalid("input exceeds probe limits: " + "; ".join(problems))
+        raise FFmpegError(ErrorCode.INPUT_TOO_LARGE,
+                          "input exceeds probe limits: " + "; ".join(problems),
+                          non_retryable=True)
 
 
 def _invalid(message: str, returncode: int | None = None, stderr: str = "") -> FFmpegError:
     return FFmpegError(
         ErrorCode.INVALID_INPUT,
+        message,
+        non_retryable=True,
+        returncode=returncode,
+        stderr_tail=stderr,
+    )
+
+
+def _unsupported(message: str, returncode: int | None = None, stderr: str = "") -> FFmpegError:
+    return FFmpegError(
+        ErrorCode.UNSUPPORTED_FORMAT,
         message,
         non_retryable=True,
         returncode=returncode,

@@ -5,7 +5,10 @@ What every stage gets from :class:`FFmpegRunner` without thinking about it:
 * progress parsed from ``-progress pipe:1`` (machine-readable ``key=value`` blocks on stdout,
   unlike the human ``-stats`` line on stderr), throttled before it reaches the callback;
 * ``-protocol_whitelist file,pipe`` in front of every input, so a crafted input name or a
-  playlist inside an input cannot make ffmpeg open a URL;
+  playlist inside an input cannot make ffmpeg open a URL, and ``-format_whitelist`` (the
+  demuxer allowlist of :mod:`shared.media.allowlist`) in front of every input whose demuxer
+  the caller did not force with ``-f``: a playlist, file list or SDP file is refused with
+  ``unsupported_format`` even when no probe step looked at that file first;
 * a hard deadline, cancellation by event or by task cancellation, each ending in SIGTERM to
   the child's process group, then SIGKILL after a grace period, then ``wait()`` so no zombie
   or orphan outlives the call;
@@ -34,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from shared.errors import Cancelled, ErrorCode, FFmpegError
+from shared.media.allowlist import FORMAT_WHITELIST, refused_format
 from shared.media.binaries import Binaries, child_env, find_binaries
 
 if TYPE_CHECKING:
@@ -415,6 +419,11 @@ def classify_failure(returncode: int, stderr_tail: str, inputs: Iterable[str] = 
     for marker in _TRANSIENT_MARKERS:
         if marker in stderr_tail:
             return error(ErrorCode.FFMPEG_FAILED, f"ffmpeg failed: {marker}", False)
+    refused = refused_format(stderr_tail)
+    if refused is not None:
+        return error(ErrorCode.UNSUPPORTED_FORMAT,
+                     f"refusing input format {refused!r}: jetcut reads media containers only, "
+                     "never playlists or lists that name other files", True)
     for marker in _INVALID_INPUT_MARKERS:
         if marker in stderr_tail:
             return error(ErrorCode.INVALID_INPUT, f"input rejected by ffmpeg: {reason}", True)
@@ -451,23 +460,31 @@ _GENERIC_LAST_LINES = frozenset({"Conversion failed!"})
 
 
 def _whitelist_inputs(args: Sequence[str]) -> list[str]:
-    """Put ``-protocol_whitelist`` among the options of every input that lacks one.
+    """Put ``-protocol_whitelist`` among the options of every input that lacks one, and
+    ``-format_whitelist`` among those of every input that neither has one nor forces its
+    demuxer with ``-f`` (a caller forcing ``lavfi``, ``concat`` or ``image2`` on its own
+    files knows what it reads).
 
     Input options apply to the next ``-i`` only, so one whitelist at the front would
     protect the first input alone.
     """
     out: list[str] = []
     has_whitelist = False
+    has_format = False
     i = 0
     while i < len(args):
         arg = args[i]
         if arg == "-protocol_whitelist":
             has_whitelist = True
+        elif arg in ("-f", "-format_whitelist"):
+            has_format = True
         elif arg == "-i":
             if not has_whitelist:
                 out += ["-protocol_whitelist", PROTOCOL_WHITELIST]
+            if not has_format:
+                out += ["-format_whitelist", FORMAT_WHITELIST]
             out += args[i : i + 2]
-            has_whitelist = False
+            has_whitelist = has_format = False
             i += 2
             continue
         out.append(arg)

@@ -36,5 +36,6 @@ def open_store(settings: Settings) -> ObjectStore:
             settings.bucket,
             secure=settings.s3_secure,
             region=settings.s3_region,
+            public_endpoint=settings.s3_public_endpoint,
         )
     raise ValueError(f"unknown store backend {settings.store!r}")

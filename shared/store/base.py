@@ -18,7 +18,7 @@ from types import TracebackType
 
 import msgspec
 
-from shared.errors import InvalidKey, ObjectNotFound
+from shared.errors import InvalidKey, NotSupported, ObjectNotFound
 
 MAX_KEY_BYTES = 1024
 """S3's limit on an object name, in UTF-8 bytes."""
@@ -211,6 +211,28 @@ class ObjectStore(abc.ABC):
         Returns:
             The number of objects deleted.
         """
+
+    async def presign_put(self, key: str, expires_s: float) -> str:
+        """A URL that lets its holder PUT the object ``key`` directly, for ``expires_s``
+        seconds, so large uploads need not pass through the gateway.
+
+        Raises:
+            NotSupported: the backend has no such URLs (the local store).
+        """
+        validate_key(key)
+        raise NotSupported(f"{type(self).__name__} cannot presign uploads; upload through "
+                           "the gateway (POST /v1/uploads)")
+
+    async def presign_get(self, key: str, expires_s: float, filename: str | None = None) -> str:
+        """A URL that lets its holder GET the object ``key`` for ``expires_s`` seconds (as an
+        attachment named ``filename`` when given).
+
+        Raises:
+            NotSupported: the backend has no such URLs (the local store).
+        """
+        validate_key(key)
+        raise NotSupported(f"{type(self).__name__} cannot presign downloads; download "
+                           "through the gateway")
 
     @abc.abstractmethod
     async def check(self) -> None:

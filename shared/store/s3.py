@@ -19,7 +19,7 @@ import io
 import os
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import BinaryIO, ParamSpec, TypeVar
 
 import urllib3
@@ -93,6 +93,7 @@ class S3Store(ObjectStore):
         read_timeout: float = 60.0,
         retries: int = 3,
         http_client: urllib3.PoolManager | None = None,
+        public_endpoint: str | None = None,
     ) -> None:
         self._endpoint = endpoint
         self._bucket = bucket
@@ -118,6 +119,17 @@ class S3Store(ObjectStore):
             secret_key=secret_key or None,
             secure=secure,
             region=region,
+            http_client=self._http,
+        )
+
+        # Presigned URLs are signed for the host clients will use, and signing must not
+        # need a region lookup over the network (the public name may not resolve here).
+        self._signer = Minio(
+            public_endpoint or endpoint,
+            access_key=access_key or None,
+            secret_key=secret_key or None,
+            secure=secure,
+            region=region or "us-east-1",
             http_client=self._http,
         )
 
@@ -254,6 +266,20 @@ class S3Store(ObjectStore):
             return len(keys)
 
         return await self._call(None, run)
+
+    async def presign_put(self, key: str, expires_s: float) -> str:
+        validate_key(key)
+        return await self._call(key, self._signer.presigned_put_object, self._bucket, key,
+                                expires=timedelta(seconds=expires_s))
+
+    async def presign_get(self, key: str, expires_s: float, filename: str | None = None) -> str:
+        validate_key(key)
+        headers: dict[str, str | list[str] | tuple[str]] | None = (
+            {"response-content-disposition": f'attachment; filename="{filename}"'}
+            if filename else None)
+        return await self._call(key, self._signer.presigned_get_object, self._bucket, key,
+                                expires=timedelta(seconds=expires_s),
+                                response_headers=headers)
 
     async def check(self) -> None:
         exists = await self._call(None, self._client.bucket_exists, self._bucket)

@@ -53,6 +53,9 @@ def make_settings(
             "drain_grace_s": 5.0,
             "backoff_base_s": 0.2,
             "backoff_max_s": 1.0,
+            # Tests that are not about API keys call the gateway without one, as the
+            # default tenant (tests/test_auth.py passes allow_anonymous=False).
+            "allow_anonymous": True,
         }
         base.update(overrides)
         (tmp_path / "work").mkdir(exist_ok=True)

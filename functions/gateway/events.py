@@ -1,0 +1,159 @@
+"""GET /v1/jobs/{id}/events — a job's lifecycle and progress as server-sent events.
+
+The source is the EVENTS stream (``events.<tenant>.<job_id>``), read by an ordered
+consumer: it replays the job's history, then follows it live. Each SSE ``id`` is the
+event's stream sequence, so a client that reconnects with ``Last-Event-ID`` (browsers do it
+by themselves) resumes exactly after the last event it saw. The stream ends after the
+job's terminal status event; a resume past the end answers ``204`` (which tells a browser's
+EventSource to stop reconnecting).
+
+The record in KV, not this stream, is the truth: events are published fire-and-forget and
+expire after a day. So when the history holds no terminal event but the record is
+terminal, a final ``status`` event (without an ``id``) is made from the record and the
+stream ends; an idle stream re-reads the record at every heartbeat for the same reason.
+Heartbeat comments (``JETCUT_SSE_HEARTBEAT_S``) keep proxies from closing an idle stream.
+A client that disconnects releases the consumer at once (it is deleted, not left to time
+out).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import anyio
+import msgspec
+import nats.errors
+from litestar import Request, Response, get
+from litestar.params import FromPath, FromQuery
+from litestar.response import ServerSentEvent, ServerSentEventMessage
+from nats.aio.msg import Msg
+from nats.js import api
+
+from functions.gateway.api import ApiError, load_job, tenant_of
+from functions.gateway.openapi import errors
+from shared.errors import ErrorCode
+from shared.events import JobEvent
+from shared.function import Services
+from shared.jobstate import TERMINAL_JOB, JobRecord
+
+_decoder = msgspec.json.Decoder(JobEvent)
+TERMINAL = frozenset(str(s) for s in TERMINAL_JOB)
+
+
+def _resume_after(header: str | None, query: int | None) -> int:
+    """The sequence to resume after (0: from the start)."""
+    if query is not None:
+        value = str(query)
+    elif header is not None:
+        value = header.strip()
+    else:
+        return 0
+    if not value.isdigit():
+        raise ApiError(400, ErrorCode.INVALID_REQUEST,
+                       f"Last-Event-ID must be an event id (a stream sequence), not {value!r}")
+    return int(value)
+
+
+def _message(seq: int | None, event: JobEvent) -> ServerSentEventMessage:
+    data = msgspec.json.encode(event).decode()
+    return ServerSentEventMessage(data=data, event=event.kind, id=seq)
+
+
+def _final(record: JobRecord) -> ServerSentEventMessage:
+    """The terminal status, from the record, for a history that lacks it."""
+    return _message(None, JobEvent(job_id=record.job_id, tenant=record.tenant, kind="status",
+                                   status=str(record.status), error=record.error,
+                                   progress=record.progress,
+                                   at=record.finished_at or record.updated_at))
+
+
+def _is_terminal(event: JobEvent) -> bool:
+    return event.kind == "status" and event.status in TERMINAL
+
+
+async def _subscribe(services: Services, record: JobRecord, after: int) -> Any:
+    config = api.ConsumerConfig(
+        deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE if after else api.DeliverPolicy.ALL,
+        opt_start_seq=after + 1 if after else None,
+    )
+    return await services.bus.js.subscribe(
+        services.names.events(record.tenant, record.job_id),
+        stream=services.names.events_stream, ordered_consumer=True, config=config,
+        # A backstop only: the consumer is deleted when the client goes away.
+        inactive_threshold=max(30.0, 2 * services.settings.sse_heartbeat_s),
+    )
+
+
+async def _release(services: Services, sub: Any) -> None:
+    """Delete the consumer now, even while the request is being cancelled."""
+    with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+        info = await sub.consumer_info()
+        await sub.unsubscribe()
+        await services.bus.js.delete_consumer(services.names.events_stream, info.name)
+
+
+SETTLE_S = 1.0
+"""How long to wait for a terminal event the record already shows (the conductor emits it
+just after writing the record) before making it from the record."""
+
+
+async def _stream(services: Services, record: JobRecord, sub: Any,
+                  history: int) -> AsyncGenerator[ServerSentEventMessage, None]:
+    heartbeat = services.settings.sse_heartbeat_s
+    caught_up, settling = history == 0, False
+    try:
+        if caught_up and record.terminal:
+            yield _final(record)
+            return
+        while True:
+            try:
+                msg: Msg = await sub.next_msg(timeout=SETTLE_S if settling else heartbeat)
+            except nats.errors.TimeoutError:
+                record = await services.jobs.get(record.job_id)
+                if record.terminal and settling:
+                    yield _final(record)
+                    return
+                settling = record.terminal  # its own event may be a moment behind
+                yield ServerSentEventMessage(data=None, comment="keep-alive")
+                continue
+            try:
+                event = _decoder.decode(msg.data)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue  # not ours to interpret; the next event still comes
+            yield _message(msg.metadata.sequence.stream, event)
+            if _is_terminal(event):
+                return
+            if not caught_up and msg.metadata.num_pending == 0:
+                caught_up = True  # history replayed: is the job over without saying so?
+                settling = (await services.jobs.get(record.job_id)).terminal
+    finally:
+        await _release(services, sub)
+
+
+@get("/v1/jobs/{job_id:str}/events", responses=errors(400, 404, 503))
+async def job_events(
+    request: Request[Any, Any, Any], job_id: FromPath[str],
+    last_event_id: FromQuery[int | None] = None,
+) -> Response[Any]:
+    """Server-sent events: the job's history, then live events until it finishes.
+
+    Resume with the ``Last-Event-ID`` header (or ``?last_event_id=``). Events are
+    ``status``, ``step`` and ``progress``; ``data`` is the JobEvent as JSON.
+    """
+    services: Services = request.app.state.services
+    after = _resume_after(request.headers.get("last-event-id"), last_event_id)
+    record = await load_job(services, tenant_of(request), job_id)
+    sub = await _subscribe(services, record, after)
+    try:
+        info = await sub.consumer_info()
+        history = (info.num_pending or 0) + (info.delivered.consumer_seq or 0)
+        record = await load_job(services, record.tenant, job_id)  # after subscribing: no gap
+    except BaseException:
+        await _release(services, sub)
+        raise
+    if after and history == 0 and record.terminal:
+        await _release(services, sub)
+        return Response(None, status_code=204)
+    return ServerSentEvent(_stream(services, record, sub, history))

@@ -1,0 +1,139 @@
+"""The API described: OpenAPI at ``/v1/openapi.json`` and Swagger UI at ``/v1/docs``.
+
+Litestar builds the schema from the handlers' types. Two things are added here, once per
+app: request bodies of the handlers that decode their body themselves (so a
+bad item gets a specific error, not a framework one), and the error shape on every
+operation. The docs page loads Swagger UI from the ``swagger-ui-bundle-v2`` wheel, served
+by the gateway itself: an offline deployment never reaches a CDN, so Litestar's default
+pages (CDN-hosted assets) would be blank there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, get
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
+from litestar.router import Router
+from litestar.static_files import create_static_files_router
+from swagger_ui_bundle import swagger_ui_path
+
+from shared.events import ErrorInfo
+
+ASSETS = "/v1/docs/assets"
+
+STATUS_TEXT = {
+    400: "Malformed request (invalid_request)",
+    401: "No or an unknown API key (unauthorized)",
+    404: "No such job or resource, or another tenant's (not_found)",
+    409: "Conflicts with the resource's state or an earlier request (conflict)",
+    413: "Body or upload over its limit (payload_too_large)",
+    422: "Well-formed but invalid (invalid_request, invalid_recipe, input_not_found, ...)",
+    429: "Rate limit or active-job cap reached (rate_limited, too_many_active_jobs)",
+    500: "Unexpected error; it was logged (internal)",
+    501: "Not possible with the configured object store (not_supported)",
+    503: "NATS or the object store is unavailable; retry (bus_unavailable, store_unavailable)",
+}
+
+
+class ErrorBody(msgspec.Struct):
+    """Every error of every endpoint has this one shape."""
+
+    error: ErrorInfo
+
+
+def errors(*statuses: int) -> dict[int, ResponseSpec]:
+    """The error responses an operation documents (each in the one error shape)."""
+    return {s: ResponseSpec(data_container=ErrorBody, description=STATUS_TEXT[s],
+                            generate_examples=False) for s in statuses}
+
+
+def openapi_config(version: str) -> OpenAPIConfig:
+    """Litestar's own schema routes live under ``/v1/openapi`` (it adds a catch-all HTML 404
+    beside them, which must not shadow ``/v1/*``); ``/v1/openapi.json`` is served below."""
+    return OpenAPIConfig(
+        title="jetcut", version=version,
+        description="Media render jobs on NATS JetStream. Errors: `{error: {code, message, "
+                    "details}}`; see docs/api.md for every code.",
+        openapi_router=Router("/v1/openapi", route_handlers=[], include_in_schema=False,
+                              opt={"public": True}),
+        render_plugins=[JsonRenderPlugin(path="/openapi.json")],
+    )
+
+
+_BODIES: dict[tuple[str, str], tuple[str, Any]] = {}
+"""(path, method) -> (media type, body type or None for raw bytes): request bodies of
+handlers that read the body themselves."""
+
+
+def document_body(path: str, method: str, body: Any, media_type: str = "application/json") -> None:
+    _BODIES[(path, method.lower())] = (media_type, body)
+
+
+def _complete(schema: dict[str, Any]) -> dict[str, Any]:
+    """Add the hand-decoded request bodies and the error shape to Litestar's schema."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    types = [b for _, b in _BODIES.values() if b is not None] + [ErrorBody]
+    refs, defs = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
+    for name, definition in defs.items():
+        components.setdefault(name, definition)
+    body_refs = dict(zip(types, refs, strict=True))
+    error_ref = body_refs[ErrorBody]
+    for path, item in schema.get("paths", {}).items():
+        for method, operation in item.items():
+            if not isinstance(operation, dict) or "responses" not in operation:
+                continue
+            found = _BODIES.get((path, method))
+            if found is not None:
+                media_type, body = found
+                content = ({"schema": body_refs[body]} if body is not None
+                           else {"schema": {"type": "string", "format": "binary"}})
+                operation["requestBody"] = {"required": True, "content": {media_type: content}}
+            operation["responses"].setdefault("500", {
+                "description": STATUS_TEXT[500],
+                "content": {"application/json": {"schema": error_ref}},
+            })
+    return schema
+
+
+def api_schema(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    """The completed document, built once per app."""
+    state = request.app.state
+    if "openapi_document" not in state:
+        state.openapi_document = _complete(request.app.openapi_schema.to_schema())
+    document: dict[str, Any] = state.openapi_document
+    return document
+
+
+@get("/v1/openapi.json", include_in_schema=False, media_type="application/json",
+     sync_to_thread=False, opt={"public": True})
+def openapi_json(request: Request[Any, Any, Any]) -> Response[Any]:
+    """The OpenAPI 3.1 document of this API."""
+    return Response(api_schema(request))
+
+
+_swagger = SwaggerRenderPlugin(
+    js_url=f"{ASSETS}/swagger-ui-bundle.js", css_url=f"{ASSETS}/swagger-ui.css",
+    standalone_preset_js_url=f"{ASSETS}/swagger-ui-standalone-preset.js",
+    favicon=f"<link rel='icon' type='image/png' href='{ASSETS}/favicon-32x32.png'>",
+    path="/v1/docs",
+)
+
+
+@get("/v1/docs", include_in_schema=False, media_type="text/html", sync_to_thread=False,
+     opt={"public": True})
+def docs(request: Request[Any, Any, Any]) -> bytes:
+    """Interactive API docs (Swagger UI, served from the gateway: works offline)."""
+    return _swagger.render(request, api_schema(request))
+
+
+DOCS_ROUTES: list[Any] = [
+    openapi_json, docs,
+    create_static_files_router(path=ASSETS, directories=[Path(str(swagger_ui_path))],
+                               include_in_schema=False, name="docs-assets",
+                               opt={"public": True}),
+]

@@ -1,0 +1,3 @@
+from functions.notify.handler import function
+
+__all__ = ["function"]
