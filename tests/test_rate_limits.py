@@ -12,7 +12,7 @@ import pytest
 from functions.gateway.ratelimit import TokenBuckets, tighter
 from functions.registry import FUNCTIONS
 from shared.keys import KeyStore
-from tests.support.nats import running, until_http_up
+from tests.support.nats import running, until_http_up, wait_for_job
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.timeout(90)
@@ -217,3 +217,22 @@ async def test_a_full_stream_refuses_a_submit_at_once(make_settings, http_port) 
             assert r.elapsed.total_seconds() < 5  # refused, not retried for the publish window
             info = await runtime.services.bus.js.stream_info(runtime.names.jobs_stream)
             assert info.state.messages == 2  # the first two are still there
+
+
+async def test_a_retried_job_counts_against_the_cap_again(make_settings, http_port) -> None:  # type: ignore[no-untyped-def]
+    settings = make_settings(http_port=http_port, max_active_jobs_per_tenant=1)
+    fns = [FUNCTIONS["gateway"], FUNCTIONS["conductor"]]  # no noop worker: jobs stay running
+    async with running(settings, fns) as runtime:
+        async with httpx.AsyncClient(base_url=settings.base_url, timeout=30) as client:
+            await until_http_up(client)
+            body = {**NOOP_JOB, "input": await _upload(client)}
+            first = (await client.post("/v1/jobs", json=body)).json()["job_id"]
+            await wait_for_job(runtime.services, first, until=lambda r: r.planned)
+            assert (await client.delete(f"/v1/jobs/{first}")).status_code == 202
+            await wait_for_job(runtime.services, first)  # cancelled: its slot is free
+            second = await client.post("/v1/jobs", json=body)
+            assert second.status_code == 202, second.text
+            again = await client.post(f"/v1/jobs/{first}:retry")
+            assert again.status_code == 429, again.text
+            assert again.json()["error"]["code"] == "too_many_active_jobs"
+            assert (await runtime.services.jobs.get(first)).status == "cancelled"

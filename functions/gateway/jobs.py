@@ -284,6 +284,9 @@ async def retry_job(request: Request[Any, Any, Any], job_id: str) -> Response[An
                        f"job {job_id} failed before it was planned ({code}): nothing can "
                        "resume; fix the request and submit again",
                        {"status": status, "error_code": code})
+    # A retried job is active again: it counts against its tenant's cap and waits behind
+    # the same backpressure as a new one.
+    await admit_job(request.app.state, record, retried=True)
     reason = request.query_params.get("reason", "retried on request")[:200]
     event = JobRetry(job_id=job_id, tenant=record.tenant, mode="failed", reason=reason)
     try:

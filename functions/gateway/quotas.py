@@ -92,8 +92,11 @@ class ActiveJobs:
             return False
         return True
 
-    async def admit(self, tenant: str, job_id: str) -> None:
+    async def admit(self, tenant: str, job_id: str, *, retried: bool = False) -> None:
         """Count ``job_id`` among ``tenant``'s active jobs, or refuse it over the cap.
+
+        ``retried``: the job exists and finished, and is about to run again; unlike a repeat
+        of an accepted request, it is refused over the cap.
 
         Raises:
             ApiError: 429 ``too_many_active_jobs``.
@@ -110,7 +113,7 @@ class ActiveJobs:
             if other != job_id and not await self._active(other):
                 await self._forget(tenant, other)
         entries = await self._entries(tenant)
-        if len(entries) <= cap or await self._exists(job_id):
+        if len(entries) <= cap or (not retried and await self._exists(job_id)):
             return  # (a repeat of a keyed request is answered with its job, never refused)
         await self.release(tenant, job_id)
         active = len(entries) - 1
@@ -173,7 +176,7 @@ class Backlog:
                                headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
-async def admit_job(state: Any, record: JobRecord) -> None:
+async def admit_job(state: Any, record: JobRecord, *, retried: bool = False) -> None:
     """Admission of one validated job (``state``: the app's): backpressure on the stages it
     needs, then its tenant's active-job cap. Call it before the job's record is created.
 
@@ -182,4 +185,4 @@ async def admit_job(state: Any, record: JobRecord) -> None:
     """
     steps = resolve(record.recipe, record.pipeline, record.params, len(record.inputs))
     await state.backlog.check(spec.stage for spec in steps.values())
-    await state.active_jobs.admit(record.tenant, record.job_id)
+    await state.active_jobs.admit(record.tenant, record.job_id, retried=retried)
