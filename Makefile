@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test test-fast lint bench chaos schema clean
+.PHONY: install browser run test test-fast lint bench chaos schema clean
 
 install: $(STAMP)
 
@@ -15,10 +15,25 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# Debian's chromium + chromedriver for the dashboard's browser test (tests/test_dashboard.py).
+# Idempotent: installs only when missing, and only as root with apt-get; otherwise says why
+# (that test then installs nothing and is skipped with the same reason).
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then \
+		:; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium and chromium-driver (for tests/test_dashboard.py)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
+			|| echo "warning: apt-get could not install chromium: the browser test will be skipped"; \
+	else \
+		echo "note: chromium/chromedriver missing and not root with apt-get: the dashboard's" \
+		     "browser test will be skipped (apt-get install -y chromium chromium-driver)"; \
+	fi
+
 run: install
 	$(VENV)/bin/jetcut dev
 
-test: install
+test: install browser
 	$(PY) -m pytest
 
 lint: install

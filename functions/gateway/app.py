@@ -9,6 +9,9 @@ Serves (on JETCUT_HTTP_HOST:JETCUT_HTTP_PORT):
   GET  /v1/jobs/{id}/outputs   output files with download links
   GET  /v1/jobs/{id}/outputs/{step}/{name}   stream one output
   GET|DELETE /v1/dlq[/{seq}], POST /v1/dlq/{seq}:replay   dead letters (admin)
+  GET  /v1/jobs, POST /v1/jobs:batch, GET /v1/jobs/{id}/events (SSE), /v1/jobs/{id}/graph
+  GET  /v1/queue /v1/status /v1/recipes /v1/openapi.json /v1/docs
+  GET  / -> /ui/                the dashboard (static, no CDN)
   GET  /healthz /readyz /metrics
 Emits: jobs.submit (Nats-Msg-Id = job id, so a retried request never makes two jobs),
        jobs.cancel, jobs.retry
