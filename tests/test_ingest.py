@@ -312,6 +312,16 @@ BAD_REQUESTS: list[tuple[str, bytes, dict[str, str] | None, str]] = [
      "invalid_request"),
     ("batch mode", b"[]", {"content-type": "application/cloudevents-batch+json"},
      "invalid_event"),
+    # Callbacks get the gateway's checks on every way in.
+    ("loopback callback", json.dumps({
+        "specversion": "1.0", "type": "io.jetcut.job.request", "source": "s", "id": "4",
+        "data": {"recipe": "thumbnails", "input": "incoming/x.mp4",
+                 "callback_url": "http://127.0.0.1:9/hook",
+                 "callback_secret": "s" * 32}}).encode(), None, "invalid_callback"),
+    ("file callback", json.dumps({
+        "type": "job.submit", "recipe": "thumbnails", "inputs": [{"key": "incoming/x.mp4"}],
+        "callback_url": "file:///etc/passwd", "callback_secret": "s" * 32}).encode(), None,
+     "invalid_callback"),
 ]
 
 
@@ -348,3 +358,19 @@ def test_structured_attributes_tenant_and_base64_data_are_read() -> None:
     assert (draft.mode, draft.tenant, draft.recipe, draft.refs) == \
         ("structured", "acme", "web", ["incoming/a.mp4"])
     assert draft.idempotency_key == 'ce:["s","7"]'
+
+
+async def test_a_requests_callback_reaches_the_job(  # type: ignore[no-untyped-def]
+        make_settings, clip_3s) -> None:
+    settings = ingest_settings(make_settings, callback_allow_private=True)
+    async with running(settings, [ingest]) as rt:
+        services = services_of(rt)
+        upload_id = await upload(services, clip_3s)
+        event = {"specversion": "1.0", "type": "io.jetcut.job.request", "source": "s",
+                 "id": "cb-1", "data": {"steps": PROBE_ONLY, "input": upload_id,
+                                        "callback_url": "http://127.0.0.1:9/hook",
+                                        "callback_secret": "s" * 32}}
+        reply = await request(services, event, {"content-type": "application/cloudevents+json"})
+        record = await services.jobs.get(reply["job_id"])
+        assert (record.callback_url, record.callback_secret) == ("http://127.0.0.1:9/hook",
+                                                                 "s" * 32)

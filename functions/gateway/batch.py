@@ -19,7 +19,6 @@ from functions.gateway.api import ApiError, JobView, tenant_of, view
 from functions.gateway.jobs import (
     MAX_JOB_BODY_BYTES,
     Claim,
-    JobRequest,
     PreparedJob,
     check_idempotency_key,
     claim_job,
@@ -31,6 +30,7 @@ from functions.gateway.quotas import admit_job
 from shared.bus import PublishFailed
 from shared.errors import ErrorCode, JetcutError
 from shared.function import Services
+from shared.jobrequest import JobRequest
 
 
 class BatchItem(JobRequest, kw_only=True, forbid_unknown_fields=True):

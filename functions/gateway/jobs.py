@@ -32,26 +32,12 @@ from shared.bus import PublishFailed, StreamFull
 from shared.callbacks import InvalidCallback
 from shared.callbacks import validate as validate_callback
 from shared.errors import ErrorCode, JetcutError, NotSupported, ObjectNotFound
-from shared.events import InputRef, JobCancel, JobRetry, JobSubmit, StepSpec
+from shared.events import InputRef, JobCancel, JobRetry, JobSubmit
 from shared.function import Services
 from shared.ids import job_id_for, new_job_id
+from shared.jobrequest import JobRequest
 from shared.jobstate import JobRecord
 from shared.recipes import resolve
-
-
-class JobRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Body of POST /v1/jobs: a recipe (or inline steps) and the uploads it works on."""
-
-    recipe: str | None = None
-    steps: dict[str, StepSpec] | None = None
-    input: str | None = None
-    """An upload id (``u...``) or a store key under ``uploads/<tenant>/``."""
-    inputs: list[str] = []
-    params: dict[str, Any] = {}
-    callback_url: str | None = None
-    """http(s) URL that gets the job's signed status changes (see docs/api.md, Callbacks)."""
-    callback_secret: str | None = None
-    """HMAC key for those callbacks, 16-256 chars (default: JETCUT_CALLBACK_SECRET)."""
 
 
 async def resolve_input(services: Services, tenant: str, ref: str) -> InputRef:
@@ -156,7 +142,7 @@ async def prepare_job(services: Services, tenant: str, body: JobRequest,
                       idem: str | None) -> PreparedJob:
     """Validate a job request completely (inputs exist, recipe plans) without side effects,
     so a batch can validate every item before it queues any."""
-    refs = ([body.input] if body.input else []) + list(body.inputs)
+    refs = body.refs
     if not refs:
         raise ApiError(422, ErrorCode.INVALID_REQUEST, "a job needs 'input' or 'inputs'")
     resolve(body.recipe, body.steps, body.params, len(refs))  # invalid_recipe before queueing

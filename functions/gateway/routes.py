@@ -14,7 +14,6 @@ from functions.gateway.dlq_routes import DLQ_ROUTES
 from functions.gateway.events import job_events
 from functions.gateway.health import healthz, metrics, readyz
 from functions.gateway.jobs import (
-    JobRequest,
     cancel,
     download,
     get_job,
@@ -30,6 +29,7 @@ from functions.gateway.recipes_route import list_recipes
 from functions.gateway.status import get_status
 from functions.gateway.uploads import presign_upload, upload
 from shared.function import Services
+from shared.jobrequest import JobRequest
 
 # Handlers that read their body themselves (to answer bad input with specific errors)
 # declare it for the OpenAPI document here.

@@ -33,6 +33,7 @@ from prometheus_client import Counter
 
 from functions.ingest import minio, requests
 from functions.ingest.submit import check, commit, input_ref
+from shared.callbacks import validate as validate_callback
 from shared.consumer import ConsumerLoop
 from shared.errors import ErrorCode, JetcutError, PermanentError
 from shared.events import InputRef, JobSubmit, StepSpec
@@ -148,8 +149,11 @@ async def answer(services: Services, headers: dict[str, str] | None, body: bytes
     draft = requests.parse(headers, body, settings.default_tenant)
     job = JobSubmit(job_id=draft.job_id, tenant=draft.tenant, recipe=draft.recipe,
                     steps=draft.steps, params=draft.params,
-                    inputs=[InputRef(key=ref) for ref in draft.refs])
+                    inputs=[InputRef(key=ref) for ref in draft.refs],
+                    callback_url=draft.callback_url, callback_secret=draft.callback_secret)
     check(job)
+    if draft.callback_url is not None:  # the gateway's checks, answered with their code
+        await validate_callback(draft.callback_url, draft.callback_secret, settings)
     inputs = [await input_ref(services, draft.tenant, ref) for ref in draft.refs]
     named = draft.job_id is not None or draft.idempotency_key is not None
     job_id = draft.job_id or (job_id_for(draft.tenant, draft.idempotency_key)

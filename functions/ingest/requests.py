@@ -33,21 +33,11 @@ from cloudevents.core.v1.event import CloudEvent
 
 from shared.errors import ErrorCode, PermanentError
 from shared.events import JobSubmit, StepSpec, decode
+from shared.jobrequest import JobRequest
 
 TYPE_REQUEST = "io.jetcut.job.request"
 TYPE_SUBMIT = "io.jetcut.job.submit"
 _FORMAT = JSONFormat()
-
-
-class JobRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """The data of an ``io.jetcut.job.request`` CloudEvent: ``POST /v1/jobs``'s body."""
-
-    recipe: str | None = None
-    steps: dict[str, StepSpec] | None = None
-    input: str | None = None
-    """An upload id (``u...``), a key under ``uploads/<tenant>/`` or under the ingest prefix."""
-    inputs: list[str] = []
-    params: dict[str, Any] = {}
 
 
 @dataclass(frozen=True)
@@ -63,6 +53,8 @@ class Draft:
     refs: list[str]
     job_id: str | None
     idempotency_key: str | None
+    callback_url: str | None = None
+    callback_secret: str | None = None
 
 
 def invalid(message: str, **details: Any) -> PermanentError:
@@ -116,7 +108,8 @@ def _from_submit(event: JobSubmit, mode: str, *, keyed: bool) -> Draft:
                       "idempotency_key out of its data")
     return Draft(mode=mode, tenant=event.tenant, recipe=event.recipe, steps=event.steps,
                  params=dict(event.params), refs=[i.key for i in event.inputs],
-                 job_id=event.job_id, idempotency_key=event.idempotency_key)
+                 job_id=event.job_id, idempotency_key=event.idempotency_key,
+                 callback_url=event.callback_url, callback_secret=event.callback_secret)
 
 
 def _from_cloudevent(message: HTTPMessage, mode: str, default_tenant: str) -> Draft:
@@ -156,6 +149,7 @@ def _from_cloudevent(message: HTTPMessage, mode: str, default_tenant: str) -> Dr
                           f"{TYPE_REQUEST!r} or {TYPE_SUBMIT!r}", type=kind)
     except msgspec.ValidationError as exc:
         raise invalid(f"the {kind} CloudEvent's data is not valid: {exc}") from None
-    refs = ([request.input] if request.input else []) + list(request.inputs)
     return Draft(mode=mode, tenant=tenant, recipe=request.recipe, steps=request.steps,
-                 params=dict(request.params), refs=refs, job_id=None, idempotency_key=key)
+                 params=dict(request.params), refs=request.refs, job_id=None,
+                 idempotency_key=key, callback_url=request.callback_url,
+                 callback_secret=request.callback_secret)

@@ -92,7 +92,8 @@ def check(event: JobSubmit) -> None:
 def fingerprint(event: JobSubmit) -> str:
     """Same job id, different request: the hash tells them apart (a 409 at the gateway)."""
     return hashlib.sha256(msgspec.json.encode(
-        [event.recipe, event.steps, [i.key for i in event.inputs], event.params],
+        [event.recipe, event.steps, [i.key for i in event.inputs], event.params,
+         *([event.callback_url] if event.callback_url else [])],
         order="sorted",
     )).hexdigest()
 
@@ -114,6 +115,7 @@ async def commit(services: Services, event: JobSubmit, *, forget_on_failure: boo
         job_id=job_id, tenant=event.tenant, recipe=event.recipe, inputs=list(event.inputs),
         params=dict(event.params), pipeline=event.steps, idempotency_key=event.idempotency_key,
         request_hash=digest, created_at=event.submitted_at or time.time(),
+        callback_url=event.callback_url, callback_secret=event.callback_secret,
     )
     created = await services.jobs.create(record) is not None
     if not created:
