@@ -26,7 +26,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from shared.natsserver import NatsServer, free_port
+from shared.natsserver import NatsServer, free_ports
 
 CLUSTER_READY_TIMEOUT_S = 30.0
 PROBE_STREAM = "NATSCLUSTER_PLACEMENT_PROBE"
@@ -40,11 +40,14 @@ class NatsCluster:
         binary: str | None = None,
     ) -> None:
         data_dir = Path(data_dir)
-        route_ports = [free_port(host) for _ in range(size)]
+        # Client, monitoring and route ports of every node, all distinct (one port handed
+        # out twice made a node fail to bind its route listener).
+        ports = free_ports(3 * size, host)
+        client, http, route_ports = ports[:size], ports[size:2 * size], ports[2 * size:]
         self.nodes: list[NatsServer] = [
             NatsServer(
-                data_dir / f"n{i + 1}", host=host, server_name=f"n{i + 1}",
-                cluster=(route_ports[i], route_ports), binary=binary,
+                data_dir / f"n{i + 1}", host=host, port=client[i], http_port=http[i],
+                server_name=f"n{i + 1}", cluster=(route_ports[i], route_ports), binary=binary,
             )
             for i in range(size)
         ]

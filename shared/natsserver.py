@@ -44,6 +44,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct free ports. Asked for one at a time, the kernel may hand the same
+    port out twice (each socket is closed before the next is bound); here every socket stays
+    bound until all are chosen."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+
+
 def render_config(
     *, host: str, port: int, http_port: int, store_dir: Path, server_name: str,
     cluster: tuple[int, list[int]] | None = None,
@@ -91,8 +102,9 @@ class NatsServer:
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
-        self.port = self.port or free_port(self.host)
-        self.http_port = self.http_port or free_port(self.host)
+        spare = iter(free_ports(2, self.host))  # distinct, even when both are picked here
+        self.port = self.port or next(spare)
+        self.http_port = self.http_port or next(spare)
         self.log_path = self.data_dir / f"{self.server_name}.log"
 
     @property

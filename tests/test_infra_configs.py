@@ -162,9 +162,9 @@ def test_helm_values_sync_always() -> None:
 
 def test_single_node_config_runs_with_sync_always(tmp_path: Path) -> None:
     """Boot the shipped single-node config (ports moved) and ask the server what it runs."""
-    from shared.natsserver import free_port
+    from shared.natsserver import free_ports
 
-    port, http_port = free_port(), free_port()
+    port, http_port = free_ports(2)
     text = with_store_dir(INFRA / "nats" / "nats-server.conf", tmp_path / "js")
     text, n = re.subn(r"^port:.*$", f"listen: 127.0.0.1:{port}", text, flags=re.MULTILINE)
     assert n == 1

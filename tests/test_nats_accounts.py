@@ -28,7 +28,7 @@ from nats.errors import NoRespondersError
 from functions.conductor import function as conductor
 from functions.ingest import function as ingest
 from functions.probe import function as probe
-from shared.natsserver import free_port
+from shared.natsserver import free_ports
 from shared.runtime import Runtime
 from shared.settings import Settings, load_settings
 from tests.support.nats import running, wait_for_job
@@ -49,7 +49,7 @@ def password(user: str) -> str:
 @pytest.fixture
 def auth_server(tmp_path: Path) -> Iterator[str]:
     """The shipped auth config on loopback ports; its client URL."""
-    port, http_port = free_port(), free_port()
+    port, http_port = free_ports(2)
     text = with_store_dir(CONF, tmp_path / "js")
     text, n = re.subn(r"^port:.*$", f"listen: 127.0.0.1:{port}", text, flags=re.M)
     assert n == 1
