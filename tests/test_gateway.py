@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpx
+import nats.errors
 import pytest
 
 from functions.registry import FUNCTIONS
@@ -111,3 +112,18 @@ async def test_a_queued_job_is_picked_up_when_the_conductor_starts(  # type: ign
             record = await wait_for_job(rest.services, job_id)
             assert record.status == "succeeded"
         assert gw.services is not None
+
+
+@pytest.mark.parametrize("exc", [nats.errors.TimeoutError(), nats.errors.NoRespondersError(),
+                                 nats.errors.ConnectionClosedError()])
+def test_nats_trouble_anywhere_in_a_request_is_a_503_not_a_500(exc: Exception) -> None:
+    # Seen for real in the chaos run: a KV write timing out while nats-server restarted.
+    from functions.gateway.api import on_error
+
+    class Req:
+        method, url = "POST", type("U", (), {"path": "/v1/jobs"})()
+
+    response = on_error(Req(), exc)  # type: ignore[arg-type]
+    assert response.status_code == 503
+    assert response.content["error"]["code"] == "bus_unavailable"
+    assert response.headers["Retry-After"] == "1"

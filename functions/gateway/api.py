@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import msgspec
+import nats.errors
 from litestar import Request, Response
 from litestar.connection import ASGIConnection
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
@@ -21,7 +22,7 @@ from shared.errors import ErrorCode, JetcutError, ObjectNotFound
 from shared.events import ErrorInfo
 from shared.function import Services
 from shared.jobstate import JobRecord
-from shared.jobstore import JobNotFound
+from shared.jobstore import TRANSIENT_KV, JobNotFound
 
 log = logging.getLogger("jetcut.gateway")
 
@@ -207,6 +208,11 @@ async def load_job_revision(services: Services, tenant: str,
     return found
 
 
+BUS_TROUBLE = (*TRANSIENT_KV, nats.errors.ConnectionClosedError,
+               nats.errors.OutboundBufferLimitError)
+"""NATS errors that mean "not now", wherever in a request they surface."""
+
+
 def on_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     if isinstance(exc, ApiError):
         return error_response(exc.status, ErrorInfo(code=str(exc.code), message=exc.message,
@@ -229,6 +235,13 @@ def on_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
             ErrorCode.INVALID_REQUEST
         return error_response(exc.status_code, ErrorInfo(code=str(code),
                                                          message=str(exc.detail)))
+    if isinstance(exc, BUS_TROUBLE):
+        # NATS is restarting, electing a leader, or unreachable: the client should retry.
+        log.warning("NATS unavailable on %s %s: %r", request.method, request.url.path, exc)
+        return error_response(503, ErrorInfo(
+            code=str(ErrorCode.BUS_UNAVAILABLE),
+            message="the job queue is unavailable for a moment; retry (with the same "
+                    "Idempotency-Key)", details={"retry_after_s": 1}), {"Retry-After": "1"})
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(500, ErrorInfo(code=str(ErrorCode.INTERNAL),
                                          message="internal error; it has been logged"))

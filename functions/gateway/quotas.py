@@ -32,7 +32,7 @@ from functions.gateway.api import ApiError
 from shared.errors import ErrorCode
 from shared.function import Services
 from shared.jobstate import JobRecord
-from shared.jobstore import JobNotFound
+from shared.jobstore import JobNotFound, ride_out
 from shared.recipes import resolve
 
 CACHE_S = 1.0
@@ -105,7 +105,7 @@ class ActiveJobs:
         if cap == 0:
             return
         kv = await self._bucket()
-        await kv.put(f"{tenant}.{job_id}", b"")
+        await ride_out(lambda: kv.put(f"{tenant}.{job_id}", b""))
         entries = await self._entries(tenant)
         if len(entries) <= cap:
             return
