@@ -30,7 +30,7 @@ from nats.aio.client import Client as NATS
 
 from functions.registry import FUNCTIONS
 from shared.function import Services
-from shared.jobstore import JobNotFound
+from shared.jobstore import JobNotFound, ride_out
 from shared.natscluster import NatsCluster
 from shared.natsserver import render_config
 from shared.runtime import Runtime
@@ -210,7 +210,7 @@ async def test_every_accepted_job_completes_when_a_node_crashes(
     # Nothing left behind: every consumer is drained and the work queue is empty.
     for stream, durable in consumers:
         assert await consumer_settled(services, stream, durable, timeout=15) == (0, 0), durable
-    stages = await services.bus.js.stream_info(services.names.stages_stream)
+    stages = await ride_out(lambda: services.bus.js.stream_info(services.names.stages_stream))
     assert stages.state.messages == 0
     # The election was ridden out, not papered over: no publish gave up (a handler would
     # have failed and waited for a redelivery), and the workers moved to a live seed.

@@ -18,6 +18,7 @@ import pytest
 
 from shared.function import Function, Services
 from shared.jobstate import JobRecord
+from shared.jobstore import TRANSIENT_KV
 from shared.natsserver import NatsServer, free_port
 from shared.runtime import Runtime
 from shared.settings import Settings, load_settings
@@ -117,7 +118,13 @@ async def consumer_settled(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
-        info = await services.bus.js.consumer_info(stream, durable)
+        try:
+            info = await services.bus.js.consumer_info(stream, durable)
+        except TRANSIENT_KV:  # a cluster still electing the consumer's leader: ask again
+            if loop.time() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+            continue
         state = (info.num_pending or 0, info.num_ack_pending or 0)
         if state == (0, 0) or loop.time() > deadline:
             return state
