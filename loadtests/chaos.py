@@ -194,8 +194,15 @@ class Chaos:
             await _until_ready(client)
             upload_id = await self._upload(client, clip)
             chaos = asyncio.create_task(self._faults())
-            await self._submit_all(client, upload_id)
-            await chaos
+            try:
+                await self._submit_all(client, upload_id)
+                await chaos
+            finally:
+                # On failure too: a fault loop left running would restart processes after
+                # the cleanup stopped them, and leak them.
+                chaos.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await chaos
         report = await self._check(started)
         return report
 
