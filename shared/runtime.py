@@ -162,7 +162,19 @@ class Runtime:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_event.set)
         try:
-            services = await self.start()
+            # A signal must stop a process that is still starting, too (NATS unreachable,
+            # provisioning retried): start() does not look at the stop event itself.
+            starting = asyncio.create_task(self.start())
+            stopping = asyncio.create_task(self.stop_event.wait())
+            await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting
+                log.info("stopped before start-up finished")
+                return
+            stopping.cancel()
+            services = starting.result()
             if on_ready:
                 on_ready(services)
             await self.stop_event.wait()

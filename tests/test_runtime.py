@@ -217,3 +217,23 @@ async def test_provisioning_is_idempotent(make_settings):  # type: ignore[no-unt
 def test_events_round_trip() -> None:
     t = task("rt", "ok")
     assert decode(StageTask, encode(t)) == t
+
+
+async def test_sigterm_stops_a_process_that_cannot_reach_nats(make_settings, tmp_path):  # type: ignore[no-untyped-def]
+    # Seen in a chaos run: a worker started while NATS was down kept retrying its connect
+    # and ignored SIGTERM, so its supervisor could never stop it.
+    import signal
+
+    from loadtests.procs import Workers
+    from tests.support.waiting import eventually
+
+    workers = Workers(tmp_path / "procs")
+    settings = make_settings(nats_url="nats://127.0.0.1:1")  # nothing listens there
+    proc = await workers.start("conductor", settings, name="orphan")
+    try:
+        await eventually(lambda: "Connect call failed" in workers.log("orphan"), timeout=20,
+                         what="the process to be retrying its connection")
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+    finally:
+        await workers.stop_all(grace_s=5)
