@@ -28,15 +28,17 @@ from shared.telemetry import Telemetry, subject_kind
 
 log = logging.getLogger(__name__)
 
-RETRYABLE_PUBLISH = (
+NATS_TRANSIENT = (
     nats.errors.TimeoutError,
     nats.errors.NoRespondersError,
     nats.js.errors.NoStreamResponseError,
-    nats.errors.ConnectionClosedError,
     nats.errors.ConnectionReconnectingError,
     nats.errors.StaleConnectionError,
     nats.js.errors.ServiceUnavailableError,
 )
+"""What a JetStream request answers while a stream elects a leader, the server restarts or
+the client moves to another seed: worth asking again (publishes here, KV in the job store)."""
+RETRYABLE_PUBLISH = (*NATS_TRANSIENT, nats.errors.ConnectionClosedError)
 
 
 PUBLISH_WINDOW_S = 30.0

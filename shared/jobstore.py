@@ -13,8 +13,6 @@ from functools import partial
 from typing import TypeVar
 
 import msgspec
-import nats.errors
-import nats.js.errors
 from nats.js.errors import (
     APIError,
     KeyNotFoundError,
@@ -23,6 +21,7 @@ from nats.js.errors import (
 )
 from nats.js.kv import KeyValue
 
+from shared.bus import NATS_TRANSIENT, PUBLISH_WINDOW_S
 from shared.errors import ErrorCode, JetcutError
 from shared.jobstate import JobRecord
 
@@ -31,17 +30,9 @@ T = TypeVar("T")
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(JobRecord)
 MAX_CAS_ATTEMPTS = 64
-ELECTION_WINDOW_S = 30.0
+ELECTION_WINDOW_S = PUBLISH_WINDOW_S
 """How long a KV read or write keeps retrying while the bucket's stream has no leader."""
-TRANSIENT_KV = (
-    nats.errors.TimeoutError,
-    nats.errors.NoRespondersError,
-    nats.js.errors.NoStreamResponseError,
-    nats.errors.ConnectionReconnectingError,
-    nats.errors.StaleConnectionError,
-    nats.js.errors.ServiceUnavailableError,
-)
-"""What the bucket answers while it elects a leader or the client moves to another seed."""
+TRANSIENT_KV = NATS_TRANSIENT
 
 
 async def ride_out(op: Callable[[], Awaitable[T]], window_s: float = ELECTION_WINDOW_S) -> T:

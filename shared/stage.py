@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+import ffmpeg
 import msgspec
 
 from shared.errors import (
@@ -35,6 +36,7 @@ from shared.errors import (
 )
 from shared.events import ErrorInfo, JobEvent, StageComplete, StageTask, TaskInput
 from shared.function import Context, Function, Services, error_info
+from shared.geometry import audio_plan
 from shared.jobstate import (
     JobRecord,
     JobStatus,
@@ -46,6 +48,7 @@ from shared.jobstate import (
     status_event_id,
 )
 from shared.jobstore import JobNotFound, NoChange
+from shared.media import STRIP_METADATA
 from shared.params.base import Params
 from shared.recipes import decode_params
 
@@ -93,6 +96,33 @@ class StageContext(Generic[P]):
     """ref -> metadata an upstream step reported (e.g. probe's media info)."""
     progress: Callable[[float], Awaitable[None]] = field(default=lambda f: _noop(f))
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def encode_web_mp4(self, video: Any, source: Any, media: dict[str, Any], name: str,
+                             *, preset: str, crf: int, audio_bitrate_k: int,
+                             cwd: Path | None = None) -> tuple[Path, str | None]:
+        """Encode a filtered picture (and the source's first audio track) to a web MP4 in
+        the work dir: the last step of every stage that redraws the picture.
+
+        H.264 high profile, faststart, metadata stripped, ``JETCUT_FFMPEG_THREADS`` as an
+        output option, audio copied when it is AAC (see ``audio_plan``). Progress, the
+        task's deadline and cancellation come with it.
+
+        Returns:
+            The file, and how the audio was handled (``copy``, ``aac`` or None).
+        """
+        audio_opts, audio = audio_plan(media, audio_bitrate_k)
+        streams = [video, source["a:0"]] if audio else [video]
+        out_path = self.workdir / name
+        threads = self.services.settings.ffmpeg_threads
+        out = ffmpeg.output(*streams, str(out_path), vcodec="libx264", preset=preset, crf=crf,
+                            profile="high", movflags="+faststart", **STRIP_METADATA,
+                            **audio_opts, **({"threads": threads} if threads else {}))
+        _, runner = self.services.media()
+        await runner.run(out.get_args(), duration_s=self.task.media_duration_s,
+                         timeout_s=self.task.timeout_s,
+                         on_progress=lambda pr: self.progress(pr.fraction or 0.0),
+                         cancel=self.cancel, cwd=str(cwd) if cwd else None)
+        return out_path, audio
 
     def input_file(self, ref: str = ":input", name: str = "media") -> Path:
         try:

@@ -13,6 +13,7 @@ import pytest
 
 from shared.errors import ErrorCode
 from shared.settings import Settings, env_name
+from tests.support.docjobs import doc_text, job_bodies, plan_error
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -42,25 +43,10 @@ RECIPE_DOCS = sorted([DOCS / "recipes.md", *(DOCS / "recipes").glob("*.md")])
 def test_recipe_doc_examples_are_valid_jobs(doc: Path) -> None:
     """Every ``-d '{...}'`` job body in a recipe doc plans, or is refused with a message the
     doc itself shows: examples cannot rot as params and validation change."""
-    import re
-
-    import msgspec
-
-    from shared.errors import PermanentError
-    from shared.events import StepSpec
-    from shared.recipes import resolve
-
-    # '$CLIP' and friends splice shell variables (upload ids) into the JSON.
-    text = re.sub(r"'\$([A-Z_]+)'", lambda m: "u" + m.group(1).lower(), doc.read_text())
-    bodies = [msgspec.json.decode(b) for b in re.findall(r"-d '(\{[^']*\})'", text)]
-    jobs = [b for b in bodies if "recipe" in b or "steps" in b]
+    text = doc_text(doc)
+    jobs = [b for b in job_bodies(text) if "recipe" in b or "steps" in b]
     assert jobs, f"{doc.name} shows no job example"
     for body in jobs:
-        n_inputs = len(body.get("inputs", [])) + (1 if "input" in body else 0)
-        steps = body.get("steps")
-        try:
-            resolve(body.get("recipe"),
-                    None if steps is None else msgspec.convert(steps, dict[str, StepSpec]),
-                    body.get("params", {}), n_inputs)
-        except PermanentError as exc:
-            assert exc.message in text, f"{doc.name}: {exc.message}"
+        error = plan_error(body)
+        if error is not None:
+            assert error.message in text, f"{doc.name}: {error.message}"

@@ -10,16 +10,15 @@ from fractions import Fraction
 from pathlib import Path
 
 import ffmpeg
-import msgspec
 import pytest
 
 from functions.montage import title as titles
 from functions.registry import FUNCTIONS
 from shared.errors import PermanentError
-from shared.events import StepSpec
 from shared.media import Binaries
 from shared.params import audio, montage
 from shared.recipes import resolve
+from tests.support.docjobs import doc_text, job_bodies, plan_error
 from tests.support.media import MakeClip, ffprobe_json
 from tests.support.nats import fetch_output, running, submit_job, wait_for_job
 
@@ -270,20 +269,13 @@ def test_docs_name_every_stage_param_and_recipe() -> None:
 
 def test_docs_curl_bodies_are_valid_jobs() -> None:
     """Every ``-d '{...}'`` job body in the doc plans, or fails exactly as the doc says."""
-    text = DOC.read_text(encoding="utf-8")
-    for var in ("CLIP", "PHONE", "QUIET", "MUSIC"):  # '$CLIP' splices a shell variable in
-        text = text.replace(f"'${var}'", f"u{var.lower()}")
-    bodies = [msgspec.json.decode(b) for b in re.findall(r"-d '(\{[^']*\})'", text)]
+    text = doc_text(DOC)
+    bodies = job_bodies(text)
     assert len(bodies) >= 10
     refused = []
     for body in bodies:
-        n_inputs = len(body.get("inputs", [])) + (1 if "input" in body else 0)
-        steps = body.get("steps")
-        try:
-            resolve(body.get("recipe"),
-                    None if steps is None else msgspec.convert(steps, dict[str, StepSpec]),
-                    body.get("params", {}), n_inputs)
-        except PermanentError as exc:
-            refused.append(exc.message)
-            assert exc.message in text  # the doc shows the very message
+        error = plan_error(body)
+        if error is not None:
+            refused.append(error.message)
+            assert error.message in text  # the doc shows the very message
     assert len(refused) == 2

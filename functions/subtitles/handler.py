@@ -25,8 +25,7 @@ from functions.subtitles.cues import SubtitleError, parse, to_ass
 from functions.subtitles.fonts import find_font, stage_fonts
 from shared.errors import ErrorCode, PermanentError
 from shared.events import StageTask
-from shared.geometry import audio_plan, display_size, fit, video_stream
-from shared.media import STRIP_METADATA
+from shared.geometry import display_size, fit, video_stream
 from shared.params.images import SubtitlesParams
 from shared.stage import StageContext, StageResult, stage
 
@@ -56,17 +55,9 @@ async def handle(task: StageTask, ctx: StageContext[SubtitlesParams]) -> StageRe
     video = (source.video.filter("scale", width, height)
              .filter("ass", filename=SCRIPT_NAME, fontsdir=FONTS_DIR)
              .filter("format", "yuv420p"))
-    audio_opts, audio = audio_plan(media, p.audio_bitrate_k)
-    streams = [video, source["a:0"]] if audio else [video]
-    out_path = ctx.workdir / "subtitled.mp4"
-    out = ffmpeg.output(*streams, str(out_path), vcodec="libx264", preset=p.preset, crf=p.crf,
-                        profile="high", movflags="+faststart", **STRIP_METADATA, **audio_opts)
-    threads = ctx.services.settings.ffmpeg_threads
-    args = out.get_args() + (["-threads", str(threads)] if threads else [])
-    _, runner = ctx.services.media()
-    await runner.run(args, duration_s=task.media_duration_s, timeout_s=task.timeout_s,
-                     on_progress=lambda pr: ctx.progress(pr.fraction or 0.0),
-                     cancel=ctx.cancel, cwd=str(ctx.workdir))
+    out_path, audio = await ctx.encode_web_mp4(
+        video, source, media, "subtitled.mp4", preset=p.preset, crf=p.crf,
+        audio_bitrate_k=p.audio_bitrate_k, cwd=ctx.workdir)
     return StageResult(files={"video": out_path}, meta={
         "width": width, "height": height, "cues": len(cues), "font": font.family,
         "audio": audio, "first_cue_s": cues[0].start_ms / 1000,

@@ -22,8 +22,8 @@ import ffmpeg
 
 from shared.errors import ErrorCode, FFmpegError, PermanentError
 from shared.events import StageTask
-from shared.geometry import audio_plan, display_size, fit, video_stream
-from shared.media import STRIP_METADATA, ProbeLimits, probe
+from shared.geometry import display_size, fit, video_stream
+from shared.media import ProbeLimits, probe
 from shared.params.images import WatermarkParams
 from shared.stage import StageContext, StageResult, stage
 
@@ -93,17 +93,9 @@ async def handle(task: StageTask, ctx: StageContext[WatermarkParams]) -> StageRe
     # One picture, repeated (eof_action) over every frame of the main input.
     video = ffmpeg.overlay(source.video.filter("scale", width, height), mark, x=x, y=y,
                            eof_action="repeat").filter("format", "yuv420p")
-    audio_opts, audio = audio_plan(media, p.audio_bitrate_k)
-    streams = [video, source["a:0"]] if audio else [video]
-    out_path = ctx.workdir / "watermarked.mp4"
-    out = ffmpeg.output(*streams, str(out_path), vcodec="libx264", preset=p.preset, crf=p.crf,
-                        profile="high", movflags="+faststart", **STRIP_METADATA, **audio_opts)
-    threads = ctx.services.settings.ffmpeg_threads
-    args = out.get_args() + (["-threads", str(threads)] if threads else [])
-    _, runner = ctx.services.media()
-    await runner.run(args, duration_s=task.media_duration_s, timeout_s=task.timeout_s,
-                     on_progress=lambda pr: ctx.progress(pr.fraction or 0.0),
-                     cancel=ctx.cancel)
+    out_path, audio = await ctx.encode_web_mp4(
+        video, source, media, "watermarked.mp4", preset=p.preset, crf=p.crf,
+        audio_bitrate_k=p.audio_bitrate_k)
     return StageResult(files={"video": out_path}, meta={
         "width": width, "height": height, "audio": audio,
         "overlay": {"x": x, "y": y, "width": w, "height": h}})
