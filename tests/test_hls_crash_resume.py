@@ -35,7 +35,8 @@ PARTS = 6
 
 
 WORKER = {"ack_wait_s": "2",  # a killed worker's task comes back within 2 s
-          "ffmpeg_threads": "1"}  # slow enough that the kill lands mid-job
+          "ffmpeg_threads": "1",  # slow enough that the kill lands mid-job
+          "concurrency": "1"}  # one part in flight, not the in-process stack's 2
 
 
 @pytest.fixture
