@@ -18,9 +18,7 @@ call runs in a worker thread (``asyncio.to_thread``).
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-import subprocess
 import tomllib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -183,23 +181,11 @@ def _find() -> Chromium | None:
 
 @pytest.fixture(scope="session")
 def chromium() -> Chromium:
-    """Debian's chromium and chromedriver, installed with apt when missing (as root)."""
-    found = _find()
-    if found is not None:
-        return found
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        pytest.skip("chromium/chromedriver are not installed and cannot be installed here "
-                    f"(needs root and apt-get): apt-get install -y {' '.join(APT_PACKAGES)}")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for argv in (["apt-get", "update", "-qq"],
-                 ["apt-get", "install", "-y", "-qq", *APT_PACKAGES]):
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
-        if done.returncode != 0:
-            pytest.skip(f"could not install chromium: {' '.join(argv)} -> {done.returncode}: "
-                        f"{done.stderr[-500:]}")
+    """Debian's chromium and chromedriver; `make test` installs them first (`make browser`)."""
     found = _find()
     if found is None:
-        pytest.skip("apt-get installed chromium but no chromium/chromedriver is on PATH")
+        pytest.skip("chromium/chromedriver are not installed: run `make browser` "
+                    f"(apt-get install -y {' '.join(APT_PACKAGES)})")
     return found
 
 
@@ -354,8 +340,6 @@ def _submit_through_the_page(driver: Any, base_url: str, key: str, clip: Path,
     return job_id
 
 
-# The first run on a fresh machine may apt-get install chromium (in the session fixture).
-@pytest.mark.timeout(900)
 async def test_submit_a_job_through_the_page_and_watch_it_succeed(
     stack: Stack, browser: Any, make_clip: MakeClip, tmp_path: Path,
 ) -> None:
@@ -415,7 +399,6 @@ def _watch_a_web_job_without_a_key(driver: Any, base_url: str, clip: Path) -> st
     return job_id
 
 
-@pytest.mark.timeout(900)  # as above: this may be the test that installs chromium
 async def test_open_access_needs_no_key_and_plays_the_video(
     open_stack: Stack, browser: Any, make_clip: MakeClip,
 ) -> None:
@@ -467,7 +450,6 @@ def _cancel_retry_and_dead_letters(driver: Any, base_url: str, job_id: str) -> d
             "note": driver.find_element(By.ID, "dlq-note").text}
 
 
-@pytest.mark.timeout(900)  # as above: this may be the test that installs chromium
 async def test_cancel_retry_and_dead_letters_from_the_page(
     control_stack: Stack, browser: Any,
 ) -> None:
