@@ -24,15 +24,19 @@ import pytest
 from functions.registry import FUNCTIONS
 from shared.settings import PREFIX, Settings, load_settings
 from shared.telemetry import Telemetry
+from tests.support.infra import (
+    COMPOSE,
+    INFRA,
+    K8S,
+    ROOT,
+    compose_functions,
+    interpolate,
+    k8s_kind,
+    load_yaml,
+)
 
-yaml = pytest.importorskip("yaml")
-
-ROOT = Path(__file__).resolve().parents[1]
-INFRA = ROOT / "infra"
-COMPOSE = ROOT / "docker-compose.yml"
 NATS_CONFS = sorted((INFRA / "nats").rglob("*.conf"))
 YAML_FILES = sorted([*INFRA.rglob("*.yml"), *INFRA.rglob("*.yaml"), COMPOSE])
-K8S = INFRA / "k8s"
 STAGES = tuple(name for name, fn in FUNCTIONS.items()
                if any(sub.family == "stages" for sub in fn.subscriptions))
 
@@ -76,39 +80,6 @@ def nats_check(conf_text: str, tmp_path: Path) -> subprocess.CompletedProcess[st
         check=False,
         env={**os.environ, **secrets},
     )
-
-
-def load_yaml(path: Path) -> list[Any]:
-    with path.open() as f:
-        return list(yaml.safe_load_all(f))
-
-
-def compose() -> dict[str, Any]:
-    (doc,) = load_yaml(COMPOSE)
-    assert isinstance(doc, dict)
-    return doc
-
-
-def compose_functions() -> dict[str, dict[str, Any]]:
-    """Compose services built from our image, by service name."""
-    return {
-        name: svc
-        for name, svc in compose()["services"].items()
-        if "infra/Dockerfile" in str((svc.get("build") or {}).get("dockerfile", ""))
-    }
-
-
-def interpolate(value: object) -> str:
-    """Compose's ${VAR:-default} with the defaults (what a bare `docker compose up` uses)."""
-    return re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*:-([^}]*)\}", r"\1", str(value))
-
-
-def k8s_docs() -> list[dict[str, Any]]:
-    return [doc for path in sorted(K8S.glob("*.yaml")) for doc in load_yaml(path) if doc]
-
-
-def k8s_kind(kind: str) -> list[dict[str, Any]]:
-    return [doc for doc in k8s_docs() if doc.get("kind") == kind]
 
 
 def jetcut_keys(env: Mapping[str, object]) -> set[str]:
