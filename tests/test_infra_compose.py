@@ -1,4 +1,4 @@
-"""docker-compose.yml starts as a whole: valid compose, a MinIO ARN that exists, every service scraped.
+"""docker-compose.yml starts as a whole: valid compose, a MinIO ARN that exists, all scraped.
 
 There is no Docker engine here, so each check is done against the rule of the tool that
 would refuse the file: the compose-spec JSON schema (the one ``docker compose`` validates
