@@ -271,11 +271,26 @@ def _container_env(deployment: dict[str, Any]) -> dict[str, str]:
     return env
 
 
+def jetcut_deployments() -> list[dict[str, Any]]:
+    """Deployments that run the jetcut image (otel-collector.yaml runs Jaeger)."""
+    return [d for d in k8s_kind("Deployment")
+            if d["spec"]["template"]["spec"]["containers"][0]["image"] == "jetcut"]
+
+
 def test_k8s_env_is_valid_settings() -> None:
-    deployments = k8s_kind("Deployment")
+    deployments = jetcut_deployments()
     # Every function has its Deployment.
     assert {d["metadata"]["name"] for d in deployments} == set(FUNCTIONS)
+    # Every ConfigMap and Secret a jetcut container takes its environment from.
+    env_sources = {
+        next(iter(ref.values()))["name"]
+        for d in deployments
+        for ref in d["spec"]["template"]["spec"]["containers"][0].get("envFrom", [])
+    }
+    assert env_sources == {"jetcut", "jetcut-s3"}
     for source in (*k8s_kind("ConfigMap"), *k8s_kind("Secret")):
+        if source["metadata"]["name"] not in env_sources:
+            continue
         data = source.get("data") or source.get("stringData") or {}
         assert set(data) <= SETTINGS_ENV, sorted(set(data) - SETTINGS_ENV)
     for deployment in deployments:
@@ -289,7 +304,7 @@ def test_k8s_env_is_valid_settings() -> None:
 def test_k8s_stages_scale_on_their_consumer_lag() -> None:
     scaled = {so["spec"]["scaleTargetRef"]["name"]: so for so in k8s_kind("ScaledObject")}
     assert set(scaled) == set(STAGES)
-    deployments = {d["metadata"]["name"]: d for d in k8s_kind("Deployment")}
+    deployments = {d["metadata"]["name"]: d for d in jetcut_deployments()}
     for stage, so in scaled.items():
         (trigger,) = so["spec"]["triggers"]
         meta = trigger["metadata"]

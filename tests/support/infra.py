@@ -6,6 +6,8 @@ each other, against the code, and against the tools' own validators.
 
 from __future__ import annotations
 
+import copy
+import functools
 import re
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,13 @@ PROMETHEUS = INFRA / "prometheus"
 
 
 def load_yaml(path: Path) -> list[Any]:
-    """Every document in a YAML file (a k8s manifest may hold several)."""
+    """Every document in a YAML file (a k8s manifest may hold several); a fresh copy each call."""
+    return copy.deepcopy(_parsed(path, path.stat().st_mtime_ns))
+
+
+@functools.cache
+def _parsed(path: Path, mtime_ns: int) -> list[Any]:
+    # Parametrised tests read the same manifests hundreds of times; parse each version once.
     with path.open() as f:
         return list(yaml.safe_load_all(f))
 
