@@ -257,3 +257,43 @@ def test_functions_send_traces_to_the_jaeger_v2_otlp_receiver() -> None:
     (sources,) = load_yaml(INFRA / "grafana" / "provisioning" / "datasources" / "datasources.yml")
     (ds,) = [d for d in sources["datasources"] if d["type"] == "jaeger"]
     assert ds["url"] == f"http://jaeger:{query.rpartition(':')[2]}"
+
+
+# --- the README's section says what the file does ----------------------------------------
+
+
+def readme_section() -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index("## Run it with Docker Compose")
+    return text[start:text.index("\n## ", start + 1)]
+
+
+def test_readme_compose_section_matches_the_file() -> None:
+    section = readme_section()
+    published = {
+        int(port.split(":")[0])
+        for svc in compose()["services"].values()
+        for port in svc.get("ports", [])
+    }
+    shown = {int(p) for p in re.findall(r"localhost:(\d+)", section)}
+    assert shown and shown <= published, sorted(shown - published)
+    # Every published UI or API is in the table (4222/8222/9000 are not for browsers).
+    assert published - shown == {4222, 8222, 9000}
+    (count,) = re.findall(r"each of the (\d+) functions", section)
+    assert int(count) == len(compose_functions())
+    defaults = compose()["services"]["minio"]["environment"]
+    assert f"`{interpolate(defaults['MINIO_ROOT_USER'])}` / " \
+           f"`{interpolate(defaults['MINIO_ROOT_PASSWORD'])}`" in section
+    assert "Jaeger v2" in section and "jaegertracing/jaeger:2." in compose()["services"][
+        "jaeger"]["image"]
+    commands = re.findall(r"^docker compose (\w+)(.*?)\s*(?:#.*)?$", section, re.MULTILINE)
+    assert commands
+    for verb, rest in commands:
+        if verb == "up":
+            assert set(re.findall(r"(--[a-z-]+)", rest)) <= {"--build", "--scale"}, rest
+            for name in re.findall(r"--scale (\S+)=", rest):
+                assert name in compose()["services"], rest
+        else:
+            assert verb == "exec", verb
+            service, command = rest.split()[:2]
+            assert service in compose_functions() and command == "jetcut", rest
