@@ -297,3 +297,15 @@ def test_readme_compose_section_matches_the_file() -> None:
             assert verb == "exec", verb
             service, command = rest.split()[:2]
             assert service in compose_functions() and command == "jetcut", rest
+
+
+def test_operations_doc_names_the_images_compose_runs() -> None:
+    """docs/operations.md's service table shows each pinned image exactly as compose pins it."""
+    doc = (ROOT / "docs" / "operations.md").read_text()
+    section = doc[doc.index("## docker compose"):doc.index("## Kubernetes with KEDA")]
+    rows = re.findall(r"^\| `([a-z-]+)` \| `([^`]+)` \|", section, re.MULTILINE)
+    shown = dict(rows)
+    services = compose()["services"]
+    pinned = {name: svc["image"] for name, svc in services.items()
+              if name not in compose_functions()}
+    assert shown == {**pinned, "gateway": "jetcut:dev"}

@@ -50,7 +50,7 @@ def test_there_are_rule_unit_tests() -> None:
         for block in load_yaml(path)[0]["tests"]
         for case in block.get("alert_rule_test", [])
     }
-    assert alerts - tested <= {"JetcutStageRedeliveries"}, sorted(alerts - tested)
+    assert alerts <= tested, sorted(alerts - tested)
 
 
 @pytest.mark.parametrize("path", RULE_TESTS, ids=lambda p: p.name)
