@@ -207,3 +207,48 @@ def test_otel_collector_is_shipped_and_is_where_pods_send_traces() -> None:
 def test_kustomization_ships_the_collector() -> None:
     (kustomization,) = load_yaml(K8S / "kustomization.yaml")
     assert {"otel-collector.yaml", "rbac.yaml"} <= set(kustomization["resources"])
+
+
+# --- KEDA objects, checked against the field names in KEDA's source (v2.20) ---------------
+
+# apis/keda/v1alpha1/scaledobject_types.go, ScaledObjectSpec's json names.
+SCALED_OBJECT_SPEC = {"scaleTargetRef", "pollingInterval", "initialCooldownPeriod",
+                      "cooldownPeriod", "idleReplicaCount", "minReplicaCount",
+                      "maxReplicaCount", "advanced", "triggers", "fallback"}
+# pkg/scalers/nats_jetstream_scaler.go, the `keda:"name=..."` tags (trigger metadata).
+NATS_JETSTREAM_METADATA = {"account", "accountID", "stream", "consumer", "lagThreshold",
+                           "activationLagThreshold", "useHttps",
+                           "natsServerMonitoringEndpoint"}
+NATS_JETSTREAM_REQUIRED = {"stream", "consumer", "natsServerMonitoringEndpoint"}
+
+
+@pytest.mark.parametrize("so", k8s_kind("ScaledObject"), ids=object_id)
+def test_scaled_object_uses_only_fields_keda_knows(so: dict[str, Any]) -> None:
+    assert so["apiVersion"] == "keda.sh/v1alpha1"
+    assert set(so["spec"]) <= SCALED_OBJECT_SPEC, sorted(set(so["spec"]) - SCALED_OBJECT_SPEC)
+    assert so["spec"]["scaleTargetRef"]["name"] in deployments()
+    assert 0 <= so["spec"]["minReplicaCount"] < so["spec"]["maxReplicaCount"]
+    for trigger in so["spec"]["triggers"]:
+        meta = trigger["metadata"]
+        assert trigger["type"] == "nats-jetstream"
+        assert set(meta) <= NATS_JETSTREAM_METADATA, sorted(set(meta) - NATS_JETSTREAM_METADATA)
+        assert NATS_JETSTREAM_REQUIRED <= set(meta)
+        # KEDA parses these as integers; metadata values are strings in the manifest.
+        for key in ("lagThreshold", "activationLagThreshold"):
+            assert isinstance(meta[key], str) and int(meta[key]) >= 0, key
+
+
+# --- the Jaeger v2 (collector) config refers only to components it defines ---------------
+
+
+def test_jaeger_config_pipelines_use_defined_components() -> None:
+    """What the collector refuses at start: a pipeline or extension naming an undefined id."""
+    (config,) = load_yaml(INFRA / "jaeger" / "config.yaml")
+    service = config["service"]
+    assert set(service["extensions"]) == set(config["extensions"])
+    for pipeline in service["pipelines"].values():
+        for kind in ("receivers", "processors", "exporters"):
+            assert set(pipeline.get(kind, [])) <= set(config.get(kind) or {}), kind
+    storage = set(config["extensions"]["jaeger_storage"]["backends"])
+    assert config["extensions"]["jaeger_query"]["storage"]["traces"] in storage
+    assert config["exporters"]["jaeger_storage_exporter"]["trace_storage"] in storage
