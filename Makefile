@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser run test test-fast lint bench chaos schema clean
+.PHONY: install browser tools run test test-fast lint bench chaos schema clean
 
 install: $(STAMP)
 
@@ -30,10 +30,28 @@ browser:
 		     "browser test will be skipped (apt-get install -y chromium chromium-driver)"; \
 	fi
 
+# promtool, from Debian's prometheus package, for the Prometheus rule unit tests and config
+# checks (tests/test_infra_prometheus.py). Idempotent, like `browser`: installs only when
+# missing, only as root with apt-get; otherwise says why (those tests then skip with the
+# same reason). --no-install-recommends, and Debian does not start the prometheus service
+# where policy-rc.d forbids it (containers); on a systemd host, `systemctl disable --now
+# prometheus` if you do not want it running.
+tools:
+	@if command -v promtool >/dev/null 2>&1; then \
+		:; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing prometheus (for promtool, tests/test_infra_prometheus.py)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus \
+			|| echo "warning: apt-get could not install prometheus: the promtool tests will be skipped"; \
+	else \
+		echo "note: promtool missing and not root with apt-get: the Prometheus rule tests" \
+		     "will be skipped (apt-get install -y prometheus)"; \
+	fi
+
 run: install
 	$(VENV)/bin/jetcut dev
 
-test: install browser
+test: install browser tools
 	$(PY) -m pytest
 
 lint: install

