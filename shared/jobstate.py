@@ -147,15 +147,6 @@ class JobRecord(msgspec.Struct, kw_only=True):
         return round(total / len(self.steps), 4)
 
 
-def status_event_id(record: JobRecord) -> str:
-    """Message id of the announcement of the record's status: the same for every repeat of
-    one status change (a redelivered message announces again), new for a later one (a job
-    retried after it failed announces ``running`` and its next outcome afresh)."""
-    since = {JobStatus.QUEUED: record.created_at, JobStatus.RUNNING: record.started_at}.get(
-        record.status, record.finished_at if record.terminal else record.updated_at)
-    return f"status:{record.job_id}:{record.status}:{since!r}"
-
-
 def input_ref_index(ref: str) -> int | None:
     """``:input`` -> 0, ``:input/3`` -> 3; ``None`` for a step name."""
     if ref == ":input":

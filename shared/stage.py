@@ -26,6 +26,7 @@ from typing import Any, Generic, TypeVar
 import ffmpeg
 import msgspec
 
+from shared import msgids
 from shared.errors import (
     Cancelled,
     ErrorCode,
@@ -33,9 +34,10 @@ from shared.errors import (
     LeaseLost,
     ObjectNotFound,
     PermanentError,
+    error_info,
 )
 from shared.events import ErrorInfo, JobEvent, StageComplete, StageTask, TaskInput
-from shared.function import Context, Function, Services, error_info
+from shared.function import Context, Function, Services
 from shared.geometry import audio_plan
 from shared.jobstate import (
     JobRecord,
@@ -45,7 +47,6 @@ from shared.jobstate import (
     mark_running,
     note_failure,
     set_progress,
-    status_event_id,
 )
 from shared.jobstore import JobNotFound, NoChange
 from shared.media import STRIP_METADATA
@@ -216,7 +217,7 @@ async def report(
         delivery=delivery,
     )
     await services.bus.publish(services.names.stage_complete, done,
-                               msg_id=f"{task.task_id}:complete:{delivery}")
+                               msg_id=msgids.completion(task.task_id, delivery))
 
 
 async def run_task(name: str, handler: StageHandler[P], task: StageTask, ctx: Context) -> None:
@@ -256,7 +257,7 @@ async def run_task(name: str, handler: StageHandler[P], task: StageTask, ctx: Co
         await services.bus.emit(JobEvent(
             job_id=task.job_id, tenant=task.tenant, kind="status", status=record.status,
             progress=record.progress,
-        ), durable=True, msg_id=status_event_id(record))
+        ), durable=True, msg_id=msgids.status(record))
     await services.bus.emit(JobEvent(job_id=task.job_id, tenant=task.tenant, kind="step",
                                      step=task.step, step_status="running"))
     try:

@@ -17,7 +17,8 @@ Emits:
 
 from __future__ import annotations
 
-from shared.errors import ErrorCode, JetcutError, PermanentError
+from shared import msgids
+from shared.errors import ErrorCode, JetcutError, PermanentError, error_info
 from shared.events import (
     ErrorInfo,
     JobCancel,
@@ -30,7 +31,7 @@ from shared.events import (
     TaskInput,
     part_name,
 )
-from shared.function import Context, Function, error_info
+from shared.function import Context, Function
 from shared.ids import job_id_for
 from shared.jobstate import (
     JobRecord,
@@ -47,7 +48,6 @@ from shared.jobstate import (
     plan,
     redrive,
     retry_job,
-    status_event_id,
 )
 from shared.jobstore import JobNotFound, NoChange
 from shared.media import step_timeout
@@ -290,7 +290,7 @@ async def _announce(record: JobRecord, ctx: Context, *, changed: bool) -> None:
     await ctx.services.bus.emit(JobEvent(
         job_id=record.job_id, tenant=record.tenant, kind="status", status=record.status,
         error=record.error, progress=record.progress,
-    ), durable=True, msg_id=status_event_id(record))
+    ), durable=True, msg_id=msgids.status(record))
     if changed and record.terminal:
         ctx.services.telemetry.jobs.labels(record.recipe or "inline", record.status).inc()
     if record.status == JobStatus.SUCCEEDED:
@@ -300,7 +300,7 @@ async def _announce(record: JobRecord, ctx: Context, *, changed: bool) -> None:
         await ctx.services.bus.publish(
             ctx.services.names.cleanup,
             JobCleanup(job_id=record.job_id, tenant=record.tenant, keep_outputs=True),
-            msg_id=f"cleanup:{record.job_id}",
+            msg_id=msgids.cleanup(record.job_id),
         )
 
 

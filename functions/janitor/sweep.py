@@ -32,6 +32,7 @@ import msgspec
 from nats.js.errors import NotFoundError
 
 from functions.janitor.tempdirs import remove_orphan_dirs
+from shared import msgids
 from shared.events import JobCleanup, JobRetry
 from shared.function import Services
 from shared.jobstate import LIVE_STEP, JobRecord, JobStatus
@@ -123,7 +124,7 @@ async def sweep(services: Services, *, now: float | None = None) -> SweepReport:
                 await services.bus.publish(
                     services.names.cleanup,
                     JobCleanup(job_id=record.job_id, tenant=record.tenant, keep_outputs=False),
-                    msg_id=f"expire:{record.job_id}")
+                    msg_id=msgids.expire(record.job_id))
                 report.expired.append(record.job_id)
                 count.labels("expire_job").inc()
     except Exception:
@@ -200,4 +201,4 @@ async def _redrive(services: Services, record: JobRecord, now: float) -> None:
         services.names.retry,
         JobRetry(job_id=record.job_id, tenant=record.tenant, mode="stuck",
                  reason=f"no change for {now - record.updated_at:.0f}s"),
-        msg_id=f"redrive:{record.job_id}:{record.updated_at!r}")
+        msg_id=msgids.redrive(record.job_id, record.updated_at))
