@@ -77,6 +77,28 @@ class JobStore:
         except KeyWrongLastSequenceError:
             return None
 
+    async def apply(
+        self, job_id: str, transition: Callable[[JobRecord], T | None],
+        current: tuple[JobRecord, int] | None = None,
+    ) -> tuple[JobRecord, T | None]:
+        """Apply one of ``shared.jobstate``'s named transitions to the latest record.
+
+        A transition returns ``False`` or ``None`` to leave the record as it is (nothing is
+        written and the result is ``None``); anything else is written back by
+        compare-and-set and returned. Bind its arguments with ``functools.partial``.
+
+        Raises:
+            JobNotFound: no such job.
+        """
+
+        def mutate(record: JobRecord) -> T:
+            result = transition(record)
+            if result is None or result is False:
+                raise NoChange
+            return result
+
+        return await self.update(job_id, mutate, current)
+
     async def update(
         self, job_id: str, mutate: Callable[[JobRecord], T],
         current: tuple[JobRecord, int] | None = None,

@@ -42,7 +42,7 @@ from shared.store import ObjectInfo
 log = logging.getLogger("jetcut.janitor")
 
 UPLOADS = "uploads/"
-STUCK_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
+STUCK_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELLING})
 
 
 class SweepReport(msgspec.Struct, kw_only=True):
@@ -62,7 +62,8 @@ class SweepReport(msgspec.Struct, kw_only=True):
 
 
 def is_stuck(record: JobRecord, now: float, after: float) -> bool:
-    """Queued or running, and the record has not changed for ``after`` seconds."""
+    """Queued, running or cancelling, and the record has not changed for ``after`` seconds
+    (a stuck cancelling job's workers died without reporting their stop)."""
     return record.status in STUCK_STATUSES and now - record.updated_at > after
 
 
