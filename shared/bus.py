@@ -123,8 +123,10 @@ class Bus:
         """
         msg_id = msg_id or uuid.uuid4().hex
         payload = encode(event)
-        kind = subject_kind(self.names.strip(subject))
-        with self.telemetry.publish_span(self.names.strip(subject)):
+        contract = self.names.strip(subject)
+        kind = subject_kind(contract)
+        with self.telemetry.publish_span(subject, message_id=msg_id,
+                                         contract_subject=contract):
             headers = self.headers(event, msg_id)
             if extra_headers:
                 headers.update(extra_headers)

@@ -197,7 +197,10 @@ class ConsumerLoop:
         in_flight.inc()
         started = time.monotonic()
         outcome = "ack"
-        with self.telemetry.consume_span(self.kind, msg.headers, function=function) as span:
+        with self.telemetry.consume_span(
+            msg.subject, msg.headers, function=function, consumer_group=self.sub.durable,
+            contract_subject=ctx.services.names.strip(msg.subject),
+        ) as span:
             heartbeat = asyncio.create_task(self._heartbeat(msg))
             try:
                 outcome = await self._settle(msg, ctx)
@@ -211,7 +214,7 @@ class ConsumerLoop:
                 heartbeat.cancel()
                 in_flight.dec()
                 span.set_attribute("jetcut.outcome", outcome)
-                span.set_attribute("messaging.message.delivery_count", delivery.number)
+                span.set_attribute("jetcut.delivery", delivery.number)
                 self.telemetry.messages.labels(function, self.kind, outcome).inc()
                 self.telemetry.handler_seconds.labels(function, self.kind, outcome).observe(
                     time.monotonic() - started

@@ -1,7 +1,7 @@
 """Names of every stream, subject, consumer and bucket: the bus contract in one place.
 
-With an empty namespace these are exactly the names in docs/design.md. A namespace prefixes all of
-them, so several deployments (or tests) can share one NATS server without interference.
+With an empty namespace these are exactly the names in docs/design.md. A namespace prefixes
+all of them, so several deployments (or tests) can share one NATS server without interference.
 """
 
 from __future__ import annotations
