@@ -55,6 +55,7 @@ class ErrorCode(StrEnum):
     UNSUPPORTED_FORMAT = "unsupported_format"
     INPUT_TOO_LARGE = "input_too_large"
     INVALID_CALLBACK = "invalid_callback"
+    HANDED_BACK = "handed_back"
 
 
 class JetcutError(Exception):

@@ -5,11 +5,11 @@ Job:  queued -> running -> succeeded | failed | cancelled
 Step: pending -> ready -> running -> done | failed | skipped | cancelled
 
 Every write of a job record is one of the named *transitions* below (``start_job``,
-``mark_running``, ``note_failure``, ``set_progress``, ``touch``, ``complete``, ``cancel_job``,
-``retry_job``, ``redrive``, ``fail_job``): each mutates the record in place and returns a
-result, or ``False`` / ``None`` when it leaves the record as it was.
-``JobStore.apply`` runs one inside its compare-and-set loop and skips the write when
-nothing changed, so no caller writes a record any other way.
+``mark_running``, ``note_failure``, ``hand_back``, ``set_progress``, ``touch``,
+``complete``, ``cancel_job``, ``retry_job``, ``redrive``, ``fail_job``): each mutates the
+record in place and returns a result, or ``False`` / ``None`` when it leaves the record as
+it was. ``JobStore.apply`` runs one inside its compare-and-set loop and skips the write
+when nothing changed, so no caller writes a record any other way.
 
 A step with ``each`` expands when it becomes ready into one *part* per output of the step it
 expands over; each part has its own status and attempt, and the step is done exactly when
@@ -408,6 +408,28 @@ def note_failure(record: JobRecord, step: str, attempt: int, part: int | None,
         return False
     unit = _unit(record, step, part)
     assert unit is not None
+    unit.last_error = error
+    record.steps[step].last_error = error
+    record.updated_at = time.time()
+    return True
+
+
+def hand_back(record: JobRecord, step: str, attempt: int, part: int | None,
+              delivery: int) -> bool:
+    """Transition: the worker holding the task is shutting down and could not finish it
+    within its drain grace; it hands the task back (the message is nak'ed for another
+    worker at once) and the record says how far it got (``last_error``: ``handed_back``,
+    with the progress). The attempt stays: the next delivery takes the lease over."""
+    if not holds_lease(record, step, attempt, part, delivery):
+        return False
+    unit = _unit(record, step, part)
+    assert unit is not None
+    error = ErrorInfo(
+        code="handed_back",
+        message=f"the worker stopped at {unit.progress:.0%} (shutdown) and handed the task "
+                "back; another worker runs it",
+        details={"progress": unit.progress, "delivery": delivery},
+    )
     unit.last_error = error
     record.steps[step].last_error = error
     record.updated_at = time.time()

@@ -43,6 +43,7 @@ from shared.geometry import audio_plan
 from shared.jobstate import (
     JobRecord,
     JobStatus,
+    hand_back,
     holds_lease,
     input_ref_index,
     mark_running,
@@ -60,6 +61,8 @@ CANCELLED = ErrorInfo(code=str(ErrorCode.CANCELLED), message="stopped: the job w
 """What a task reports when it stopped because its job is being cancelled."""
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 1.0
+HAND_BACK_TIMEOUT_S = 5.0
+"""How long a draining worker tries to record a hand-back (its orchestrator is waiting)."""
 
 
 class Manifest(msgspec.Struct, frozen=True, kw_only=True):
@@ -280,6 +283,11 @@ async def run_task(name: str, handler: StageHandler[P], task: StageTask, ctx: Co
             # conductor can settle the job as cancelled once its last running task stopped.
             log_.info("%s stopped (%s): %s", task.task_id, exc.code, exc.message)
             await report(services, task, error=CANCELLED, delivery=delivery)
+        except asyncio.CancelledError:
+            # The process is draining and its grace ran out before this task finished:
+            # the consumer loop naks it for another worker now; say how far it got.
+            await asyncio.shield(_hand_back(services, task, delivery))
+            raise
         except Exception as exc:
             if not getattr(exc, "non_retryable", False):
                 await _note_failure(services, task, delivery, exc)
@@ -295,6 +303,16 @@ async def _note_failure(services: Services, task: StageTask, delivery: int,
             delivery=delivery, error=error_info(exc)))
     except Exception as update_exc:
         log.debug("could not record the failure on the job: %r", update_exc)
+
+
+async def _hand_back(services: Services, task: StageTask, delivery: int) -> None:
+    """Record the hand-back on the job (best effort, bounded: the process is stopping)."""
+    try:
+        await asyncio.wait_for(services.jobs.apply(task.job_id, partial(
+            hand_back, step=task.step, attempt=task.attempt, part=task.part,
+            delivery=delivery)), HAND_BACK_TIMEOUT_S)
+    except Exception as exc:
+        log.info("could not record the hand-back of %s: %r", task.task_id, exc)
 
 
 class Lease:
