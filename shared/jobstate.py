@@ -131,6 +131,8 @@ class JobRecord(msgspec.Struct, kw_only=True):
     updated_at: float = msgspec.field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
+    cancel_requested_at: float | None = None
+    """When a cancel made the job ``cancelling`` (None: it never was, or it was retried)."""
     schema_version: int = 1
 
     @property
@@ -288,6 +290,7 @@ def cancel_job(record: JobRecord, reason: str) -> bool:
         return True
     record.status = JobStatus.CANCELLING
     record.error = error
+    record.cancel_requested_at = now
     record.updated_at = now
     for step in record.steps.values():
         for part in step.parts:
@@ -575,6 +578,7 @@ def retry_job(record: JobRecord) -> bool:
     record.status = JobStatus.RUNNING if record.started_at else JobStatus.QUEUED
     record.error = None
     record.finished_at = None
+    record.cancel_requested_at = None
     advance(record)
     return True
 

@@ -40,7 +40,8 @@ def status(record: JobRecord) -> str:
     retried after it failed announces ``running`` and its next outcome afresh)."""
     from shared.jobstate import JobStatus
 
-    since = {JobStatus.QUEUED: record.created_at, JobStatus.RUNNING: record.started_at}.get(
+    since = {JobStatus.QUEUED: record.created_at, JobStatus.RUNNING: record.started_at,
+             JobStatus.CANCELLING: record.cancel_requested_at}.get(
         record.status, record.finished_at if record.terminal else record.updated_at)
     return f"status:{record.job_id}:{record.status}:{since!r}"
 

@@ -11,6 +11,7 @@ from shared.jobstate import (
     apply_complete,
     cancel_job,
     complete,
+    hand_back,
     live_tasks,
     mark_running,
     plan,
@@ -281,3 +282,27 @@ def test_touch_keeps_the_lease_visible_only_for_its_holder() -> None:
     record.updated_at = 0.0
     assert touch(record, "probe", 1, None, 2) and record.updated_at > 0
     assert not touch(record, "probe", 1, None, 1)  # a superseded delivery
+
+
+def test_a_hand_back_records_how_far_the_task_got_and_keeps_its_attempt() -> None:
+    record = web_like()
+    mark_running(record, "probe", 1, delivery=1)
+    record.steps["probe"].progress = 0.4
+    assert hand_back(record, "probe", 1, None, 1)
+    probe = record.steps["probe"]
+    assert probe.last_error is not None and probe.last_error.code == "handed_back"
+    assert probe.last_error.details == {"progress": 0.4, "delivery": 1}
+    assert probe.status == StepStatus.RUNNING and probe.attempt == 1
+    assert mark_running(record, "probe", 1, delivery=2)  # the next delivery takes over
+    assert not hand_back(record, "probe", 1, None, 1)  # the old one holds nothing now
+
+
+def test_a_cancelling_announcement_keeps_its_message_id() -> None:
+    from shared import msgids
+
+    record = web_like()
+    mark_running(record, "probe", 1, delivery=1)
+    cancel_job(record, "stop")
+    first = msgids.status(record)
+    record.updated_at += 5  # a lease touch while the task stops
+    assert msgids.status(record) == first
