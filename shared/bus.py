@@ -7,10 +7,7 @@ Every message carries W3C ``traceparent`` and CloudEvents ``ce-*`` headers.
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import logging
-import random
 import ssl
 import uuid
 from datetime import UTC, datetime
@@ -22,32 +19,12 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext, api
 
 from shared.events import Event, JobEvent, encode
+from shared.retry import ELECTION_WINDOW_S, TRANSIENT_NATS_OR_CLOSED, ride_out
 from shared.settings import Settings
 from shared.subjects import Names
 from shared.telemetry import Telemetry, subject_kind
 
 log = logging.getLogger(__name__)
-
-NATS_TRANSIENT = (
-    nats.errors.TimeoutError,
-    nats.errors.NoRespondersError,
-    nats.js.errors.NoStreamResponseError,
-    nats.errors.ConnectionReconnectingError,
-    nats.errors.StaleConnectionError,
-    nats.js.errors.ServiceUnavailableError,
-)
-"""What a JetStream request answers while a stream elects a leader, the server restarts or
-the client moves to another seed: worth asking again (publishes here, KV in the job store)."""
-RETRYABLE_PUBLISH = (*NATS_TRANSIENT, nats.errors.ConnectionClosedError)
-
-
-PUBLISH_WINDOW_S = 30.0
-"""How long a publish keeps retrying before it gives up. A JetStream stream on a cluster
-has no leader for one election when its leader's node dies (measured 5-8 s on loopback:
-a 4-9 s raft election timeout, plus the client's reconnect to another seed), and every
-publish in that window fails fast with "no response from stream". Counting attempts with
-jittered backoff gave up after 3.5-10 s, inside that window; a time budget outlasts it."""
-
 
 class PublishFailed(Exception):
     """Every attempt of a publish failed; the message may or may not be stored."""
@@ -109,7 +86,7 @@ class Bus:
 
     def __init__(
         self, nc: NATS, names: Names, telemetry: Telemetry, *, source: str,
-        publish_window_s: float = PUBLISH_WINDOW_S, publish_timeout_s: float = 5.0,
+        publish_window_s: float = ELECTION_WINDOW_S, publish_timeout_s: float = 5.0,
     ) -> None:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream(timeout=publish_timeout_s)
@@ -146,38 +123,44 @@ class Bus:
         """
         msg_id = msg_id or uuid.uuid4().hex
         payload = encode(event)
-        kind = subject_kind(self.names.strip(subject))
-        with self.telemetry.publish_span(self.names.strip(subject)):
+        contract = self.names.strip(subject)
+        kind = subject_kind(contract)
+        with self.telemetry.publish_span(subject, message_id=msg_id,
+                                         contract_subject=contract):
             headers = self.headers(event, msg_id)
             if extra_headers:
                 headers.update(extra_headers)
-            delay = 0.1
-            loop = asyncio.get_running_loop()
-            give_up_at = loop.time() + self.publish_window_s
-            for attempt in itertools.count(1):
+            attempts = 1
+
+            async def attempt() -> api.PubAck:
                 try:
-                    ack = await self.js.publish(
+                    return await self.js.publish(
                         subject, payload, headers=headers, timeout=self.publish_timeout_s
                     )
-                except RETRYABLE_PUBLISH as exc:
+                except TRANSIENT_NATS_OR_CLOSED as exc:
                     if getattr(exc, "err_code", None) == STREAM_STORE_FAILED:
-                        self.telemetry.publishes.labels(kind, "failed").inc()
                         raise StreamFull(f"{subject}: the stream is full ({exc})") from exc
-                    left = give_up_at - loop.time()
-                    if left <= 0:
-                        self.telemetry.publishes.labels(kind, "failed").inc()
-                        raise PublishFailed(
-                            f"publish to {subject} failed for {self.publish_window_s:.0f}s "
-                            f"({attempt} attempts): {exc!r}"
-                        ) from exc
-                    log.info("publish to %s failed (%r); retry %d", subject, exc, attempt)
-                    await asyncio.sleep(min(left, delay * (0.5 + random.random())))
-                    delay = min(delay * 2, 2.0)
-                    continue
-                outcome = "retried" if attempt > 1 else "ok"
-                self.telemetry.publishes.labels(kind, outcome).inc()
-                return ack
-        raise AssertionError("unreachable")
+                    raise
+
+            def retrying(number: int, exc: BaseException) -> None:
+                nonlocal attempts
+                attempts = number + 1
+                log.info("publish to %s failed (%r); retry %d", subject, exc, number)
+
+            try:
+                ack = await ride_out(attempt, window_s=self.publish_window_s,
+                                     retry_on=TRANSIENT_NATS_OR_CLOSED, on_retry=retrying)
+            except StreamFull:
+                self.telemetry.publishes.labels(kind, "failed").inc()
+                raise
+            except TRANSIENT_NATS_OR_CLOSED as exc:
+                self.telemetry.publishes.labels(kind, "failed").inc()
+                raise PublishFailed(
+                    f"publish to {subject} failed for {self.publish_window_s:.0f}s "
+                    f"({attempts} attempts): {exc!r}"
+                ) from exc
+            self.telemetry.publishes.labels(kind, "retried" if attempts > 1 else "ok").inc()
+            return ack
 
     async def emit(self, event: JobEvent, *, durable: bool = False,
                    msg_id: str | None = None) -> None:

@@ -4,15 +4,16 @@
   tasks one at a time, so work waits in the stream, not in a worker's buffer.
 * Heartbeats: ``in_progress()`` every AckWait/3 while a handler runs; a killed worker stops
   heartbeating and its task is redelivered within one AckWait.
-* Settlement from exceptions (see ``shared.function``); poison messages and exhausted
-  retries are copied to the DLQ stream before they are terminated.
+* Settlement from exceptions, decided by ``shared.retry.settle``; poison messages and
+  exhausted retries are copied to the DLQ stream before they are terminated.
 * Watchdog: pull subscriptions can silently stop after a server restart (nats.py #504) or
   stall in ``fetch`` (#986); a loop that sees nothing for ``watchdog_s`` while its consumer
   reports pending work rebuilds its subscription.
 * Admission: before each fetch, a stage worker checks its memory and disk headroom, and
   every loop checks the store's circuit breaker (``shared.admission``); when either says
   "not now" the loop waits, and the task waits in the stream.
-* Retry policy per function (``JETCUT_RETRY_POLICY``): MaxDeliver and backoff.
+* Retry policy per function (``JETCUT_RETRY_POLICY``, ``shared.retry.policy_for``):
+  MaxDeliver and backoff.
 * Drain: on stop, no new fetch starts (one already waiting ends within
   ``fetch_timeout_s``); in-flight handlers get ``drain_grace_s`` to finish,
   then are cancelled and their messages nak'ed for immediate redelivery elsewhere. Nothing
@@ -33,45 +34,14 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from shared import msgids
 from shared.admission import Headroom, StoreBreaker
-from shared.errors import ErrorCode, RetryLater, StoreUnavailable
+from shared.errors import ErrorCode, StoreUnavailable
 from shared.events import DeadLetter, ErrorInfo, decode
-from shared.function import Context, Delivery, Subscription, error_info
-from shared.retry import backoff_delay
+from shared.function import Context, Delivery, Subscription
+from shared.retry import TRANSIENT_NATS_OR_CLOSED, policy_for, settle
 
 log = logging.getLogger(__name__)
-
-TRANSIENT_FETCH = (
-    nats.errors.ConnectionClosedError,
-    nats.errors.ConnectionReconnectingError,
-    nats.errors.StaleConnectionError,
-    nats.errors.NoRespondersError,
-    nats.js.errors.ServiceUnavailableError,
-)
-
-
-KNOWN_TRANSIENT = frozenset({
-    ErrorCode.TIMEOUT, ErrorCode.DISK_FULL, ErrorCode.STORE_UNAVAILABLE,
-    ErrorCode.BUS_UNAVAILABLE, ErrorCode.FFMPEG_FAILED,
-})
-"""Transient failures with a cause users can act on: when retries run out, the step fails
-with this code (``timeout`` says more than ``retries_exhausted``)."""
-
-
-def exhausted(error: ErrorInfo, attempts: int) -> ErrorInfo:
-    """The final error of a message whose transient failures used up its deliveries.
-
-    It keeps the last error's code when that names a known cause, ``retries_exhausted``
-    otherwise (an unclassified failure); ``details`` says which and how many attempts.
-    """
-    code = error.code if error.code in KNOWN_TRANSIENT else str(ErrorCode.RETRIES_EXHAUSTED)
-    return ErrorInfo(
-        code=code,
-        message=f"gave up after {attempts} attempts; last error: {error.code}: {error.message}",
-        details={**error.details, "last_error": error.code, "attempts": attempts,
-                 "retries_exhausted": True},
-    )
-
 
 class ConsumerLoop:
     """Fetch, handle and settle messages of one subscription until told to stop."""
@@ -88,7 +58,7 @@ class ConsumerLoop:
         self.ensure_consumer = ensure_consumer
         settings = ctx.services.settings
         self.settings = settings
-        self.policy = settings.policy_for(ctx.function)
+        self.policy = policy_for(settings, ctx.function)
         self.headroom = headroom
         self.breaker = breaker
         self.concurrency = settings.concurrency or sub.concurrency or 1
@@ -172,7 +142,7 @@ class ConsumerLoop:
             # nats-py raises its own TimeoutError for batch=1 and the builtin for batch>1.
             await self._watchdog()
             return []
-        except TRANSIENT_FETCH as exc:
+        except TRANSIENT_NATS_OR_CLOSED as exc:
             log.info("%s: fetch interrupted (%r); retrying", self.sub.durable, exc)
             await asyncio.sleep(0.5)
             return []
@@ -218,7 +188,7 @@ class ConsumerLoop:
         meta = msg.metadata
         delivery = Delivery(
             subject=msg.subject, number=meta.num_delivered or 1,
-            max_deliver=self.policy.max_deliver or self.settings.max_deliver,
+            max_deliver=self.policy.max_deliver,
             stream_seq=meta.sequence.stream,
         )
         ctx = self.ctx.for_delivery(delivery)
@@ -227,7 +197,10 @@ class ConsumerLoop:
         in_flight.inc()
         started = time.monotonic()
         outcome = "ack"
-        with self.telemetry.consume_span(self.kind, msg.headers, function=function) as span:
+        with self.telemetry.consume_span(
+            msg.subject, msg.headers, function=function, consumer_group=self.sub.durable,
+            contract_subject=ctx.services.names.strip(msg.subject),
+        ) as span:
             heartbeat = asyncio.create_task(self._heartbeat(msg))
             try:
                 outcome = await self._settle(msg, ctx)
@@ -241,7 +214,7 @@ class ConsumerLoop:
                 heartbeat.cancel()
                 in_flight.dec()
                 span.set_attribute("jetcut.outcome", outcome)
-                span.set_attribute("messaging.message.delivery_count", delivery.number)
+                span.set_attribute("jetcut.delivery", delivery.number)
                 self.telemetry.messages.labels(function, self.kind, outcome).inc()
                 self.telemetry.handler_seconds.labels(function, self.kind, outcome).observe(
                     time.monotonic() - started
@@ -262,9 +235,6 @@ class ConsumerLoop:
             return "dead_letter"
         try:
             await self.sub.handler(event, ctx)
-        except RetryLater as exc:
-            await msg.nak(delay=exc.delay)
-            return "retry_later"
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -277,21 +247,17 @@ class ConsumerLoop:
         return "ack"
 
     async def _settle_failure(self, msg: Msg, ctx: Context, event: Any, exc: Exception) -> str:
-        error = error_info(exc)
-        permanent = bool(getattr(exc, "non_retryable", False))
-        if not permanent and not ctx.delivery.last:
-            delay = backoff_delay(
-                ctx.delivery.number,
-                base_s=self.policy.backoff_base_s or self.settings.backoff_base_s,
-                max_s=self.policy.backoff_max_s or self.settings.backoff_max_s,
-            )
-            log.info("%s: transient failure (delivery %d/%d), retry in %.1fs: %s",
-                     self.sub.durable, ctx.delivery.number, ctx.delivery.max_deliver, delay,
-                     error.message)
-            await msg.nak(delay=delay)
-            return "nak"
-        if not permanent:
-            error = exhausted(error, ctx.delivery.number)
+        verdict = settle(exc, delivery=ctx.delivery.number, policy=self.policy)
+        if verdict.verb == "nak":
+            if not verdict.expected:
+                assert verdict.error is not None
+                log.info("%s: transient failure (delivery %d/%d), retry in %.1fs: %s",
+                         self.sub.durable, ctx.delivery.number, ctx.delivery.max_deliver,
+                         verdict.delay, verdict.error.message)
+            await msg.nak(delay=verdict.delay)
+            return "retry_later" if verdict.expected else "nak"
+        error, permanent = verdict.error, verdict.permanent
+        assert error is not None
         try:
             if self.sub.on_failure is not None:
                 await self.sub.on_failure(event, error, ctx)
@@ -301,7 +267,7 @@ class ConsumerLoop:
             # Recording the failure failed (bus or store down): keep the message and retry.
             log.warning("%s: could not record failure (%r); will retry", self.sub.durable,
                         hook_exc)
-            await msg.nak(delay=self.settings.backoff_base_s)
+            await msg.nak(delay=self.policy.backoff_base_s)
             return "nak"
         await msg.term()
         log.info("%s: terminated (%s): %s", self.sub.durable, error.code, error.message)
@@ -314,8 +280,8 @@ class ConsumerLoop:
             headers=dict(msg.headers or {}), error=error, num_delivered=ctx.delivery.number,
             stream_seq=ctx.delivery.stream_seq,
         )
-        msg_id = f"dlq:{self.stream}:{ctx.delivery.stream_seq}"
-        await services.bus.publish(services.names.dlq(ctx.function), entry, msg_id=msg_id)
+        await services.bus.publish(services.names.dlq(ctx.function), entry,
+                                   msg_id=msgids.dlq_entry(self.stream, ctx.delivery.stream_seq))
 
     async def _drain(self) -> None:
         if not self.inflight:

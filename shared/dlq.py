@@ -3,8 +3,8 @@
 Entries are ``DeadLetter`` events on ``dlq.<function>`` (``Names.dlq``), written by the
 consumer loop (poison messages, retries exhausted) and by the ``deadletter`` function (a
 worker lost on a message's last delivery), both with ``Nats-Msg-Id`` ``dlq:<stream>:<seq>``
-(``entry_msg_id``), so a message that both paths see is kept once. An entry is addressed by
-its sequence in the DLQ stream, which is also the cursor for paging.
+(``shared.msgids.dlq_entry``), so a message that both paths see is kept once. An entry is
+addressed by its sequence in the DLQ stream, which is also the cursor for paging.
 
 Replaying a dead ``StageTask`` asks the conductor to retry its job (``JobRetry(mode=
 "failed")``): re-publishing the old attempt would only be dropped by the fence. Anything
@@ -25,6 +25,7 @@ import msgspec
 import nats.errors
 import nats.js.errors
 
+from shared import msgids
 from shared.errors import ErrorCode, JetcutError, TransientError
 from shared.events import DeadLetter, ErrorInfo, JobRetry, StageTask, decode
 from shared.function import Services
@@ -34,11 +35,6 @@ MAX_PAGE = 500
 REPLAYABLE_JOB_STATES = ("failed", "cancelled")
 _HEADERS_NOT_REPLAYED = ("Nats-Msg-Id", "Nats-Expected-Stream", "Nats-Expected-Last-Sequence",
                          "Nats-Expected-Last-Subject-Sequence", "Nats-Expected-Last-Msg-Id")
-
-
-def entry_msg_id(stream: str, seq: int) -> str:
-    """The DLQ entry's message id for message ``seq`` of ``stream``: one entry per message."""
-    return f"dlq:{stream}:{seq}"
 
 
 class EntryNotFound(JetcutError):
@@ -187,7 +183,7 @@ async def replay(services: Services, seq: int) -> ReplayResult:
         TransientError: the bus did not acknowledge the replay (the entry is kept).
     """
     letter = await _load(services, seq)
-    msg_id = f"replay:{seq}"
+    msg_id = msgids.replay(seq)
     task = _stage_task(letter)
     if task is not None:
         result = await _retry_job(services, seq, task, msg_id)

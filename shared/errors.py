@@ -1,13 +1,16 @@
 """Errors as types with stable codes, and how each one settles a message.
 
-A handler never touches the NATS message: it returns (ack) or raises. The consumer loop
-maps the exception to a settlement verb:
+A handler never touches the NATS message: it returns (ack) or raises. The error carries
+its own retry decision, as Temporal's ``ApplicationError`` does, and ``shared.retry.settle``
+is the one place that turns it into a settlement verb:
 
 * ``non_retryable`` set (``PermanentError`` and friends) -> ``term()``; the failure is
   recorded with its code and never retried.
-* ``RetryLater``  -> ``nak(delay)``: an explicit, expected retry.
-* anything else   -> transient: ``nak`` with exponential backoff and jitter until
-  ``MaxDeliver``, after which it fails with code ``retries_exhausted``.
+* ``RetryLater``  -> ``nak(next_retry_delay)``: an explicit, expected retry.
+* anything else   -> transient: ``nak`` after ``next_retry_delay`` when the error sets it,
+  else exponential backoff and jitter, until ``MaxDeliver``, after which it fails with its
+  own code when that names a known cause (``shared.retry.KNOWN_TRANSIENT``) or
+  ``retries_exhausted``.
 
 Codes are stable strings that users can search for; never rename one.
 """
@@ -16,6 +19,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 from typing import Any
+
+from shared.events import ErrorInfo
 
 
 class ErrorCode(StrEnum):
@@ -50,6 +55,7 @@ class ErrorCode(StrEnum):
     UNSUPPORTED_FORMAT = "unsupported_format"
     INPUT_TOO_LARGE = "input_too_large"
     INVALID_CALLBACK = "invalid_callback"
+    HANDED_BACK = "handed_back"
 
 
 class JetcutError(Exception):
@@ -61,10 +67,13 @@ class JetcutError(Exception):
         details: small JSON-able context (key, returncode, stderr tail, ...).
         non_retryable: when true the consumer loop terminates the message instead of
             retrying it (the retry policy travels on the error, as in Temporal).
+        next_retry_delay: seconds before the retry, when the place that failed knows
+            better than the policy's backoff (None: the backoff decides).
     """
 
     code: ErrorCode = ErrorCode.INTERNAL
     non_retryable: bool = False
+    next_retry_delay: float | None = None
 
     def __init__(
         self,
@@ -73,12 +82,15 @@ class JetcutError(Exception):
         code: ErrorCode | None = None,
         details: dict[str, Any] | None = None,
         non_retryable: bool | None = None,
+        next_retry_delay: float | None = None,
     ) -> None:
         super().__init__(message)
         if code is not None:
             self.code = code
         if non_retryable is not None:
             self.non_retryable = non_retryable
+        if next_retry_delay is not None:
+            self.next_retry_delay = next_retry_delay
         self.message = message
         self.details = details or {}
 
@@ -102,11 +114,15 @@ class TransientError(JetcutError):
 
 
 class RetryLater(JetcutError):
-    """Ask for redelivery after ``delay`` seconds; an expected wait, not a fault."""
+    """Ask for redelivery after ``delay`` seconds; an expected wait, not a fault (it never
+    exhausts the retries: a handler that may give up checks ``Delivery.last`` itself)."""
 
     def __init__(self, delay: float, message: str = "retry later") -> None:
-        super().__init__(message)
-        self.delay = delay
+        super().__init__(message, next_retry_delay=delay)
+
+    @property
+    def delay(self) -> float:
+        return self.next_retry_delay or 0.0
 
 
 class ObjectNotFound(JetcutError):
@@ -179,3 +195,10 @@ class LeaseLost(Cancelled):
     a redelivery took over. Its work is dropped (acked, nothing uploaded or reported)."""
 
     code = ErrorCode.LEASE_LOST
+
+
+def error_info(exc: BaseException) -> ErrorInfo:
+    """The user-facing form of an exception (unexpected ones become ``internal``)."""
+    if isinstance(exc, JetcutError):
+        return ErrorInfo(code=str(exc.code), message=exc.message, details=exc.details)
+    return ErrorInfo(code=str(ErrorCode.INTERNAL), message=f"{type(exc).__name__}: {exc}")

@@ -111,7 +111,9 @@ class StageTask(Event, tag="stage.task", kw_only=True, frozen=True):
     @property
     def task_id(self) -> str:
         """``<job>:<step>[.p<part>]:<attempt>``: the Nats-Msg-Id that makes re-drives no-ops."""
-        return f"{self.job_id}:{part_name(self.step, self.part)}:{self.attempt}"
+        from shared import msgids  # msgids names parts with this module's part_name
+
+        return msgids.task(self.job_id, self.step, self.part, self.attempt)
 
 
 class StageComplete(Event, tag="stage.complete", kw_only=True, frozen=True):

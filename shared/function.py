@@ -2,8 +2,9 @@
 
 A handler takes one event Struct and a ``Context`` and returns; it never sees the NATS
 message. The consumer loop (``shared.consumer``) settles the message from what the handler
-did: return -> ack, ``RetryLater`` -> nak(delay), non-retryable error -> term, anything else
--> nak with backoff until MaxDeliver.
+did: return -> ack, or an exception whose settlement ``shared.retry.settle`` decides
+(``RetryLater`` -> nak(delay), non-retryable error -> term, anything else -> nak with backoff
+until MaxDeliver).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from shared.events import ErrorInfo, Event
 from shared.settings import Settings
-from shared.subjects import Names
+from shared.subjects import Family, Names
 
 if TYPE_CHECKING:
     import asyncio
@@ -81,8 +82,9 @@ Service = Callable[[Services, "asyncio.Event"], Coroutine[Any, Any, None]]
 class Subscription(Generic[E]):
     """One durable pull consumer and the handler for its messages."""
 
-    family: str
-    """Stream family: ``jobs``, ``stages`` or ``advisories`` (see ``Runtime._stream_of``)."""
+    family: Family
+    """Which stream the consumer lives on (``Names.stream``): ``jobs``, ``stages``,
+    ``events``, ``ingest`` or ``advisories`` (``dlq`` too, though no function reads it)."""
     subject: Callable[[Names], str]
     durable: str
     event_type: type[E]
@@ -110,7 +112,7 @@ class Function:
 
     def subscribe(
         self,
-        family: str,
+        family: Family,
         subject: Callable[[Names], str],
         event_type: type[E],
         *,
@@ -133,12 +135,3 @@ class Function:
             return handler
 
         return register
-
-
-def error_info(exc: BaseException) -> ErrorInfo:
-    """The user-facing form of an exception (unexpected ones become ``internal``)."""
-    from shared.errors import ErrorCode, JetcutError
-
-    if isinstance(exc, JetcutError):
-        return ErrorInfo(code=str(exc.code), message=exc.message, details=exc.details)
-    return ErrorInfo(code=str(ErrorCode.INTERNAL), message=f"{type(exc).__name__}: {exc}")

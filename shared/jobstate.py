@@ -1,7 +1,15 @@
 """The job record and its state machine: pure functions over data, no I/O.
 
-Job:  queued -> running -> succeeded | failed | cancelled  (cancelling while steps stop)
+Job:  queued -> running -> succeeded | failed | cancelled
+      queued | running -> cancelling -> cancelled   (a cancel while steps run: they stop)
 Step: pending -> ready -> running -> done | failed | skipped | cancelled
+
+Every write of a job record is one of the named *transitions* below (``start_job``,
+``mark_running``, ``note_failure``, ``hand_back``, ``set_progress``, ``touch``,
+``complete``, ``cancel_job``, ``retry_job``, ``redrive``, ``fail_job``): each mutates the
+record in place and returns a result, or ``False`` / ``None`` when it leaves the record as
+it was. ``JobStore.apply`` runs one inside its compare-and-set loop and skips the write
+when nothing changed, so no caller writes a record any other way.
 
 A step with ``each`` expands when it becomes ready into one *part* per output of the step it
 expands over; each part has its own status and attempt, and the step is done exactly when
@@ -44,6 +52,7 @@ class StepStatus(StrEnum):
 
 
 TERMINAL_JOB = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+ACTIVE_JOB = frozenset({JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELLING})
 FINISHED_STEP = frozenset({StepStatus.DONE, StepStatus.SKIPPED})
 LIVE_STEP = frozenset({StepStatus.READY, StepStatus.RUNNING})
 
@@ -122,6 +131,8 @@ class JobRecord(msgspec.Struct, kw_only=True):
     updated_at: float = msgspec.field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
+    cancel_requested_at: float | None = None
+    """When a cancel made the job ``cancelling`` (None: it never was, or it was retried)."""
     schema_version: int = 1
 
     @property
@@ -147,15 +158,6 @@ class JobRecord(msgspec.Struct, kw_only=True):
         return round(total / len(self.steps), 4)
 
 
-def status_event_id(record: JobRecord) -> str:
-    """Message id of the announcement of the record's status: the same for every repeat of
-    one status change (a redelivered message announces again), new for a later one (a job
-    retried after it failed announces ``running`` and its next outcome afresh)."""
-    since = {JobStatus.QUEUED: record.created_at, JobStatus.RUNNING: record.started_at}.get(
-        record.status, record.finished_at if record.terminal else record.updated_at)
-    return f"status:{record.job_id}:{record.status}:{since!r}"
-
-
 def input_ref_index(ref: str) -> int | None:
     """``:input`` -> 0, ``:input/3`` -> 3; ``None`` for a step name."""
     if ref == ":input":
@@ -163,6 +165,20 @@ def input_ref_index(ref: str) -> int | None:
     if ref.startswith(":input/"):
         return int(ref.split("/", 1)[1])
     return None
+
+
+def start_job(record: JobRecord, steps: dict[str, StepSpec] | None,
+              error: ErrorInfo | None) -> bool:
+    """Transition: plan a submitted job into ``steps``, or fail it with ``error`` (a bad
+    recipe, a missing input). False when it was planned or finished before (a redelivered
+    submit)."""
+    if record.planned or record.terminal:
+        return False
+    if error is not None or steps is None:
+        fail_job(record, error or ErrorInfo(code="invalid_recipe", message="no steps"))
+        return True
+    plan(record, steps)
+    return True
 
 
 def plan(record: JobRecord, steps: dict[str, StepSpec]) -> list[tuple[str, int | None]]:
@@ -183,6 +199,11 @@ def advance(record: JobRecord) -> list[tuple[str, int | None]]:
     now = time.time()
     ready: list[tuple[str, int | None]] = []
     if record.terminal:
+        return ready
+    if record.status == JobStatus.CANCELLING:
+        # Nothing new starts; the job is cancelled once its last running task stopped.
+        if not _running_units(record):
+            _finish(record, JobStatus.CANCELLED, now, record.error)
         return ready
     changed = True
     while changed:  # skips and empty expansions can unlock further steps
@@ -233,18 +254,59 @@ def _finish(record: JobRecord, status: JobStatus, now: float, error: ErrorInfo |
             step.status = StepStatus.CANCELLED
 
 
-def fail_job(record: JobRecord, error: ErrorInfo) -> None:
-    """Fail a job before or outside any step (invalid recipe, missing input)."""
-    if not record.terminal:
-        _finish(record, JobStatus.FAILED, time.time(), error)
+def fail_job(record: JobRecord, error: ErrorInfo) -> bool:
+    """Transition: fail a job before or outside any step (invalid recipe, missing input)."""
+    if record.terminal:
+        return False
+    _finish(record, JobStatus.FAILED, time.time(), error)
+    return True
+
+
+def _running_units(record: JobRecord) -> list[StepState | PartState]:
+    """Steps (or parts of expanded steps) a worker holds now."""
+    units: list[StepState | PartState] = []
+    for step in record.steps.values():
+        if step.each is not None and step.parts:
+            units.extend(p for p in step.parts if p.status == StepStatus.RUNNING)
+        elif step.status == StepStatus.RUNNING:
+            units.append(step)
+    return units
 
 
 def cancel_job(record: JobRecord, reason: str) -> bool:
-    """Cancel a job that has not finished; False (no change) if it already has."""
-    if record.terminal:
+    """Transition: cancel a job that has not finished; False if it has (or is cancelling).
+
+    What has not started is cancelled at once. A job with running tasks is ``cancelling``
+    until each has stopped (its worker hears the cancel, kills ffmpeg and reports the stop,
+    or finishes first: a result that made it is kept for a retry); a job with none is
+    ``cancelled`` now.
+    """
+    if record.terminal or record.status == JobStatus.CANCELLING:
         return False
-    _finish(record, JobStatus.CANCELLED, time.time(),
-            ErrorInfo(code="cancelled", message=reason or "cancelled on request"))
+    now = time.time()
+    error = ErrorInfo(code="cancelled", message=reason or "cancelled on request")
+    if not _running_units(record):
+        _finish(record, JobStatus.CANCELLED, now, error)
+        return True
+    record.status = JobStatus.CANCELLING
+    record.error = error
+    record.cancel_requested_at = now
+    record.updated_at = now
+    for step in record.steps.values():
+        for part in step.parts:
+            if part.status in (StepStatus.PENDING, StepStatus.READY):
+                part.status = StepStatus.CANCELLED
+        if step.status in (StepStatus.PENDING, StepStatus.READY):
+            step.status = StepStatus.CANCELLED
+    return True
+
+
+def finish_cancel(record: JobRecord) -> bool:
+    """Transition: a ``cancelling`` job whose running tasks never reported their stop (their
+    workers died) is cancelled for good; the janitor asks for it once the job is stuck."""
+    if record.status != JobStatus.CANCELLING:
+        return False
+    _finish(record, JobStatus.CANCELLED, time.time(), record.error)
     return True
 
 
@@ -317,9 +379,12 @@ def holds_lease(record: JobRecord, step: str, attempt: int, part: int | None,
 
 
 def mark_running(record: JobRecord, step: str, attempt: int, part: int | None = None,
-                 delivery: int = 0) -> bool:
-    """A worker took the task (delivery ``delivery`` of its message). False (and no change)
-    when the attempt is stale or a later delivery already took it."""
+              delivery: int = 0) -> bool:
+    """Transition: a worker took the task (delivery ``delivery`` of its message); the first
+    task to start makes a queued job running. False (and no change) when the attempt is
+    stale, a later delivery already took it, or the job is being cancelled."""
+    if record.status == JobStatus.CANCELLING:
+        return False
     if not holds_lease(record, step, attempt, part, delivery):
         return False
     now = time.time()
@@ -340,7 +405,8 @@ def mark_running(record: JobRecord, step: str, attempt: int, part: int | None = 
 
 def note_failure(record: JobRecord, step: str, attempt: int, part: int | None,
                  delivery: int, error: ErrorInfo) -> bool:
-    """Record a transient failure that is about to be retried, so the job shows why."""
+    """Transition: record a transient failure that is about to be retried, so the job
+    shows why."""
     if not holds_lease(record, step, attempt, part, delivery):
         return False
     unit = _unit(record, step, part)
@@ -351,9 +417,32 @@ def note_failure(record: JobRecord, step: str, attempt: int, part: int | None,
     return True
 
 
+def hand_back(record: JobRecord, step: str, attempt: int, part: int | None,
+              delivery: int) -> bool:
+    """Transition: the worker holding the task is shutting down and could not finish it
+    within its drain grace; it hands the task back (the message is nak'ed for another
+    worker at once) and the record says how far it got (``last_error``: ``handed_back``,
+    with the progress). The attempt stays: the next delivery takes the lease over."""
+    if not holds_lease(record, step, attempt, part, delivery):
+        return False
+    unit = _unit(record, step, part)
+    assert unit is not None
+    error = ErrorInfo(
+        code="handed_back",
+        message=f"the worker stopped at {unit.progress:.0%} (shutdown) and handed the task "
+                "back; another worker runs it",
+        details={"progress": unit.progress, "delivery": delivery},
+    )
+    unit.last_error = error
+    record.steps[step].last_error = error
+    record.updated_at = time.time()
+    return True
+
+
 def set_progress(
     record: JobRecord, step: str, attempt: int, fraction: float, part: int | None = None
 ) -> bool:
+    """Transition: the running task's progress (0..1), for the job's overall progress."""
     if not is_current(record, step, attempt, part):
         return False
     unit = _unit(record, step, part)
@@ -366,9 +455,40 @@ def set_progress(
     return True
 
 
+def touch(record: JobRecord, step: str, attempt: int, part: int | None,
+          delivery: int) -> bool:
+    """Transition: the worker holding the task is alive (its lease), so the janitor never
+    takes a long step for a stuck job. False when it no longer holds the task."""
+    if not holds_lease(record, step, attempt, part, delivery):
+        return False
+    record.updated_at = time.time()
+    return True
+
+
+class Completed(msgspec.Struct, kw_only=True):
+    """What applying a result did: tasks it made ready, and whether the job's status moved."""
+
+    ready: list[tuple[str, int | None]]
+    status_changed: bool
+
+
+def complete(record: JobRecord, done: StageComplete) -> Completed | None:
+    """Transition: apply a task result (``apply_complete``) and everything it unlocks
+    (``advance``). None when the result is stale, superseded or a duplicate."""
+    before = record.status
+    if not apply_complete(record, done):
+        return None
+    ready = advance(record)
+    return Completed(ready=ready, status_changed=record.status != before)
+
+
 def apply_complete(record: JobRecord, done: StageComplete) -> bool:
     """Apply a task result if it belongs to the current attempt and the worker still holds
-    its lease; False if stale, superseded or a duplicate."""
+    its lease; False if stale, superseded or a duplicate.
+
+    While the job is cancelling, a result only settles its task: a success keeps its
+    outputs (a retry reuses them), anything else leaves the task cancelled.
+    """
     if not holds_lease(record, done.step, done.attempt, done.part, done.delivery):
         return False
     now = time.time()
@@ -377,7 +497,12 @@ def apply_complete(record: JobRecord, done: StageComplete) -> bool:
     assert unit is not None
     unit.finished_at = now
     unit.started_at = unit.started_at or now
-    if done.error is not None:
+    if record.status == JobStatus.CANCELLING and (done.error is not None
+                                                  or done.skipped is not None):
+        unit.status = StepStatus.CANCELLED
+        if done.part is None:
+            state.finished_at = now
+    elif done.error is not None:
         unit.status = StepStatus.FAILED
         unit.error = done.error
         if done.part is not None:
@@ -424,7 +549,8 @@ def _reset_unit(unit: StepState | PartState) -> None:
 
 
 def retry_job(record: JobRecord) -> bool:
-    """Run a failed or cancelled job again from its checkpoints (``JobRetry(mode="failed")``).
+    """Transition: run a failed or cancelled job again from its checkpoints
+    (``JobRetry(mode="failed")``).
 
     Finished steps and parts keep their results. Every other step starts over with a new
     attempt (so its task id, and the message id, is new); expanded steps keep their done
@@ -452,20 +578,29 @@ def retry_job(record: JobRecord) -> bool:
     record.status = JobStatus.RUNNING if record.started_at else JobStatus.QUEUED
     record.error = None
     record.finished_at = None
+    record.cancel_requested_at = None
     advance(record)
     return True
 
 
-def redrive(record: JobRecord) -> bool:
-    """Give every ready or running task of a stuck job a new attempt (``mode="stuck"``).
+def redrive(record: JobRecord, steps: dict[str, StepSpec] | None = None,
+            error: ErrorInfo | None = None) -> bool:
+    """Transition: give every ready or running task of a stuck job a new attempt
+    (``mode="stuck"``).
 
     A task whose message was lost (a purged stream, a replica lost with its data) would
     otherwise wait forever; with a new attempt it is published again under a new id, and
     whatever the old attempt still reports is discarded by the fence. Checkpoints mean a
-    part or step that had finished is not redone. False when the job is finished.
+    part or step that had finished is not redone. A job whose submit was lost before it
+    was planned is planned now (``steps``, or failed with ``error``); a cancelling job whose
+    workers never reported is cancelled. False when the job is finished.
     """
     if record.terminal:
         return False
+    if record.status == JobStatus.CANCELLING:
+        return finish_cancel(record)
+    if not record.planned:
+        return start_job(record, steps, error)
     for step in record.steps.values():
         if step.status not in LIVE_STEP:
             continue

@@ -2,13 +2,16 @@
 
 ``update`` re-reads and re-applies the change whenever another writer got there first, so a
 change is a pure function of the latest record and concurrent writers never lose updates.
+Every read and write rides out a leader election (``shared.retry.ride_out``): retrying a
+write whose outcome is unknown is safe, since a repeat of one that landed fails its
+compare-and-set and is re-applied like any lost race.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import TypeVar
 
@@ -21,41 +24,19 @@ from nats.js.errors import (
 )
 from nats.js.kv import KeyValue
 
-from shared.bus import NATS_TRANSIENT, PUBLISH_WINDOW_S
 from shared.errors import ErrorCode, JetcutError
 from shared.jobstate import JobRecord
+from shared.retry import TRANSIENT_NATS, ride_out
+
+__all__ = ["TRANSIENT_KV", "JobNotFound", "JobStore", "NoChange", "ride_out"]
 
 T = TypeVar("T")
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(JobRecord)
 MAX_CAS_ATTEMPTS = 64
-ELECTION_WINDOW_S = PUBLISH_WINDOW_S
-"""How long a KV read or write keeps retrying while the bucket's stream has no leader."""
-TRANSIENT_KV = NATS_TRANSIENT
-
-
-async def ride_out(op: Callable[[], Awaitable[T]], window_s: float = ELECTION_WINDOW_S) -> T:
-    """Run a KV operation, retrying it through a leader election (seconds on a cluster).
-
-    Retrying a write whose outcome is unknown (it may have landed before the timeout) is
-    safe here: every write is a compare-and-set, so a repeat of one that landed fails with
-    a wrong last sequence and ``update`` re-reads and re-applies, as after any lost race.
-    Without this, every handler that touched a job during an election failed and waited
-    for redelivery, burning deliveries towards MaxDeliver.
-    """
-    loop = asyncio.get_running_loop()
-    give_up_at = loop.time() + window_s
-    delay = 0.1
-    while True:
-        try:
-            return await op()
-        except TRANSIENT_KV:
-            left = give_up_at - loop.time()
-            if left <= 0:
-                raise
-            await asyncio.sleep(min(left, delay * (0.5 + random.random())))
-            delay = min(delay * 2, 2.0)
+TRANSIENT_KV = TRANSIENT_NATS
+"""Kept for callers outside the runtime (the gateway); the one tuple is in ``shared.retry``."""
 
 
 class JobNotFound(JetcutError):
@@ -95,6 +76,28 @@ class JobStore:
             return int(await ride_out(lambda: self.kv.create(record.job_id, data)))
         except KeyWrongLastSequenceError:
             return None
+
+    async def apply(
+        self, job_id: str, transition: Callable[[JobRecord], T | None],
+        current: tuple[JobRecord, int] | None = None,
+    ) -> tuple[JobRecord, T | None]:
+        """Apply one of ``shared.jobstate``'s named transitions to the latest record.
+
+        A transition returns ``False`` or ``None`` to leave the record as it is (nothing is
+        written and the result is ``None``); anything else is written back by
+        compare-and-set and returned. Bind its arguments with ``functools.partial``.
+
+        Raises:
+            JobNotFound: no such job.
+        """
+
+        def mutate(record: JobRecord) -> T:
+            result = transition(record)
+            if result is None or result is False:
+                raise NoChange
+            return result
+
+        return await self.update(job_id, mutate, current)
 
     async def update(
         self, job_id: str, mutate: Callable[[JobRecord], T],
@@ -165,6 +168,3 @@ class JobStore:
         except NoKeysError:
             return []
 
-
-def encode_record(record: JobRecord) -> bytes:
-    return _encoder.encode(record)

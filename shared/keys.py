@@ -30,7 +30,7 @@ from nats.js.errors import (
 )
 from nats.js.kv import KeyValue
 
-from shared.jobstore import ride_out
+from shared.retry import ride_out
 from shared.settings import Settings
 from shared.subjects import Names, check_token
 

@@ -24,6 +24,7 @@ from shared.consumer import ConsumerLoop
 from shared.function import Context, Function, Services, Subscription
 from shared.jobstore import JobStore
 from shared.media import Binaries, FFmpegRunner, find_binaries
+from shared.retry import policy_for
 from shared.settings import Settings
 from shared.store import ObjectStore, open_store
 from shared.streams import consumer_config, provision
@@ -70,15 +71,13 @@ class Runtime:
         self.crashed: list[str] = []
 
     def _stream_of(self, sub: Subscription[Any]) -> str:
-        return {"jobs": self.names.jobs_stream, "stages": self.names.stages_stream,
-                "advisories": self.names.advisories_stream,
-                "events": self.names.events_stream}[sub.family]
+        return self.names.stream(sub.family)
 
     def _consumer(self, fn: Function, sub: Subscription[Any]) -> api.ConsumerConfig:
         s = self.settings
         return consumer_config(
             durable=sub.durable, subject=sub.subject(self.names), ack_wait=s.ack_wait_s,
-            max_deliver=s.policy_for(fn.name).max_deliver or s.max_deliver,
+            max_deliver=policy_for(s, fn.name).max_deliver,
             max_ack_pending=s.max_ack_pending, replicas=s.replicas,
         )
 

@@ -28,8 +28,9 @@ class SettingsError(ValueError):
     """A ``JETCUT_*`` variable is missing, malformed or out of range."""
 
 
-class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """How one stage retries transient failures (unset fields: the global settings)."""
+class RetryOverride(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One function's own retry numbers; unset fields take the globals (merged in one place:
+    ``shared.retry.policy_for``)."""
 
     max_deliver: PositiveInt | None = None
     backoff_base_s: Positive | None = None
@@ -112,7 +113,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """A pull loop that saw nothing for this long while its consumer has pending work
     rebuilds its subscription (nats.py #504, #986)."""
 
-    retry_policy: dict[str, RetryPolicy] = {}
+    retry_policy: dict[str, RetryOverride] = {}
     """Per-stage overrides of ``max_deliver`` / ``backoff_base_s`` / ``backoff_max_s``, as
     JSON: ``{"transcode": {"max_deliver": 3, "backoff_base_s": 5}}``."""
 
@@ -241,15 +242,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     (unset: such jobs must give one)."""
     callback_timeout_s: Positive = 10.0
     """Deadline of one callback POST (connect, send, and the receiver's answer)."""
-
-    def policy_for(self, stage: str) -> RetryPolicy:
-        """The retry policy of ``stage`` with every unset field taken from the globals."""
-        own = self.retry_policy.get(stage, RetryPolicy())
-        return RetryPolicy(
-            max_deliver=own.max_deliver or self.max_deliver,
-            backoff_base_s=own.backoff_base_s or self.backoff_base_s,
-            backoff_max_s=own.backoff_max_s or self.backoff_max_s,
-        )
 
     @property
     def store_root(self) -> str:

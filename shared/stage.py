@@ -20,12 +20,14 @@ import mimetypes
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import ffmpeg
 import msgspec
 
+from shared import announce, msgids
 from shared.errors import (
     Cancelled,
     ErrorCode,
@@ -33,28 +35,34 @@ from shared.errors import (
     LeaseLost,
     ObjectNotFound,
     PermanentError,
+    error_info,
 )
 from shared.events import ErrorInfo, JobEvent, StageComplete, StageTask, TaskInput
-from shared.function import Context, Function, Services, error_info
+from shared.function import Context, Function, Services
 from shared.geometry import audio_plan
 from shared.jobstate import (
     JobRecord,
     JobStatus,
+    hand_back,
     holds_lease,
     input_ref_index,
     mark_running,
     note_failure,
     set_progress,
-    status_event_id,
+    touch,
 )
-from shared.jobstore import JobNotFound, NoChange
+from shared.jobstore import JobNotFound
 from shared.media import STRIP_METADATA
 from shared.params.base import Params
 from shared.recipes import decode_params
 
 P = TypeVar("P", bound=Params)
+CANCELLED = ErrorInfo(code=str(ErrorCode.CANCELLED), message="stopped: the job was cancelled")
+"""What a task reports when it stopped because its job is being cancelled."""
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 1.0
+HAND_BACK_TIMEOUT_S = 5.0
+"""How long a draining worker tries to record a hand-back (its orchestrator is waiting)."""
 
 
 class Manifest(msgspec.Struct, frozen=True, kw_only=True):
@@ -216,7 +224,7 @@ async def report(
         delivery=delivery,
     )
     await services.bus.publish(services.names.stage_complete, done,
-                               msg_id=f"{task.task_id}:complete:{delivery}")
+                               msg_id=msgids.completion(task.task_id, delivery))
 
 
 async def run_task(name: str, handler: StageHandler[P], task: StageTask, ctx: Context) -> None:
@@ -231,6 +239,11 @@ async def run_task(name: str, handler: StageHandler[P], task: StageTask, ctx: Co
     if not holds_lease(record, task.step, task.attempt, task.part, delivery):
         log_.info("stale task %s dropped (job %s)", task.task_id, record.status)
         return
+    if record.status == JobStatus.CANCELLING:
+        # Redelivered while its job is being cancelled (the worker that held it died):
+        # the job waits for this task's stop, so report it rather than drop it.
+        await report(services, task, error=CANCELLED, delivery=delivery)
+        return
 
     checkpoint = await _read_manifest(services, task)
     if checkpoint is not None:
@@ -240,23 +253,16 @@ async def run_task(name: str, handler: StageHandler[P], task: StageTask, ctx: Co
                      skipped=checkpoint.skipped, delivery=delivery)
         return
 
-    def running(rec: JobRecord) -> bool:
-        if not mark_running(rec, task.step, task.attempt, task.part, delivery):
-            raise NoChange
-        return True
-
     was = record.status
-    record, took = await services.jobs.update(task.job_id, running, current=(record, revision))
+    record, took = await services.jobs.apply(
+        task.job_id, partial(mark_running, step=task.step, attempt=task.attempt,
+                             part=task.part, delivery=delivery),
+        current=(record, revision))
     if not took:
         log_.info("task %s became stale; dropped", task.task_id)
         return
     if was == JobStatus.QUEUED and record.status == JobStatus.RUNNING:
-        # The first step to start makes the job running: announce it like the conductor
-        # announces every other status change.
-        await services.bus.emit(JobEvent(
-            job_id=task.job_id, tenant=task.tenant, kind="status", status=record.status,
-            progress=record.progress,
-        ), durable=True, msg_id=status_event_id(record))
+        await announce.status(services.bus, record)  # the first task to start
     await services.bus.emit(JobEvent(job_id=task.job_id, tenant=task.tenant, kind="step",
                                      step=task.step, step_status="running"))
     try:
@@ -269,11 +275,19 @@ async def run_task(name: str, handler: StageHandler[P], task: StageTask, ctx: Co
         try:
             async with lease.kept():
                 await _execute(name, handler, task, services, params, cancelled, lease)
-        except Cancelled as exc:
-            # The job was cancelled, or another delivery of this task took over: the record
-            # already says what happens next, the work dir is gone and nothing was uploaded
-            # or reported. Ack and move on.
+        except LeaseLost as exc:
+            # Another delivery of this task took over: it reports; nothing was uploaded.
             log_.info("%s stopped (%s): %s", task.task_id, exc.code, exc.message)
+        except Cancelled as exc:
+            # The job is being cancelled: nothing was uploaded; report the stop, so the
+            # conductor can settle the job as cancelled once its last running task stopped.
+            log_.info("%s stopped (%s): %s", task.task_id, exc.code, exc.message)
+            await report(services, task, error=CANCELLED, delivery=delivery)
+        except asyncio.CancelledError:
+            # The process is draining and its grace ran out before this task finished:
+            # the consumer loop naks it for another worker now; say how far it got.
+            await asyncio.shield(_hand_back(services, task, delivery))
+            raise
         except Exception as exc:
             if not getattr(exc, "non_retryable", False):
                 await _note_failure(services, task, delivery, exc)
@@ -283,17 +297,22 @@ async def run_task(name: str, handler: StageHandler[P], task: StageTask, ctx: Co
 async def _note_failure(services: Services, task: StageTask, delivery: int,
                         exc: Exception) -> None:
     """Show a transient failure on the job while it is retried (best effort)."""
-    error = error_info(exc)
-
-    def note(record: JobRecord) -> bool:
-        if not note_failure(record, task.step, task.attempt, task.part, delivery, error):
-            raise NoChange
-        return True
-
     try:
-        await services.jobs.update(task.job_id, note)
+        await services.jobs.apply(task.job_id, partial(
+            note_failure, step=task.step, attempt=task.attempt, part=task.part,
+            delivery=delivery, error=error_info(exc)))
     except Exception as update_exc:
         log.debug("could not record the failure on the job: %r", update_exc)
+
+
+async def _hand_back(services: Services, task: StageTask, delivery: int) -> None:
+    """Record the hand-back on the job (best effort, bounded: the process is stopping)."""
+    try:
+        await asyncio.wait_for(services.jobs.apply(task.job_id, partial(
+            hand_back, step=task.step, attempt=task.attempt, part=task.part,
+            delivery=delivery)), HAND_BACK_TIMEOUT_S)
+    except Exception as exc:
+        log.info("could not record the hand-back of %s: %r", task.task_id, exc)
 
 
 class Lease:
@@ -333,7 +352,7 @@ class Lease:
         return Cancelled("the job was cancelled")
 
     def _lose(self, record: JobRecord) -> None:
-        if record.status != JobStatus.CANCELLED:
+        if record.status not in (JobStatus.CANCELLED, JobStatus.CANCELLING):
             unit = record.steps[self.task.step]
             held_by = (unit.parts[self.task.part].lease if self.task.part is not None
                        and self.task.part < len(unit.parts) else unit.lease)
@@ -352,21 +371,23 @@ class Lease:
                 await keeper
 
     async def _keep(self) -> None:
-        def touch(record: JobRecord) -> bool:
-            if not self._still_mine(record):
-                raise NoChange
-            record.updated_at = time.time()
-            return True
-
+        t = self.task
+        alive = partial(touch, step=t.step, attempt=t.attempt, part=t.part,
+                        delivery=self.delivery)
         while True:
             await asyncio.sleep(self.interval)
             try:
-                record, touched = await self.services.jobs.update(self.task.job_id, touch)
+                record, touched = await self.services.jobs.apply(t.job_id, alive)
             except Exception as exc:  # the store of record is down: keep working
                 log.debug("lease touch failed: %r", exc)
                 continue
             if not touched and not self._still_mine(record):
                 self._lose(record)
+                return
+            if record.status == JobStatus.CANCELLING:
+                # The cancel message did not reach this worker (a plain NATS message):
+                # the record says so too.
+                self.cancelled.set()
                 return
 
 
@@ -450,12 +471,10 @@ def _progress_reporter(services: Services, task: StageTask) -> Callable[[float],
             return
         last = now
 
-        def update(rec: JobRecord) -> None:
-            if not set_progress(rec, task.step, task.attempt, fraction, task.part):
-                raise NoChange
-
         try:
-            record, _ = await services.jobs.update(task.job_id, update)
+            record, _ = await services.jobs.apply(task.job_id, partial(
+                set_progress, step=task.step, attempt=task.attempt, fraction=fraction,
+                part=task.part))
             await services.bus.emit(JobEvent(job_id=task.job_id, tenant=task.tenant,
                                              kind="progress", step=task.step,
                                              progress=record.progress))

@@ -15,7 +15,7 @@ from nats.js.errors import BadRequestError, BucketNotFoundError
 from nats.js.kv import KeyValue
 
 from shared.settings import Settings
-from shared.subjects import Names
+from shared.subjects import Family, Names
 
 log = logging.getLogger(__name__)
 
@@ -24,12 +24,13 @@ STREAM_EXISTS_DIFFERENT = 10058
 
 
 def stream_configs(names: Names, settings: Settings) -> list[api.StreamConfig]:
-    """The four streams of the contract (DESIGN.md, "Streams, subjects, consumers"), and
-    ``ADVISORIES``, which keeps JetStream's max-deliveries advisories for the deadletter
-    function: a plain subscription would miss those sent while no deadletter runs; and
-    ``INGEST``, MinIO's bucket notifications for the ingest function."""
+    """Every stream, one per ``shared.subjects.Family``: the four of the contract
+    (docs/design.md, "Streams, subjects, consumers"); ``INGEST``, MinIO's bucket
+    notifications for the ingest function; and ``ADVISORIES``, which keeps JetStream's
+    max-deliveries advisories for the deadletter function (a plain subscription would miss
+    those sent while no deadletter runs)."""
 
-    def stream(name: str, family: str, retention: api.RetentionPolicy, max_age: float,
+    def stream(name: str, family: Family, retention: api.RetentionPolicy, max_age: float,
                duplicate_window: float, allow_direct: bool | None = None,
                discard: api.DiscardPolicy = api.DiscardPolicy.NEW) -> api.StreamConfig:
         # Bounded, and a full stream refuses the publish (the publisher sees an error and

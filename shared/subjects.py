@@ -1,15 +1,20 @@
 """Names of every stream, subject, consumer and bucket: the bus contract in one place.
 
-With an empty namespace these are exactly the names in DESIGN.md. A namespace prefixes all of
-them, so several deployments (or tests) can share one NATS server without interference.
+With an empty namespace these are exactly the names in docs/design.md. A namespace prefixes
+all of them, so several deployments (or tests) can share one NATS server without interference.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+Family = Literal["jobs", "stages", "events", "dlq", "ingest", "advisories"]
+"""A stream, by the family of subjects it keeps: one stream per family (``Names.stream``)."""
+FAMILIES: tuple[Family, ...] = get_args(Family)
 
 
 def check_token(kind: str, value: str) -> str:
@@ -55,6 +60,14 @@ class Names:
     def advisories_stream(self) -> str:
         """Where JetStream's max-deliveries advisories for our streams are kept (deadletter)."""
         return self._n("ADVISORIES")
+
+    def stream(self, family: Family) -> str:
+        """The stream that keeps ``family``'s subjects (where its consumers live)."""
+        return {
+            "jobs": self.jobs_stream, "stages": self.stages_stream,
+            "events": self.events_stream, "dlq": self.dlq_stream,
+            "ingest": self.ingest_stream, "advisories": self.advisories_stream,
+        }[family]
 
     @property
     def jobs_bucket(self) -> str:

@@ -78,6 +78,12 @@ class TelemetryError(RuntimeError):
     """Telemetry was configured in a way this installation cannot honour."""
 
 
+def _header(headers: Mapping[str, str] | None, name: str) -> str | None:
+    """A header's value, its name matched case-insensitively (NATS keeps case as sent)."""
+    wanted = name.lower()
+    return next((v for k, v in (headers or {}).items() if k.lower() == wanted), None)
+
+
 def subject_kind(subject: str) -> str:
     """Map a NATS subject to a low-cardinality label value.
 
@@ -270,58 +276,78 @@ class Telemetry:
 
     @contextmanager
     def consume_span(
-        self, subject: str, headers: Mapping[str, str] | None, *, function: str
+        self, subject: str, headers: Mapping[str, str] | None, *, function: str,
+        consumer_group: str | None = None, contract_subject: str | None = None,
     ) -> Iterator[trace.Span]:
         """Open the ``process <subject kind>`` span around handling one message.
 
         The span's parent is the producer span carried in the headers, so a job's trace
         runs gateway → conductor → each stage even though they are separate processes.
         An exception escaping the block is recorded on the span and marks it as an error.
+        Attributes follow the OpenTelemetry messaging conventions (v1.27+).
 
         Args:
-            subject: The subject the message arrived on (recorded in full as an attribute,
-                where cardinality does not matter; the span name uses its kind).
-            headers: The message's headers.
+            subject: The subject the message arrived on, not the consumer's filter
+                (``messaging.destination.name``, where cardinality does not matter).
+            headers: The message's headers; its ``Nats-Msg-Id`` becomes
+                ``messaging.message.id``.
             function: The consuming function's name (``jetcut.function``).
+            consumer_group: The durable consumer (``messaging.consumer.group.name``).
+            contract_subject: ``subject`` without the deployment's namespace, which names
+                the span by its kind (default: ``subject``).
 
         Yields:
             The current span, so the caller can add attributes such as the outcome.
         """
-        kind = subject_kind(subject)
+        kind = subject_kind(contract_subject or subject)
+        attributes: dict[str, str] = {
+            "messaging.system": "nats",
+            "messaging.destination.name": subject,
+            "messaging.operation.type": "process",
+            "messaging.operation.name": "process",
+            "jetcut.function": function,
+        }
+        message_id = _header(headers, "Nats-Msg-Id")
+        if message_id:
+            attributes["messaging.message.id"] = message_id
+        if consumer_group:
+            attributes["messaging.consumer.group.name"] = consumer_group
         with self.tracer.start_as_current_span(
-            f"process {kind}",
-            context=self.extract(headers),
-            kind=trace.SpanKind.CONSUMER,
-            attributes={
-                "messaging.system": "nats",
-                "messaging.destination.name": subject,
-                "messaging.operation": "process",
-                "jetcut.function": function,
-            },
+            f"process {kind}", context=self.extract(headers), kind=trace.SpanKind.CONSUMER,
+            attributes=attributes,
         ) as span:
             yield span
 
     @contextmanager
-    def publish_span(self, subject: str) -> Iterator[trace.Span]:
+    def publish_span(
+        self, subject: str, *, message_id: str | None = None,
+        contract_subject: str | None = None,
+    ) -> Iterator[trace.Span]:
         """Open the ``publish <subject kind>`` span; call :meth:`inject` inside it.
 
         Injecting inside the span makes the consumer's span a child of this one, so the
         trace shows each hop (and each publish retry) rather than one flat list.
 
         Args:
-            subject: The subject being published to.
+            subject: The subject being published to (``messaging.destination.name``).
+            message_id: Its ``Nats-Msg-Id`` (``messaging.message.id``).
+            contract_subject: ``subject`` without the deployment's namespace, which names
+                the span by its kind (default: ``subject``).
 
         Yields:
             The current span.
         """
+        attributes = {
+            "messaging.system": "nats",
+            "messaging.destination.name": subject,
+            "messaging.operation.type": "send",
+            "messaging.operation.name": "publish",
+        }
+        if message_id:
+            attributes["messaging.message.id"] = message_id
         with self.tracer.start_as_current_span(
-            f"publish {subject_kind(subject)}",
-            kind=trace.SpanKind.PRODUCER,
-            attributes={
-                "messaging.system": "nats",
-                "messaging.destination.name": subject,
-                "messaging.operation": "publish",
-            },
+            f"publish {subject_kind(contract_subject or subject)}",
+            kind=trace.SpanKind.PRODUCER, attributes=attributes,
         ) as span:
             yield span
 

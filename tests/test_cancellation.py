@@ -6,9 +6,12 @@ import os
 from pathlib import Path
 
 import httpx
+import nats.errors
 import pytest
 
 from functions.registry import FUNCTIONS
+from shared.events import JobEvent, decode
+from shared.function import Services
 from tests.support.nats import (
     consumer_settled,
     running,
@@ -19,6 +22,24 @@ from tests.support.nats import (
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.timeout(120)
+
+
+async def announced(services: Services, job_id: str) -> list[str]:
+    """The job's status announcements, as the EVENTS stream keeps them."""
+    subject = services.names.events("default", job_id)
+    sub = await services.bus.js.subscribe(subject, ordered_consumer=True)
+    statuses: list[str] = []
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=1)
+            except nats.errors.TimeoutError:
+                return statuses
+            event = decode(JobEvent, msg.data)
+            if event.kind == "status" and event.status is not None:
+                statuses.append(event.status)
+    finally:
+        await sub.unsubscribe()
 
 
 async def test_cancelling_a_running_job_stops_its_ffmpeg(  # type: ignore[no-untyped-def]
@@ -47,6 +68,11 @@ async def test_cancelling_a_running_job_stops_its_ffmpeg(  # type: ignore[no-unt
             record = await wait_for_job(services, job_id, timeout=5)  # within 5 seconds
             assert record.status == "cancelled"
             assert record.error is not None and record.error.code == "cancelled"
+            assert record.steps["slow"].status == "cancelled"
+            # The job was cancelling while its ffmpeg stopped; the worker's stop report
+            # settled it. Each status was announced once, in order.
+            assert await announced(services, job_id) == [
+                "queued", "running", "cancelling", "cancelled"]
 
             await eventually(lambda: not runner.pids, timeout=5, what="ffmpeg to be gone")
             for pid in pids:

@@ -30,9 +30,10 @@ from nats.aio.client import Client as NATS
 
 from functions.registry import FUNCTIONS
 from shared.function import Services
-from shared.jobstore import JobNotFound, ride_out
+from shared.jobstore import JobNotFound
 from shared.natscluster import NatsCluster
 from shared.natsserver import render_config
+from shared.retry import ride_out
 from shared.runtime import Runtime
 from shared.settings import Settings
 from tests.support.media import MakeClip

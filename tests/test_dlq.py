@@ -157,7 +157,7 @@ async def test_replaying_a_task_of_a_job_that_is_not_failed_is_a_conflict(  # ty
     """The entry is kept: the operator decides (purge it, or retry when the job fails)."""
     rt, client = gateway
     services = rt.services
-    from shared.dlq import entry_msg_id
+    from shared import msgids
     from shared.events import DeadLetter, ErrorInfo, StageTask, encode
 
     job_id = await submit_job(rt, [clip_3s], steps={"n": {"stage": "noop", "uses": [":input"]}})
@@ -166,7 +166,7 @@ async def test_replaying_a_task_of_a_job_that_is_not_failed_is_a_conflict(  # ty
     await services.bus.publish(services.names.dlq("noop"), DeadLetter(
         function="noop", subject="stages.noop", data=encode(task),
         error=ErrorInfo(code="retries_exhausted", message="test"), stream_seq=1,
-    ), msg_id=entry_msg_id(services.names.stages_stream, 1))
+    ), msg_id=msgids.dlq_entry(services.names.stages_stream, 1))
     (entry,) = await eventually_entries(client, 1)
     r = await client.post(f"/v1/dlq/{entry['seq']}:replay")
     assert r.status_code == 409, r.text

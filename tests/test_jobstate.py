@@ -10,11 +10,15 @@ from shared.jobstate import (
     advance,
     apply_complete,
     cancel_job,
+    complete,
+    hand_back,
     live_tasks,
     mark_running,
     plan,
     redrive,
     retry_job,
+    start_job,
+    touch,
 )
 
 
@@ -206,3 +210,99 @@ def test_redrive_gives_live_tasks_new_attempts_and_fences_the_old_ones() -> None
     assert apply_complete(record, part_done(2, attempt=2, outputs={"video": "e2"}))
     assert record.steps["encode"].status == StepStatus.DONE
     assert cancel_job(record, "stop") and not redrive(record)
+
+
+CANCELLED_STOP = ErrorInfo(code="cancelled", message="stopped")
+
+
+def test_cancelling_a_job_with_nothing_running_cancels_it_at_once() -> None:
+    record = web_like()
+    assert cancel_job(record, "stop")
+    assert record.status == JobStatus.CANCELLED
+    assert record.steps["probe"].status == StepStatus.CANCELLED
+    assert not cancel_job(record, "again")
+
+
+def test_a_running_job_is_cancelling_until_its_running_tasks_stop() -> None:
+    record = expanding()
+    advance(record)
+    assert mark_running(record, "encode", 1, part=0, delivery=1)
+    assert mark_running(record, "encode", 1, part=1, delivery=1)
+    assert cancel_job(record, "stop")
+    assert record.status == JobStatus.CANCELLING and not record.terminal
+    assert record.error is not None and record.error.code == "cancelled"
+    parts = record.steps["encode"].parts
+    assert [p.status for p in parts] == [StepStatus.RUNNING, StepStatus.RUNNING,
+                                         StepStatus.CANCELLED]
+    assert not cancel_job(record, "again")  # one cancel
+    assert not mark_running(record, "encode", 1, part=0, delivery=2)  # nothing new starts
+    assert live_tasks(record) == []
+
+    # Part 0 finished before it heard the cancel: its result is kept, nothing new is ready.
+    done0 = complete(record, part_done(0, outputs={"video": "e0"}, delivery=1))
+    assert done0 is not None and done0.ready == [] and not done0.status_changed
+    assert parts[0].status == StepStatus.DONE and parts[0].outputs == {"video": "e0"}
+    assert record.status == JobStatus.CANCELLING
+    # Part 1 stopped: the last running task, so the job is cancelled now.
+    done1 = complete(record, part_done(1, error=CANCELLED_STOP, delivery=1))
+    assert done1 is not None and done1.status_changed
+    assert parts[1].status == StepStatus.CANCELLED
+    assert record.status == JobStatus.CANCELLED and record.error.code == "cancelled"
+    assert record.steps["join"].status == StepStatus.CANCELLED
+    # A retry resumes from what finished, part 0 included.
+    assert retry_job(record)
+    assert [p.status for p in parts] == [StepStatus.DONE, StepStatus.READY, StepStatus.READY]
+
+
+def test_a_stuck_cancelling_job_is_cancelled_by_a_redrive() -> None:
+    record = web_like()
+    mark_running(record, "probe", 1, delivery=1)
+    assert cancel_job(record, "stop") and record.status == JobStatus.CANCELLING
+    # The worker died and never reported: the janitor's re-drive finishes the cancel.
+    assert redrive(record)
+    assert record.status == JobStatus.CANCELLED
+    assert record.steps["probe"].status == StepStatus.CANCELLED
+    assert not apply_complete(record, done("probe", delivery=1))  # too late to count
+
+
+def test_start_job_plans_once_or_fails_with_the_error() -> None:
+    record = JobRecord(job_id="j1", tenant="default", inputs=[InputRef(key="uploads/a")])
+    steps = {"probe": StepSpec(stage="probe", uses=[":input"])}
+    assert start_job(record, steps, None)
+    assert not start_job(record, steps, None)  # a redelivered submit
+    failed = JobRecord(job_id="j2", tenant="default")
+    assert start_job(failed, None, ErrorInfo(code="input_not_found", message="gone"))
+    assert failed.status == JobStatus.FAILED and failed.error is not None
+    assert failed.error.code == "input_not_found"
+
+
+def test_touch_keeps_the_lease_visible_only_for_its_holder() -> None:
+    record = web_like()
+    mark_running(record, "probe", 1, delivery=2)
+    record.updated_at = 0.0
+    assert touch(record, "probe", 1, None, 2) and record.updated_at > 0
+    assert not touch(record, "probe", 1, None, 1)  # a superseded delivery
+
+
+def test_a_hand_back_records_how_far_the_task_got_and_keeps_its_attempt() -> None:
+    record = web_like()
+    mark_running(record, "probe", 1, delivery=1)
+    record.steps["probe"].progress = 0.4
+    assert hand_back(record, "probe", 1, None, 1)
+    probe = record.steps["probe"]
+    assert probe.last_error is not None and probe.last_error.code == "handed_back"
+    assert probe.last_error.details == {"progress": 0.4, "delivery": 1}
+    assert probe.status == StepStatus.RUNNING and probe.attempt == 1
+    assert mark_running(record, "probe", 1, delivery=2)  # the next delivery takes over
+    assert not hand_back(record, "probe", 1, None, 1)  # the old one holds nothing now
+
+
+def test_a_cancelling_announcement_keeps_its_message_id() -> None:
+    from shared import msgids
+
+    record = web_like()
+    mark_running(record, "probe", 1, delivery=1)
+    cancel_job(record, "stop")
+    first = msgids.status(record)
+    record.updated_at += 5  # a lease touch while the task stops
+    assert msgids.status(record) == first

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import http.server
+import subprocess
+import sys
+import threading
 import urllib.request
 
 import pytest
@@ -53,12 +57,13 @@ def test_inject_outside_a_span_adds_nothing(telemetry: Telemetry) -> None:
 def test_consume_span_is_child_of_publish_span(
     telemetry: Telemetry, spans: InMemorySpanExporter
 ) -> None:
-    with telemetry.publish_span("stages.transcode"):
-        headers = telemetry.inject({})
+    with telemetry.publish_span("stages.transcode", message_id="j1:web:1"):
+        headers = telemetry.inject({"Nats-Msg-Id": "j1:web:1"})
 
     # Simulate the consumer side: no span is current when a message arrives.
     assert not trace.get_current_span().get_span_context().is_valid
-    with telemetry.consume_span("stages.transcode", headers, function="transcode") as span:
+    with telemetry.consume_span("stages.transcode", headers, function="transcode",
+                                consumer_group="stage-transcode") as span:
         span.set_attribute("jetcut.outcome", "ack")
 
     finished = {s.name: s for s in spans.get_finished_spans()}
@@ -73,9 +78,19 @@ def test_consume_span_is_child_of_publish_span(
     assert consumer.attributes == {
         "messaging.system": "nats",
         "messaging.destination.name": "stages.transcode",
-        "messaging.operation": "process",
+        "messaging.operation.type": "process",
+        "messaging.operation.name": "process",
+        "messaging.message.id": "j1:web:1",
+        "messaging.consumer.group.name": "stage-transcode",
         "jetcut.function": "transcode",
         "jetcut.outcome": "ack",
+    }
+    assert producer.attributes == {
+        "messaging.system": "nats",
+        "messaging.destination.name": "stages.transcode",
+        "messaging.operation.type": "send",
+        "messaging.operation.name": "publish",
+        "messaging.message.id": "j1:web:1",
     }
     assert producer.resource.attributes["service.name"] == "jetcut-test"
 
@@ -110,6 +125,21 @@ def test_span_names_use_the_subject_kind_not_ids(
     assert span.name == "publish events"
     assert span.attributes is not None
     assert span.attributes["messaging.destination.name"] == "events.acme.01J9ZJOB"
+
+
+def test_spans_name_the_contract_subject_and_record_the_real_one(
+    telemetry: Telemetry, spans: InMemorySpanExporter
+) -> None:
+    # A namespaced deployment: the attribute is the subject on the wire, the name its kind.
+    with telemetry.consume_span("ns.events.acme.J1", {"nats-msg-id": "status:J1:running:1.0"},
+                                function="notify", contract_subject="events.acme.J1"):
+        pass
+    (span,) = spans.get_finished_spans()
+    assert span.name == "process events"
+    assert span.attributes is not None
+    assert span.attributes["messaging.destination.name"] == "ns.events.acme.J1"
+    assert span.attributes["messaging.message.id"] == "status:J1:running:1.0"
+    assert "messaging.consumer.group.name" not in span.attributes  # none given
 
 
 def test_metrics_text_has_names_and_labelled_samples(telemetry: Telemetry) -> None:
@@ -156,18 +186,67 @@ def test_two_instances_do_not_share_registries() -> None:
         second.shutdown()
 
 
-def test_console_exporter_builds() -> None:
-    Telemetry("console", exporter="console").shutdown()
+CONSOLE_SCRIPT = """
+from shared.telemetry import Telemetry
+console = Telemetry("console-test", exporter="console")
+with console.publish_span("jobs.submit", message_id="j-console"):
+    pass
+console.shutdown()  # flushes the batch processor
+"""
 
 
-def test_otlp_exporter_needs_its_package() -> None:
+def test_console_exporter_prints_finished_spans() -> None:
+    # In a process of its own: the exporter writes to the stdout it found at import.
+    done = subprocess.run([sys.executable, "-c", CONSOLE_SCRIPT], capture_output=True,
+                          text=True, timeout=60, check=True)
+    assert '"name": "publish jobs.submit"' in done.stdout
+    assert '"messaging.message.id": "j-console"' in done.stdout
+    assert '"service.name": "console-test"' in done.stdout
+
+
+class _TraceReceiver(http.server.BaseHTTPRequestHandler):
+    """A stand-in OTLP/HTTP collector: records what is POSTed to it."""
+
+    received: list[tuple[str, str, bytes]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.received.append((self.path, self.headers.get("Content-Type", ""), body))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        return
+
+
+def test_otlp_exporter_needs_its_package_and_sends_spans() -> None:
     try:
         import opentelemetry.exporter.otlp.proto.http.trace_exporter  # noqa: F401
     except ImportError:
         with pytest.raises(TelemetryError, match="opentelemetry-exporter-otlp-proto-http"):
             Telemetry("otlp", exporter="otlp")
-    else:
-        Telemetry("otlp", exporter="otlp", otlp_endpoint="http://127.0.0.1:1").shutdown()
+        return
+    # Installed: the spans really reach a collector at the endpoint, on /v1/traces.
+    _TraceReceiver.received = []
+    server = http.server.HTTPServer(("127.0.0.1", 0), _TraceReceiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        otlp = Telemetry("otlp-test", exporter="otlp",
+                         otlp_endpoint=f"http://127.0.0.1:{server.server_port}")
+        with otlp.publish_span("jobs.submit", message_id="j-otlp"):
+            pass
+        otlp.shutdown()  # flushes the batch processor
+    finally:
+        server.shutdown()
+        thread.join()
+        server.server_close()
+    assert [(path, ctype) for path, ctype, _ in _TraceReceiver.received] == [
+        ("/v1/traces", "application/x-protobuf")]
+    body = _TraceReceiver.received[0][2]
+    assert b"publish jobs.submit" in body and b"j-otlp" in body and b"otlp-test" in body
 
 
 def test_unknown_exporter_is_rejected() -> None:

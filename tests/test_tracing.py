@@ -38,4 +38,17 @@ async def test_a_job_is_one_trace_joining_the_callers(make_settings, http_port, 
         assert expected in names, (expected, sorted(names))
     process = [s for s in ours if s.name.startswith("process ")]
     assert all(s.attributes["messaging.system"] == "nats" for s in process)
+    for span in process:
+        attributes = span.attributes or {}
+        subject = str(attributes["messaging.destination.name"])
+        assert ">" not in subject and "*" not in subject, subject  # the real subject
+        assert attributes["messaging.operation.type"] == "process"
+        assert attributes["messaging.message.id"], span.name
+        assert attributes["messaging.consumer.group.name"], span.name
+    complete = [s for s in process if s.name == "process jobs.stage.complete"]
+    assert all((s.attributes or {})["messaging.consumer.group.name"] == "conductor-complete"
+               for s in complete)
+    sends = [s for s in ours if s.name.startswith("publish ")]
+    assert sends and all((s.attributes or {})["messaging.operation.type"] == "send"
+                         and (s.attributes or {})["messaging.message.id"] for s in sends)
     assert all(s.parent is not None for s in ours)  # nothing starts a trace of its own

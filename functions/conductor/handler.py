@@ -4,20 +4,27 @@ Consumes:
   jobs.submit          JobSubmit      plan the recipe into a DAG, publish the ready steps
   jobs.stage.complete  StageComplete  apply the result (fenced on step+attempt), publish
                                       newly ready steps, settle the job
-  jobs.cancel          JobCancel      mark the job cancelled (running steps hear the same
-                                      message and stop), remove unfinished steps' outputs
+  jobs.cancel          JobCancel      cancel the job: ``cancelling`` while steps run (they hear
+                                      the same message, stop and report), then ``cancelled``;
+                                      remove unfinished steps' outputs
   jobs.retry           JobRetry       failed: run a failed/cancelled job again from its
                                       checkpoints; stuck: new attempts for a stuck job's tasks
+                                      (a stuck cancelling job: cancelled)
 Emits:
   stages.<stage>       StageTask      Nats-Msg-Id <job_id>:<step>:<attempt>
-  events.<tenant>.<id> JobEvent       status changes
+  events.<tenant>.<id> JobEvent       status changes (``shared.announce``; the first task to
+                                      start announces ``running`` the same way)
   jobs.cleanup         JobCleanup     when a job succeeds (Nats-Msg-Id cleanup:<job_id>):
                                       the janitor deletes its intermediates
 """
 
 from __future__ import annotations
 
-from shared.errors import ErrorCode, JetcutError, PermanentError
+from collections.abc import Callable
+from functools import partial
+
+from shared import announce, msgids
+from shared.errors import ErrorCode, JetcutError, PermanentError, error_info
 from shared.events import (
     ErrorInfo,
     JobCancel,
@@ -27,29 +34,27 @@ from shared.events import (
     JobSubmit,
     StageComplete,
     StageTask,
+    StepSpec,
     TaskInput,
     part_name,
 )
-from shared.function import Context, Function, error_info
+from shared.function import Context, Function
 from shared.ids import job_id_for
 from shared.jobstate import (
     JobRecord,
     JobStatus,
     StepStatus,
-    advance,
     already_applied,
-    apply_complete,
     attempt_of,
     cancel_job,
-    fail_job,
+    complete,
     input_ref_index,
     live_tasks,
-    plan,
     redrive,
     retry_job,
-    status_event_id,
+    start_job,
 )
-from shared.jobstore import JobNotFound, NoChange
+from shared.jobstore import JobNotFound
 from shared.media import step_timeout
 from shared.recipes import STAGES, resolve
 from shared.stage import step_prefix
@@ -81,19 +86,11 @@ async def on_submit(event: JobSubmit, ctx: Context) -> None:
     )
     revision = await services.jobs.create(fresh)
     error = await _check_job(event, ctx)
-
-    def start(record: JobRecord) -> bool:
-        if record.planned or record.terminal:
-            raise NoChange
-        if error is not None:
-            fail_job(record, error)
-            return True
-        steps = resolve(event.recipe, event.steps, event.params, len(event.inputs))
-        plan(record, steps)
-        return True
-
-    record, started = await services.jobs.update(
-        job_id, start, current=(fresh, revision) if revision is not None else None)
+    steps = None if error is not None else resolve(
+        event.recipe, event.steps, event.params, len(event.inputs))
+    record, started = await services.jobs.apply(
+        job_id, partial(start_job, steps=steps, error=error),
+        current=(fresh, revision) if revision is not None else None)
     # Publish every ready step, not only new ones: a redelivered submit (conductor crashed
     # after the KV write) re-drives them, and the message ids make repeats no-ops.
     await _publish_ready(record, ctx)
@@ -117,19 +114,8 @@ async def _check_job(event: JobSubmit, ctx: Context) -> ErrorInfo | None:
                     durable="conductor-complete", concurrency=32)
 async def on_complete(event: StageComplete, ctx: Context) -> None:
     services = ctx.services
-    newly_ready: list[tuple[str, int | None]] = []
-    before: list[str] = []
-
-    def apply(record: JobRecord) -> bool:
-        before[:] = [record.status]
-        if not apply_complete(record, event):
-            raise NoChange
-        newly_ready.clear()
-        newly_ready.extend(advance(record))
-        return True
-
-    record, applied = await services.jobs.update(event.job_id, apply)
-    if not applied:
+    record, done = await services.jobs.apply(event.job_id, partial(complete, done=event))
+    if done is None:
         if already_applied(record, event):
             # A redelivered completion we already applied: we may have crashed before
             # publishing what it made ready, so publish again (ids dedup).
@@ -144,8 +130,9 @@ async def on_complete(event: StageComplete, ctx: Context) -> None:
         step_status=record.steps[event.step].status, error=event.error,
         progress=record.progress,
     ))
-    await _publish(record, ctx, newly_ready)
-    if before != [record.status]:
+    await _publish(record, ctx, done.ready)
+    if done.status_changed:
+        await _remove_unfinished(record, ctx)
         await _announce(record, ctx, changed=True)
 
 
@@ -153,53 +140,49 @@ async def on_complete(event: StageComplete, ctx: Context) -> None:
                     concurrency=8)
 async def on_cancel(event: JobCancel, ctx: Context) -> None:
     services = ctx.services
-
-    def cancel(record: JobRecord) -> bool:
-        if not cancel_job(record, event.reason):
-            raise NoChange
-        return True
-
     try:
-        record, changed = await services.jobs.update(event.job_id, cancel)
+        record, changed = await services.jobs.apply(
+            event.job_id, partial(cancel_job, reason=event.reason))
     except JobNotFound:
         ctx.log.info("cancel for unknown job %s ignored", event.job_id)
         return
     if not changed:
         return
-    # What unfinished work left behind (a part written before the kill landed) goes; what
-    # finished steps and parts made stays, with their manifests, as the job record lists
-    # it, so a retry resumes from there.
+    await _remove_unfinished(record, ctx)
+    await _announce(record, ctx, changed=True)
+
+
+async def _remove_unfinished(record: JobRecord, ctx: Context) -> None:
+    """Once a job is cancelled, delete what its unfinished work left behind (a part
+    written before the kill landed); what finished steps and parts made stays, with their
+    manifests, as the job record lists it, so a retry resumes from there. Idempotent."""
+    if record.status != JobStatus.CANCELLED:
+        return  # cancelling: running tasks may still finish and keep their results
+    store = ctx.services.store
     for name, step in record.steps.items():
         if step.status == StepStatus.DONE:
             continue
         if step.each is None or not step.parts:
-            await services.store.delete_prefix(step_prefix(record.job_id, name))
+            await store.delete_prefix(step_prefix(record.job_id, name))
             continue
         for index, part in enumerate(step.parts):
             if part.status != StepStatus.DONE:
-                await services.store.delete_prefix(step_prefix(record.job_id, name, index))
-    await _announce(record, ctx, changed=True)
+                await store.delete_prefix(step_prefix(record.job_id, name, index))
 
 
 @function.subscribe("jobs", lambda n: n.retry, JobRetry, durable="conductor-retry",
                     concurrency=8)
 async def on_retry(event: JobRetry, ctx: Context) -> None:
     services = ctx.services
-
-    def again(record: JobRecord) -> bool:
-        if event.mode == "failed":
-            changed = retry_job(record)
-        elif not record.planned:
-            # The submit was lost before the conductor planned the job: plan it now.
-            changed = _plan_lost_submit(record)
-        else:
-            changed = redrive(record)
-        if not changed:
-            raise NoChange
-        return True
-
     try:
-        record, changed = await services.jobs.update(event.job_id, again)
+        if event.mode == "failed":
+            transition: Callable[[JobRecord], bool] = retry_job
+        else:
+            # A job whose submit was lost before it was planned is planned now; its recipe,
+            # pipeline, params and inputs never change, so one read is enough to resolve.
+            steps, error = _resolve(await services.jobs.get(event.job_id))
+            transition = partial(redrive, steps=steps, error=error)
+        record, changed = await services.jobs.apply(event.job_id, transition)
     except JobNotFound:
         ctx.log.info("retry for unknown job %s ignored", event.job_id)
         return
@@ -209,18 +192,17 @@ async def on_retry(event: JobRetry, ctx: Context) -> None:
         return
     ctx.log.info("job %s %s (%s)", event.job_id,
                  "re-driven" if event.mode == "stuck" else "retried", event.reason or "on request")
+    await _remove_unfinished(record, ctx)
     await _publish_ready(record, ctx)
     await _announce(record, ctx, changed=True)
 
 
-def _plan_lost_submit(record: JobRecord) -> bool:
-    if record.terminal:
-        return False
+def _resolve(record: JobRecord) -> tuple[dict[str, StepSpec] | None, ErrorInfo | None]:
+    """The steps of a job's recipe or pipeline, or why it has none."""
     try:
-        plan(record, resolve(record.recipe, record.pipeline, record.params, len(record.inputs)))
+        return resolve(record.recipe, record.pipeline, record.params, len(record.inputs)), None
     except JetcutError as exc:
-        fail_job(record, error_info(exc))
-    return True
+        return None, error_info(exc)
 
 
 async def _publish_ready(record: JobRecord, ctx: Context) -> None:
@@ -285,12 +267,7 @@ async def _announce(record: JobRecord, ctx: Context, *, changed: bool) -> None:
     Repeats (a redelivered message) announce again, harmlessly; only the write that made
     the job terminal counts it, so the metric never counts a job twice.
     """
-    # Durable, with one id per status change: callbacks (the notify function) are driven by
-    # these, so a terminal status must not be lost, nor announced twice.
-    await ctx.services.bus.emit(JobEvent(
-        job_id=record.job_id, tenant=record.tenant, kind="status", status=record.status,
-        error=record.error, progress=record.progress,
-    ), durable=True, msg_id=status_event_id(record))
+    await announce.status(ctx.services.bus, record)
     if changed and record.terminal:
         ctx.services.telemetry.jobs.labels(record.recipe or "inline", record.status).inc()
     if record.status == JobStatus.SUCCEEDED:
@@ -300,7 +277,7 @@ async def _announce(record: JobRecord, ctx: Context, *, changed: bool) -> None:
         await ctx.services.bus.publish(
             ctx.services.names.cleanup,
             JobCleanup(job_id=record.job_id, tenant=record.tenant, keep_outputs=True),
-            msg_id=f"cleanup:{record.job_id}",
+            msg_id=msgids.cleanup(record.job_id),
         )
 
 

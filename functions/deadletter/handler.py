@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import msgspec
 
-from shared.dlq import entry_msg_id, load_original, remove_original
+from shared import msgids
+from shared.dlq import load_original, remove_original
 from shared.errors import ErrorCode, PermanentError
 from shared.events import DeadLetter, ErrorInfo, Event, StageTask, decode
 from shared.function import Context, Function
@@ -80,7 +81,7 @@ async def on_max_deliveries(advisory: MaxDeliveries, ctx: Context) -> None:
         stream_seq=advisory.stream_seq,
     )
     await services.bus.publish(names.dlq(name), letter,
-                               msg_id=entry_msg_id(advisory.stream, advisory.stream_seq))
+                               msg_id=msgids.dlq_entry(advisory.stream, advisory.stream_seq))
     ctx.log.warning("%s seq %d (%s) dead-lettered: %s", advisory.stream, advisory.stream_seq,
                     advisory.consumer, error.message)
     if not stage:

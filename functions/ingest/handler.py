@@ -34,14 +34,12 @@ from prometheus_client import Counter
 from functions.ingest import minio, requests
 from functions.ingest.submit import check, commit, input_ref
 from shared.callbacks import validate as validate_callback
-from shared.consumer import ConsumerLoop
-from shared.errors import ErrorCode, JetcutError, PermanentError
+from shared.errors import ErrorCode, JetcutError, PermanentError, error_info
 from shared.events import InputRef, JobSubmit, StepSpec
-from shared.function import Context, Function, Services, Subscription, error_info
+from shared.function import Context, Function, Services, Subscription
 from shared.ids import job_id_for, new_job_id
 from shared.recipes import resolve
 from shared.settings import IngestRule, Settings
-from shared.streams import consumer_config
 from shared.telemetry import Telemetry
 
 log = logging.getLogger("jetcut.ingest")
@@ -216,32 +214,15 @@ class Responder:
 
 
 async def serve(services: Services, stop: asyncio.Event) -> None:
-    """Run the notification consumer and the request responder until stopped.
-
-    The notifications' stream (INGEST) is not one the runtime wires consumers for, so this
-    service runs their consumer loop itself, with the same loop every function uses.
-    """
+    """Answer requests until stopped; the notifications' consumer is the runtime's, as
+    every function's is (``NOTIFICATIONS``)."""
     check_rules(services.settings)
-    settings, names = services.settings, services.names
-    config = consumer_config(
-        durable=DURABLE, subject=names.minio_notifications, ack_wait=settings.ack_wait_s,
-        max_deliver=settings.policy_for(NAME).max_deliver or settings.max_deliver,
-        max_ack_pending=settings.max_ack_pending, replicas=settings.replicas,
-    )
-
-    async def ensure_consumer() -> None:
-        await services.bus.js.add_consumer(names.ingest_stream, config)
-
-    await ensure_consumer()
-    ctx = Context(services=services, function=NAME, log=log)
-    loop = ConsumerLoop(NOTIFICATIONS, ctx, stream=names.ingest_stream,
-                        subject=names.minio_notifications, ensure_consumer=ensure_consumer)
     responder = Responder(services)
     await responder.start()
     try:
-        await loop.run(stop)
+        await stop.wait()
     finally:
         await responder.stop()
 
 
-function = Function(name=NAME, doc=__doc__ or "", service=serve)
+function = Function(name=NAME, doc=__doc__ or "", subscriptions=[NOTIFICATIONS], service=serve)

@@ -14,12 +14,14 @@ redelivery after a crash in between, deletes whatever is left and changes nothin
 
 from __future__ import annotations
 
+from functools import partial
+
 import msgspec
 
 from shared.errors import JetcutError
 from shared.function import Services
 from shared.jobstate import JobRecord, JobStatus
-from shared.jobstore import JobNotFound, NoChange
+from shared.jobstore import JobNotFound
 from shared.stage import step_prefix
 
 REMOVE_ATTEMPTS = 8
@@ -43,6 +45,14 @@ def intermediate_steps(record: JobRecord) -> list[str]:
     """Steps some other step of the job uses: their objects were inputs, not results."""
     used = {dep for step in record.steps.values() for dep in step.step_deps}
     return sorted(name for name in record.steps if name in used)
+
+
+def forget_intermediates(record: JobRecord, now: float) -> bool:
+    """Transition (``JobStore.apply``): a succeeded job stops listing its intermediates'
+    outputs. False for a job that did not succeed, or a repeat."""
+    if record.status != JobStatus.SUCCEEDED:
+        return False
+    return forget_outputs(record, intermediate_steps(record), now)
 
 
 def forget_outputs(record: JobRecord, steps: list[str], now: float) -> bool:
@@ -75,15 +85,8 @@ async def delete_intermediates(services: Services, job_id: str, now: float) -> C
     if services.settings.keep_intermediates:
         return CleanupResult(job_id=job_id, skipped="JETCUT_KEEP_INTERMEDIATES is set")
 
-    def forget(record: JobRecord) -> bool:
-        if record.status != JobStatus.SUCCEEDED:
-            raise NoChange
-        if not forget_outputs(record, intermediate_steps(record), now):
-            raise NoChange
-        return True
-
     try:
-        record, _ = await services.jobs.update(job_id, forget)
+        record, _ = await services.jobs.apply(job_id, partial(forget_intermediates, now=now))
     except JobNotFound:
         return CleanupResult(job_id=job_id, skipped="no such job")
     if record.status != JobStatus.SUCCEEDED:

@@ -32,6 +32,7 @@ import msgspec
 from nats.js.errors import NotFoundError
 
 from functions.janitor.tempdirs import remove_orphan_dirs
+from shared import msgids
 from shared.events import JobCleanup, JobRetry
 from shared.function import Services
 from shared.jobstate import LIVE_STEP, JobRecord, JobStatus
@@ -41,7 +42,7 @@ from shared.store import ObjectInfo
 log = logging.getLogger("jetcut.janitor")
 
 UPLOADS = "uploads/"
-STUCK_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
+STUCK_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELLING})
 
 
 class SweepReport(msgspec.Struct, kw_only=True):
@@ -61,7 +62,8 @@ class SweepReport(msgspec.Struct, kw_only=True):
 
 
 def is_stuck(record: JobRecord, now: float, after: float) -> bool:
-    """Queued or running, and the record has not changed for ``after`` seconds."""
+    """Queued, running or cancelling, and the record has not changed for ``after`` seconds
+    (a stuck cancelling job's workers died without reporting their stop)."""
     return record.status in STUCK_STATUSES and now - record.updated_at > after
 
 
@@ -123,7 +125,7 @@ async def sweep(services: Services, *, now: float | None = None) -> SweepReport:
                 await services.bus.publish(
                     services.names.cleanup,
                     JobCleanup(job_id=record.job_id, tenant=record.tenant, keep_outputs=False),
-                    msg_id=f"expire:{record.job_id}")
+                    msg_id=msgids.expire(record.job_id))
                 report.expired.append(record.job_id)
                 count.labels("expire_job").inc()
     except Exception:
@@ -200,4 +202,4 @@ async def _redrive(services: Services, record: JobRecord, now: float) -> None:
         services.names.retry,
         JobRetry(job_id=record.job_id, tenant=record.tenant, mode="stuck",
                  reason=f"no change for {now - record.updated_at:.0f}s"),
-        msg_id=f"redrive:{record.job_id}:{record.updated_at!r}")
+        msg_id=msgids.redrive(record.job_id, record.updated_at))

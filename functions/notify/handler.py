@@ -28,7 +28,7 @@ from shared.errors import RetryLater
 from shared.events import ErrorInfo, JobEvent
 from shared.function import Context, Function
 from shared.jobstore import JobNotFound
-from shared.retry import backoff_delay
+from shared.retry import policy_for
 
 function = Function(name="notify", doc=__doc__ or "")
 log = logging.getLogger("jetcut.notify")
@@ -118,9 +118,7 @@ async def on_event(event: JobEvent, ctx: Context) -> None:
                     event.job_id, target.host_header, ctx.delivery.number, failure)
         return
     counter.labels("retried").inc()
-    policy = settings.policy_for(function.name)
-    delay = backoff_delay(ctx.delivery.number, base_s=policy.backoff_base_s or 1.0,
-                          max_s=policy.backoff_max_s or 60.0)
+    delay = policy_for(settings, function.name).delay(ctx.delivery.number)
     log.info("callback %s of job %s failed (attempt %d of %d), retry in %.1fs: %s", event_id,
              event.job_id, ctx.delivery.number, ctx.delivery.max_deliver, delay, failure)
     raise RetryLater(delay, f"callback failed: {failure}")

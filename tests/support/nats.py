@@ -18,8 +18,8 @@ import pytest
 
 from shared.function import Function, Services
 from shared.jobstate import JobRecord
-from shared.jobstore import TRANSIENT_KV
 from shared.natsserver import NatsServer, free_port
+from shared.retry import TRANSIENT_NATS
 from shared.runtime import Runtime
 from shared.settings import Settings, load_settings
 
@@ -120,7 +120,7 @@ async def consumer_settled(
     while True:
         try:
             info = await services.bus.js.consumer_info(stream, durable)
-        except TRANSIENT_KV:  # a cluster still electing the consumer's leader: ask again
+        except TRANSIENT_NATS:  # a cluster still electing the consumer's leader: ask again
             if loop.time() > deadline:
                 raise
             await asyncio.sleep(0.1)
