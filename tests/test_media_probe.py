@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from shared.errors import ErrorCode, FFmpegError
-from shared.media import Binaries, MediaInfo, ProbeLimits, StreamInfo, probe
+from shared.media import AudioStream, Binaries, MediaInfo, ProbeLimits, VideoStream, probe
 from shared.media.probe import _rotation
 from tests.support.media import MakeClip
 
@@ -42,7 +42,9 @@ async def test_clip_fields(binaries: Binaries, clip_3s: Path) -> None:
     assert (info.display_width, info.display_height) == (640, 360)
     assert audio.codec_name == "aac"
     assert audio.sample_rate == 48000 and audio.channels == 1
-    assert audio.fps is None and audio.width is None
+    # Typed per kind: an audio stream has no picture fields to be filled by mistake.
+    assert isinstance(audio, AudioStream) and not hasattr(audio, "fps")
+    assert not hasattr(audio, "width")
 
 
 async def test_audio_only(binaries: Binaries, make_clip: MakeClip) -> None:
@@ -95,9 +97,10 @@ def test_rotation_normalisation(raw: dict[str, object], expected: int) -> None:
 
 
 def test_cover_art_is_not_the_video() -> None:
-    cover = StreamInfo(index=1, codec_type="video", codec_name="mjpeg", attached_pic=True)
-    audio = StreamInfo(index=0, codec_type="audio", codec_name="mp3")
-    info = MediaInfo("mp3", 10.0, 1000, None, [audio, cover])
+    cover = VideoStream(index=1, codec_name="mjpeg", attached_pic=True)
+    audio = AudioStream(index=0, codec_name="mp3")
+    info = MediaInfo(format_name="mp3", duration_s=10.0, size_bytes=1000, bit_rate=None,
+                     streams=[audio, cover])
     assert info.video is None and not info.has_video and info.has_audio
 
 

@@ -22,7 +22,7 @@ from functions.registry import FUNCTIONS
 from functions.segment.handler import Packet, plan_parts
 from shared.errors import PermanentError
 from shared.events import StageTask
-from shared.media import Binaries, FFmpegRunner
+from shared.media import Binaries, FFmpegRunner, VideoStream
 from shared.params.hls import ConcatParams, EncodePartParams, rung_size
 from shared.settings import load_settings
 from shared.stage import StageContext
@@ -125,7 +125,7 @@ async def test_split_encode_join_is_exact(make_settings, bframe_clip: Path, bina
     # about the size of one encode of the whole clip with the same settings
     spec = record.steps["encode_360p"].params
     single = tmp_path / "single.mp4"
-    video = {"fps": float(FPS), "rotation": 0}
+    video = VideoStream(fps=float(FPS), rotation=0)
     run(binaries, *encode_args(bframe_clip, single, msgspec.convert(spec, EncodePartParams),
                                video, rung_size(640, 360, 360), 0.0, float(SECONDS)))
     single_bytes = sum(int(p["size"]) for p in packets(binaries, single, "v:0"))

@@ -23,8 +23,8 @@ from typing import Any
 
 from shared.errors import ErrorCode, PermanentError
 from shared.events import StageTask
-from shared.media import STRIP_METADATA_ARGS, Progress, step_timeout
-from shared.params.hls import STAGES, EncodePartParams, rung_size, source_size, source_video
+from shared.media import STRIP_METADATA_ARGS, Progress, VideoStream, step_timeout
+from shared.params.hls import STAGES, EncodePartParams, rung_size
 from shared.stage import StageContext, StageResult, stage
 
 KEYFRAME_SLACK_S = 0.002
@@ -57,13 +57,13 @@ def find_part(ctx: StageContext[Any]) -> tuple[Path, dict[str, Any]]:
                          "('each': '<segment step>')")
 
 
-def encode_args(source: Path, out: Path, p: EncodePartParams, video: dict[str, Any],
+def encode_args(source: Path, out: Path, p: EncodePartParams, video: VideoStream,
                 size: tuple[int, int], start_s: float, duration_s: float, *,
                 threads: int = 0) -> list[str]:
     """The ffmpeg arguments that encode ``source`` (a part starting ``start_s`` into the
     video, or the whole video with 0) to ``out``; ``video`` is the probed source stream."""
-    fps = float(video.get("fps") or 25.0)
-    chain = ["setpts=PTS-STARTPTS", *_ROTATE.get(int(video.get("rotation") or 0), []),
+    fps = video.fps or 25.0
+    chain = ["setpts=PTS-STARTPTS", *_ROTATE.get(video.rotation, []),
              f"scale={size[0]}:{size[1]}", "setsar=1", "format=yuv420p"]
     keys = keyframe_times(start_s, duration_s, p.keyframe_seconds)
     args = ["-noautorotate", "-i", str(source), "-map", "0:v:0", "-vf", ",".join(chain),
@@ -91,9 +91,8 @@ async def handle(task: StageTask, ctx: StageContext[EncodePartParams]) -> StageR
         raise PermanentError(ErrorCode.INVALID_RECIPE,
                              f"step {task.step!r}: the segment step's meta lacks part "
                              f"{index}: {exc!r}") from None
-    media = ctx.upstream_meta("probe")
-    video = source_video(media)
-    width, height = rung_size(*source_size(media), p.height)
+    video = ctx.probe().require_video()
+    width, height = rung_size(*video.display_size, p.height)
 
     out = ctx.workdir / "video.mp4"
     args = encode_args(part, out, p, video, (width, height), start, duration,

@@ -21,7 +21,7 @@ from typing import Any
 import ffmpeg
 
 from shared.events import StageTask
-from shared.geometry import display_size, fit, video_stream
+from shared.geometry import fit
 from shared.media import STRIP_METADATA
 from shared.params.images import PreviewParams
 from shared.stage import StageContext, StageResult, stage
@@ -47,10 +47,10 @@ def window(duration: float, start: float | None, length: float) -> tuple[float, 
 
 async def handle(task: StageTask, ctx: StageContext[PreviewParams]) -> StageResult:
     p = ctx.params
-    media = ctx.upstream_meta("probe")
-    video = video_stream(media)
-    width, height = fit(*display_size(video), p.width, 4320)
-    start, length = window(float(media.get("duration_s") or 0.0), p.start_s, p.duration_s)
+    media = ctx.probe()
+    video = media.require_video()
+    width, height = fit(*video.display_size, p.width, 4320)
+    start, length = window(media.duration_s, p.start_s, p.duration_s)
     out_path = ctx.workdir / f"preview.{p.format}"
 
     count = max(1, math.ceil(length * p.fps - 1e-6))

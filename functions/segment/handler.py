@@ -22,7 +22,7 @@ from pathlib import Path
 from shared.errors import ErrorCode, FFmpegError, PermanentError
 from shared.events import StageTask
 from shared.media import STRIP_METADATA_ARGS, Binaries, run_ffprobe
-from shared.params.hls import SegmentParams, source_video
+from shared.params.hls import SegmentParams
 from shared.stage import StageContext, StageResult, stage
 
 
@@ -112,16 +112,16 @@ def _seconds(value: str | None) -> float | None:
 
 
 async def handle(task: StageTask, ctx: StageContext[SegmentParams]) -> StageResult:
-    video = source_video(ctx.upstream_meta("probe"))
+    video = ctx.probe().require_video()
     source = ctx.input_file()
     binaries, runner = ctx.services.media()
-    packets = await list_packets(binaries, source, int(video["index"]), task.timeout_s)
+    packets = await list_packets(binaries, source, video.index, task.timeout_s)
     plan = plan_parts(packets, ctx.params.part_seconds)
     await ctx.progress(0.2)
 
     out_dir = ctx.workdir / "parts"
     out_dir.mkdir()
-    args = ["-i", str(source), "-map", f"0:{int(video['index'])}", "-c", "copy",
+    args = ["-i", str(source), "-map", f"0:{video.index}", "-c", "copy",
             *STRIP_METADATA_ARGS]
     if plan.cuts:
         args += ["-f", "segment", "-segment_format", "matroska", "-reset_timestamps", "1",
@@ -144,7 +144,7 @@ async def handle(task: StageTask, ctx: StageContext[SegmentParams]) -> StageResu
             "frames": plan.frames, "total_frames": sum(plan.frames),
             "starts": [round(s, 6) for s in plan.starts],
             "durations": [round(d, 6) for d in plan.durations],
-            "fps": video.get("fps"), "stream_index": int(video["index"]),
+            "fps": video.fps, "stream_index": video.index,
         },
     )
 

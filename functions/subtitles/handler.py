@@ -25,7 +25,7 @@ from functions.subtitles.cues import SubtitleError, parse, to_ass
 from functions.subtitles.fonts import find_font, stage_fonts
 from shared.errors import ErrorCode, PermanentError
 from shared.events import StageTask
-from shared.geometry import display_size, fit, video_stream
+from shared.geometry import fit
 from shared.params.images import SubtitlesParams
 from shared.stage import StageContext, StageResult, stage
 
@@ -35,8 +35,8 @@ FONTS_DIR = "fonts"
 
 async def handle(task: StageTask, ctx: StageContext[SubtitlesParams]) -> StageResult:
     p = ctx.params
-    media = ctx.upstream_meta("probe")
-    width, height = fit(*display_size(video_stream(media)), 7680, 4320)
+    media = ctx.probe()
+    width, height = fit(*media.require_video().display_size, 7680, 4320)
     data = await asyncio.to_thread(ctx.input_file(ctx.second_input("subtitle file")).read_bytes)
     try:
         cues = parse(data, p.encoding)

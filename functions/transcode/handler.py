@@ -22,7 +22,7 @@ import ffmpeg
 from shared.errors import ErrorCode, PermanentError
 from shared.events import StageTask
 from shared.geometry import fit
-from shared.media import STRIP_METADATA
+from shared.media import STRIP_METADATA, MediaInfo
 from shared.media.runner import Progress
 from shared.params.video import TranscodeParams
 from shared.stage import StageContext, StageResult, stage
@@ -42,7 +42,7 @@ _AV1 = {"usage": "good", "cpu-used": 6, "row-mt": 1, "tiles": "2x2"}
 
 async def handle(task: StageTask, ctx: StageContext[TranscodeParams]) -> StageResult:
     p = ctx.params
-    media = ctx.upstream_meta("probe")
+    media = ctx.probe()
     out_path = ctx.workdir / f"video.{p.container}"
     args, meta = build(p, media, ctx.input_file(), out_path,
                        threads=ctx.services.settings.ffmpeg_threads)
@@ -69,7 +69,7 @@ async def handle(task: StageTask, ctx: StageContext[TranscodeParams]) -> StageRe
                        meta={**meta, "frames": frames})
 
 
-def build(p: TranscodeParams, media: dict[str, Any], src: Path, dst: Path, *,
+def build(p: TranscodeParams, media: MediaInfo, src: Path, dst: Path, *,
           threads: int = 0) -> tuple[list[str], dict[str, Any]]:
     """The ffmpeg arguments (without the binary) for ``p`` on probed ``media``, and the meta
     the step reports. Pure, so benchmarks and tests can see exactly what runs.
@@ -77,19 +77,19 @@ def build(p: TranscodeParams, media: dict[str, Any], src: Path, dst: Path, *,
     Raises:
         PermanentError: ``no_video_stream`` when the input has no picture to encode.
     """
-    ordinal, video = _first_video(media)
-    rotated = abs(int(video.get("rotation") or 0)) % 180 == 90
+    video = media.require_video("transcode needs a video")
+    ordinal = media.video_ordinal(video)
     # Sizes as ffmpeg's filters see them: autorotation (on by default) turns the frames
     # before our graph, swapping width and height and inverting the pixel aspect ratio.
-    in_w, in_h = int(video["width"]), int(video["height"])
-    sar = _sar(video)
-    if rotated:
+    in_w, in_h = int(video.width or 0), int(video.height or 0)
+    sar = video.sar_ratio
+    if video.quarter_turned:
         in_w, in_h, sar = in_h, in_w, 1 / sar
     width, height = fit(max(1, round(in_w * sar)), in_h, p.max_width, p.max_height)
 
     source = ffmpeg.input(str(src))
     v = source[f"v:{ordinal}"]
-    rate = _output_rate(p.fps, video.get("fps"))
+    rate = _output_rate(p.fps, video.fps)
     if rate is not None:
         v = v.filter("fps", fps=str(rate))  # before scaling: no work on dropped frames
     # scale sets the output SAR so that the picture keeps its displayed shape exactly; with
@@ -102,7 +102,7 @@ def build(p: TranscodeParams, media: dict[str, Any], src: Path, dst: Path, *,
           .filter("setsar", r=f"sar*{correction.numerator}/{correction.denominator}")
           .filter("format", "yuv420p"))
     streams: list[Any] = [v]
-    acodec = p.effective_audio_codec if _has_audio(media) else None
+    acodec = p.effective_audio_codec if media.has_audio else None
     if acodec is not None:
         streams.append(source["a:0?"])
 
@@ -140,37 +140,6 @@ def build(p: TranscodeParams, media: dict[str, Any], src: Path, dst: Path, *,
     meta = {"width": width, "height": height, "vcodec": p.vcodec, "acodec": acodec,
             "container": p.container, "fps": float(rate) if rate is not None else None}
     return args, meta
-
-
-def _first_video(media: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    """(position among the video streams, stream) of the first real picture: cover art (an
-    attached picture) is a video stream to ffmpeg but no video to a viewer."""
-    ordinal = 0
-    cover_art = False
-    for stream in media.get("streams", []):
-        if stream.get("codec_type") != "video":
-            continue
-        if not stream.get("attached_pic") and stream.get("width") and stream.get("height"):
-            return ordinal, dict(stream)
-        cover_art = cover_art or bool(stream.get("attached_pic"))
-        ordinal += 1
-    what = "only cover art" if cover_art else "audio only" if _has_audio(media) else "no picture"
-    raise PermanentError(ErrorCode.NO_VIDEO_STREAM,
-                         f"the input has no video stream ({what}); transcode needs a video")
-
-
-def _has_audio(media: dict[str, Any]) -> bool:
-    return any(s.get("codec_type") == "audio" for s in media.get("streams", []))
-
-
-def _sar(video: dict[str, Any]) -> Fraction:
-    """The pixel aspect ratio, when probe reports one (``"32:27"``); square otherwise."""
-    num, _, den = str(video.get("sample_aspect_ratio") or "").partition(":")
-    try:
-        value = Fraction(int(num), int(den))
-    except (ValueError, ZeroDivisionError):
-        return Fraction(1)
-    return value if value > 0 else Fraction(1)
 
 
 def _output_rate(wanted: float | None, source: float | None) -> Fraction | None:

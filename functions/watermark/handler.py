@@ -22,7 +22,7 @@ import ffmpeg
 
 from shared.errors import ErrorCode, FFmpegError, PermanentError
 from shared.events import StageTask
-from shared.geometry import display_size, fit, video_stream
+from shared.geometry import fit
 from shared.media import ProbeLimits, probe
 from shared.params.images import WatermarkParams
 from shared.stage import StageContext, StageResult, stage
@@ -47,7 +47,7 @@ async def check_image(ctx: StageContext[Any], path: str) -> tuple[str, int, int]
             raise
         raise PermanentError(ErrorCode.INVALID_INPUT,
                              f"the watermark image is unreadable: {exc.message}") from exc
-    pictures = [s for s in info.streams if s.codec_type == "video"]
+    pictures = info.videos
     if (info.format_name != demuxer or len(info.streams) != 1 or not pictures
             or pictures[0].codec_name != codec or not pictures[0].width
             or not pictures[0].height):
@@ -80,8 +80,8 @@ def placement(p: WatermarkParams, video: tuple[int, int],
 
 async def handle(task: StageTask, ctx: StageContext[WatermarkParams]) -> StageResult:
     p = ctx.params
-    media = ctx.upstream_meta("probe")
-    width, height = fit(*display_size(video_stream(media)), 7680, 4320)
+    media = ctx.probe()
+    width, height = fit(*media.require_video().display_size, 7680, 4320)
     image_path = str(ctx.input_file(ctx.second_input("watermark image")))
     demuxer, iw, ih = await check_image(ctx, image_path)
     x, y, w, h = placement(p, (width, height), (iw, ih))

@@ -16,9 +16,11 @@ from shared.media.allowlist import (
 from shared.media.binaries import Binaries, BinaryNotFoundError, child_env, find_binaries
 from shared.media.probe import (
     REFUSED_FORMATS,
+    AudioStream,
     MediaInfo,
     ProbeLimits,
     StreamInfo,
+    VideoStream,
     probe,
     run_ffprobe,
 )
@@ -39,6 +41,7 @@ __all__ = [
     "REFUSED_FORMATS",
     "STRIP_METADATA",
     "STRIP_METADATA_ARGS",
+    "AudioStream",
     "Binaries",
     "BinaryNotFoundError",
     "FFmpegRunner",
@@ -48,6 +51,7 @@ __all__ = [
     "ProgressCallback",
     "RunResult",
     "StreamInfo",
+    "VideoStream",
     "child_env",
     "classify_failure",
     "find_binaries",
