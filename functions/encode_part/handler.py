@@ -5,12 +5,14 @@ Consumes: stages.encode-part  StageTask, one per part (``each: segment``; uses: 
           skips this step too)
 Does:     H.264 (libx264, High, 8-bit yuv420p), no audio, at the rung's size (short side
           ``height``, aspect kept, never upscaled), rotation applied. Every source frame is
-          kept (``-fps_mode passthrough``, timestamps from 0). GOPs are closed and keyframes
-          are IDR frames forced at every multiple of ``keyframe_seconds`` on the *whole*
-          video's timeline (scene-cut keyframes off), plus the part's first frame, so each
-          rung cuts into identical HLS segments and parts join by stream copy. Fails with
-          ``ffmpeg_failed`` when the encode has a different frame count from the source
-          part (a frame lost mid-video would put every later frame out of sync with audio).
+          kept at its own time (``-fps_mode passthrough`` in the input's time base,
+          timestamps from 0), so variable-frame-rate sources stay exact. GOPs are closed
+          and keyframes are IDR frames forced at every multiple of ``keyframe_seconds`` on
+          the *whole* video's timeline (scene-cut keyframes off), plus the part's first
+          frame, so each rung cuts into identical HLS segments and parts join by stream
+          copy. Fails with ``ffmpeg_failed`` when the encode has a different frame count
+          from the source part (a frame lost mid-video would put every later frame out of
+          sync with audio).
 Emits:    jobs.stage.complete with outputs {video: .../p<NNNN>/video.mp4} and meta
           {frames, duration_s} (what ``concat`` checks the join against).
 """
@@ -67,7 +69,10 @@ def encode_args(source: Path, out: Path, p: EncodePartParams, video: VideoStream
              f"scale={size[0]}:{size[1]}", "setsar=1", "format=yuv420p"]
     keys = keyframe_times(start_s, duration_s, p.keyframe_seconds)
     args = ["-noautorotate", "-i", str(source), "-map", "0:v:0", "-vf", ",".join(chain),
-            "-fps_mode", "passthrough",
+            # Every frame at its own source time: no frame dropped or duplicated, and the
+            # encoder counts time in the input's time base, not 1/fps (its default, which
+            # would round a VFR upload's jittery timestamps onto a 30 fps grid).
+            "-fps_mode", "passthrough", "-enc_time_base:v", "-1",
             "-c:v", "libx264", "-preset", p.preset, "-crf", str(p.crf), "-profile:v", "high",
             "-g", str(max(1, round(2 * p.keyframe_seconds * fps))), "-sc_threshold", "0",
             "-flags", "+cgop", "-forced-idr", "1",
