@@ -78,7 +78,11 @@ async def test_each_video_codec(runtime, clip, tmp_path, binaries,  # type: igno
     assert a["codec_name"] == acodec and a["channels"] == 2
     assert abs(float(info["format"]["duration"]) - 1.0) <= 0.1
     assert meta == {"width": 160, "height": 90, "vcodec": vcodec, "acodec": acodec,
-                    "container": suffix[1:], "fps": None, "frames": 25}
+                    "container": suffix[1:], "fps": None, "frames": 25, "hdr": None,
+                    "deinterlaced": False, "still": False}
+    # Colour described on every output, whatever the codec: players need not guess.
+    assert (v["color_space"], v["color_transfer"], v["color_primaries"],
+            v["color_range"]) == ("bt709", "bt709", "bt709", "tv")
     if vcodec == "hevc":
         assert v["codec_tag_string"] == "hvc1"  # Apple players refuse hev1 in MP4
     if suffix == ".mp4":

@@ -6,6 +6,7 @@ Does:     lists the video stream's packets (ffprobe, no decoding), picks a cut a
           video (only the video: audio is encoded once, elsewhere) into Matroska parts cut
           at exactly those packets. Every frame lands in exactly one part, so a step that
           encodes the parts and joins them keeps the source's frame count.
+          A still picture fails with ``not_supported`` (there is nothing to split).
 Emits:    jobs.stage.complete with outputs {part.0000: .../part_0000.mkv, part.0001, ...}
           (only parts: an ``each: segment`` step expands to one task per output) and meta
           {count, part_seconds, frames[], starts[], durations[], total_frames, fps}: per part
@@ -112,7 +113,13 @@ def _seconds(value: str | None) -> float | None:
 
 
 async def handle(task: StageTask, ctx: StageContext[SegmentParams]) -> StageResult:
-    video = ctx.probe().require_video()
+    media = ctx.probe()
+    video = media.require_video()
+    if media.still:
+        raise PermanentError(ErrorCode.NOT_SUPPORTED,
+                             f"the input is a still picture ({media.format_name}): a "
+                             "segmented ladder needs a moving video; use recipe 'web' (a "
+                             "clip of the picture) or 'thumbnails'")
     source = ctx.input_file()
     binaries, runner = ctx.services.media()
     packets = await list_packets(binaries, source, video.index, task.timeout_s)

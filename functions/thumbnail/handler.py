@@ -1,7 +1,9 @@
 """thumbnail — a poster frame, evenly spaced frames, or a sprite sheet with a WebVTT index.
 
 Consumes: stages.thumbnail  StageTask (uses: the input file and the probe step)
-Does:     by ``mode`` (upright frames: ffmpeg autorotates; never upscaled):
+Does:     by ``mode`` (frames drawn as ``shared.media.picture`` says: upright,
+          deinterlaced, HDR tone-mapped; never upscaled; a still picture gives its one
+          frame wherever asked):
           ``poster``  one JPEG at ``at_fraction`` of the duration, at most max_width wide;
           ``frames``  ``count`` JPEGs (or one per ``interval_s``), each from the middle of its
                       equal slice of the clip, at most max_width wide;
@@ -33,7 +35,7 @@ import ffmpeg
 from shared.errors import ErrorCode, PermanentError
 from shared.events import StageTask
 from shared.geometry import fit
-from shared.media import STRIP_METADATA, MediaInfo, VideoStream
+from shared.media import STRIP_METADATA, MediaInfo, VideoStream, picture
 from shared.params.images import MAX_FRAMES, MAX_SPRITE_SIDE, ThumbnailParams
 from shared.stage import StageContext, StageResult, stage
 
@@ -188,6 +190,9 @@ class _Grabber:
         self._task = task
         self._ctx = ctx
         self._source = str(ctx.input_file())
+        media = ctx.probe()
+        self._video = media.require_video()
+        self._still = media.still
         _, self._runner = ctx.services.media()
         self._deadline = asyncio.get_running_loop().time() + task.timeout_s
 
@@ -198,27 +203,34 @@ class _Grabber:
 
     async def grab(self, at: float, width: int, height: int, out: Path,
                    quality: int | None = 3) -> None:
-        """The frame shown at ``at`` seconds, scaled to ``width`` x ``height``.
+        """The frame shown at ``at`` seconds, drawn as ``shared.media.picture`` says
+        (deinterlaced, HDR tone-mapped) and scaled to ``width`` x ``height``.
 
         An accurate seek past the last decodable frame makes ffmpeg write nothing and still
         exit 0 (durations lie: audio outlasting the picture, a one-frame clip reported as
-        0.04 s); then take the last frame before ``at``, and at worst the first one.
+        0.04 s); then take the last frame before ``at``, and at worst the first one. A
+        still picture, or time 0, is read without a seek: an image demuxer given ``-ss``
+        drops its only frame.
         """
         options: dict[str, Any] = {"update": 1, **STRIP_METADATA}
         if quality is not None:
             options["q:v"] = quality
-        attempts = [
-            ffmpeg.input(self._source, ss=at).filter("scale", width, height)
-            .output(str(out), vframes=1, **options),
-        ]
-        if at > 0:
+
+        def frames(**seek: float) -> Any:
+            stream = picture.prepare(ffmpeg.input(self._source, **seek).video, self._video)
+            # Square pixels: the size was fitted to the displayed shape.
+            return stream.filter("scale", width, height).filter("setsar", 1)
+
+        if at <= 0 or self._still:
+            attempts = [frames().output(str(out), vframes=1, **options)]
+        else:
             lo = max(0.0, at - FALLBACK_WINDOW_S)
-            attempts.append(  # every frame of the window overwrites the file: the last stays
-                ffmpeg.input(self._source, ss=lo, t=at - lo + 0.001)
-                .filter("scale", width, height).output(str(out), **options))
-            attempts.append(
-                ffmpeg.input(self._source).filter("scale", width, height)
-                .output(str(out), vframes=1, **options))
+            attempts = [
+                frames(ss=at).output(str(out), vframes=1, **options),
+                # every frame of the window overwrites the file: the last stays
+                frames(ss=lo, t=at - lo + 0.001).output(str(out), **options),
+                frames().output(str(out), vframes=1, **options),
+            ]
         for attempt in attempts:
             await self.run(attempt.get_args())
             if await asyncio.to_thread(_written, out):
