@@ -46,9 +46,8 @@ from shared.jobstate import (
     status_event_id,
 )
 from shared.jobstore import JobNotFound, NoChange
-from shared.media import MediaInfo, ProbeLimits
+from shared.media import MediaInfo, ProbeLimits, web_mp4_args
 from shared.media import probe as ffprobe
-from shared.media.encode import web_mp4_args
 from shared.params.base import Params
 from shared.recipes import decode_params
 
@@ -103,7 +102,7 @@ class StageContext(Generic[P]):
                              tags: dict[str, Any] | None = None) -> tuple[Path, str | None]:
         """Encode a filtered picture (and the source's first audio track) to a web MP4 in
         the work dir: the last step of every stage that redraws the picture. The command
-        is :func:`shared.media.encode.web_mp4_args`; progress, the task's deadline and
+        is :func:`shared.media.web_mp4_args`; progress, the task's deadline and
         cancellation come with it.
 
         Returns:
