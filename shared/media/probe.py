@@ -148,6 +148,8 @@ class VideoStream(Stream, frozen=True, kw_only=True, tag="video"):
     avg_frame_rate: str | None = None
     r_frame_rate: str | None = None
     nb_frames: int | None = None
+    time_base: str | None = None
+    """The stream's time base (``"1/1000"``): the grid its timestamps are exact on."""
     rotation: int = 0
     field_order: str | None = None
     """``progressive``, ``tt``/``tb`` (top field first), ``bb``/``bt``, or None (unknown)."""
@@ -530,6 +532,7 @@ def _stream_info(raw: dict[str, Any]) -> StreamInfo:
             avg_frame_rate=_str(raw.get("avg_frame_rate")),
             r_frame_rate=_str(raw.get("r_frame_rate")),
             nb_frames=_int(raw.get("nb_frames")),
+            time_base=_str(raw.get("time_base")),
             rotation=_rotation(raw),
             field_order=_str(raw.get("field_order")),
             color_range=_str(raw.get("color_range")),
