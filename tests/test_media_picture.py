@@ -294,3 +294,26 @@ async def test_rotated_source_thumbnails_and_preview_are_upright(  # type: ignor
     preview = video_of(ffprobe_json(binaries, await fetched(runtime, record, "preview",
                                                             "preview", tmp_path / "p.mp4")))
     assert preview["width"] < preview["height"] and tags(preview) == SDR
+
+
+def test_scale_options_take_the_input_colours_from_the_probe() -> None:
+    from shared.media import VideoStream, picture
+
+    jpeg = VideoStream(width=320, height=240, color_space="bt470bg", color_range="pc")
+    assert picture.scale_options(jpeg) == {"out_color_matrix": "bt709", "out_range": "tv",
+                                           "in_color_matrix": "bt601", "in_range": "pc"}
+    # Untagged: what players assume for the size (BT.709 from HD up, BT.601 below).
+    assert picture.scale_options(VideoStream(width=1920, height=1080))[
+        "in_color_matrix"] == "bt709"
+    assert picture.scale_options(VideoStream(width=640, height=360))[
+        "in_color_matrix"] == "bt601"
+    # HDR is converted by the tone-mapping chain; kept HDR is not touched at all.
+    pq = VideoStream(width=320, height=180, color_transfer="smpte2084",
+                     color_space="bt2020nc", color_primaries="bt2020")
+    assert "in_color_matrix" not in picture.scale_options(pq)
+    assert picture.scale_options(pq, keep_hdr=True) == {}
+    assert picture.filter_chain(pq, keep_hdr=True) == []
+    assert any(f.startswith("tonemap=") for f in picture.filter_chain(pq))
+    interlaced_turned = VideoStream(width=720, height=576, field_order="tt", rotation=90)
+    assert picture.filter_chain(interlaced_turned, rotate=True)[:2] == [
+        "bwdif=mode=send_frame:parity=auto:deint=all", "transpose=cclock"]

@@ -7,8 +7,9 @@ Does:     checks that the image is a PNG or JPEG (magic bytes, then ffprobe must
           refused); scales it to ``scale`` x the video width (default: its own size, shrunk
           to fit inside the margins), applies ``opacity``, and overlays it ``margin`` pixels
           from the chosen corner of the upright video for the whole duration. Video: H.264
-          (yuv420p) at the source's displayed size, evened; audio: AAC copied untouched,
-          anything else encoded to AAC; +faststart, metadata stripped.
+          (yuv420p) at the source's displayed size, evened, drawn as ``shared.media.picture``
+          says (deinterlaced, HDR tone-mapped, square pixels, tagged BT.709); audio: AAC
+          copied untouched, anything else encoded to AAC; +faststart, metadata stripped.
 Emits:    jobs.stage.complete with outputs {video: jobs/<id>/<step>/watermarked.mp4},
           meta {width, height, overlay: {x, y, width, height}, audio: copy|aac|null}
 """
@@ -23,7 +24,7 @@ import ffmpeg
 from shared.errors import ErrorCode, FFmpegError, PermanentError
 from shared.events import StageTask
 from shared.geometry import fit
-from shared.media import ProbeLimits, probe
+from shared.media import ProbeLimits, picture, probe
 from shared.params.images import WatermarkParams
 from shared.stage import StageContext, StageResult, stage
 
@@ -81,7 +82,8 @@ def placement(p: WatermarkParams, video: tuple[int, int],
 async def handle(task: StageTask, ctx: StageContext[WatermarkParams]) -> StageResult:
     p = ctx.params
     media = ctx.probe()
-    width, height = fit(*media.require_video().display_size, 7680, 4320)
+    picture_in = media.require_video()
+    width, height = fit(*picture_in.display_size, 7680, 4320)
     image_path = str(ctx.input_file(ctx.second_input("watermark image")))
     demuxer, iw, ih = await check_image(ctx, image_path)
     x, y, w, h = placement(p, (width, height), (iw, ih))
@@ -91,11 +93,13 @@ async def handle(task: StageTask, ctx: StageContext[WatermarkParams]) -> StageRe
     if p.opacity < 1.0:
         mark = mark.filter("colorchannelmixer", aa=round(p.opacity, 4))
     # One picture, repeated (eof_action) over every frame of the main input.
-    video = ffmpeg.overlay(source.video.filter("scale", width, height), mark, x=x, y=y,
-                           eof_action="repeat").filter("format", "yuv420p")
+    main = picture.draw(source[f"v:{media.video_ordinal(picture_in)}"], picture_in, width,
+                        height)
+    video = ffmpeg.overlay(main, mark, x=x, y=y, eof_action="repeat").filter("format",
+                                                                           "yuv420p")
     out_path, audio = await ctx.encode_web_mp4(
         video, source, media, "watermarked.mp4", preset=p.preset, crf=p.crf,
-        audio_bitrate_k=p.audio_bitrate_k)
+        audio_bitrate_k=p.audio_bitrate_k, tags=picture.SDR_TAGS)
     return StageResult(files={"video": out_path}, meta={
         "width": width, "height": height, "audio": audio,
         "overlay": {"x": x, "y": y, "width": w, "height": h}})

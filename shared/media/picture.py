@@ -32,6 +32,7 @@ from shared.media.probe import VideoStream
 __all__ = [
     "HDR_TAGS_KEPT",
     "SDR_TAGS",
+    "draw",
     "filter_chain",
     "prepare",
     "rotate_filters",
@@ -112,16 +113,29 @@ def prepare(stream: Any, video: VideoStream, *, keep_hdr: bool = False) -> Any:
     return stream
 
 
+def draw(stream: Any, video: VideoStream, width: int, height: int) -> Any:
+    """The whole default treatment on an ffmpeg-python node: :func:`prepare`, a resize to
+    ``width`` x ``height`` into BT.709 limited range (:func:`scale_options`), square
+    pixels. Tag the output with :data:`SDR_TAGS`."""
+    return (prepare(stream, video).filter("scale", width, height, **scale_options(video))
+            .filter("setsar", 1))
+
+
 def scale_options(video: VideoStream, *, keep_hdr: bool = False) -> dict[str, str]:
     """Options for the resize (``scale``) that convert the pixels to what
     :data:`SDR_TAGS` says: BT.709 matrix, limited range. The input side is taken from the
-    probe when known (a JPEG is full-range BT.601; swscale would otherwise assume
-    limited-range BT.601 for everything untagged)."""
+    probe when known (a JPEG is full-range BT.601), else what players assume for untagged
+    video of that size."""
     if keep_hdr and video.hdr:
         return {}
     options = {"out_color_matrix": "bt709", "out_range": "tv"}
-    matrix = _SWS_MATRIX.get(video.color_space or "")
-    if matrix and not video.hdr:
+    # Untagged video: what players assume (BT.709 from 720 lines up, BT.601 below), not
+    # swscale's BT.601 for everything, so an untagged HD upload keeps the colours a browser
+    # showed for it.
+    untagged = "bt709" if max(video.display_size) >= 1280 or (video.height or 0) >= 720 \
+        else "bt601"
+    matrix = _SWS_MATRIX.get(video.color_space or "", untagged)
+    if not video.hdr:
         options["in_color_matrix"] = matrix
     if video.color_range in ("tv", "pc") and not video.hdr:
         options["in_range"] = video.color_range
