@@ -64,7 +64,7 @@ async def handle(task: StageTask, ctx: StageContext[PreviewParams]) -> StageResu
               ffmpeg.input(str(ctx.input_file()), ss=round(start, 3), t=round(length, 3)))
     # eof_action=pass: a clip shorter than one output frame (a single frame) still gives one;
     # the frame cap keeps longer clips at exactly duration x fps.
-    frames = picture.prepare(source.video, video).filter(
+    frames = picture.prepare(source[f"v:{media.video_ordinal(video)}"], video).filter(
         "fps", p.fps, eof_action="pass").filter(
         "scale", width, height, flags="lanczos",
         **(picture.scale_options(video) if p.format == "mp4" else {})).filter("setsar", 1)

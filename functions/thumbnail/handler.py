@@ -192,6 +192,7 @@ class _Grabber:
         self._source = str(ctx.input_file())
         media = ctx.probe()
         self._video = media.require_video()
+        self._pick = f"v:{media.video_ordinal(self._video)}"  # the picture, not cover art
         self._still = media.still
         _, self._runner = ctx.services.media()
         self._deadline = asyncio.get_running_loop().time() + task.timeout_s
@@ -217,7 +218,8 @@ class _Grabber:
             options["q:v"] = quality
 
         def frames(**seek: float) -> Any:
-            stream = picture.prepare(ffmpeg.input(self._source, **seek).video, self._video)
+            source = ffmpeg.input(self._source, **seek)
+            stream = picture.prepare(source[self._pick], self._video)
             # Square pixels: the size was fitted to the displayed shape.
             return stream.filter("scale", width, height).filter("setsar", 1)
 
