@@ -28,12 +28,11 @@ from typing import Any
 
 import ffmpeg
 import httpx
-import msgspec
 
 from functions.transcode.handler import build as build_transcode
 from loadtests.common import BenchResult, Row, all_functions, nats_server, say, temp_dir
-from shared.geometry import display_size, fit, video_stream
-from shared.media import Binaries, find_binaries
+from shared.geometry import fit
+from shared.media import Binaries, MediaInfo, find_binaries
 from shared.media import probe as probe_media
 from shared.natsserver import free_port
 from shared.recipes import RECIPES, decode_params
@@ -69,21 +68,21 @@ def make_clip(binaries: Binaries, *, duration: int, width: int = 1280, height: i
 # raw ffmpeg
 
 
-def raw_commands(binaries: Binaries, clip: Path, media: dict[str, Any],
+def raw_commands(binaries: Binaries, clip: Path, media: MediaInfo,
                  out_dir: Path) -> tuple[list[str], list[str]]:
     """The argv functions/transcode and functions/thumbnail run for recipe ``web``'s params."""
     steps = RECIPES["web"]({})
     # The params each stage gets for recipe web, decoded as the stage decodes them.
     tp: Any = decode_params(steps["transcode"].stage, steps["transcode"].params)
     th: Any = decode_params(steps["poster"].stage, steps["poster"].params)
-    src_w, src_h = display_size(video_stream(media))
+    src_w, src_h = media.require_video().display_size
     base = [binaries.ffmpeg, "-hide_banner", "-nostdin", "-y"]
 
     # The transcode stage's own pure command builder, so the peer runs exactly its argv.
     transcode = base + build_transcode(tp, media, clip, out_dir / "video.mp4")[0]
 
     pw, ph = fit(src_w, src_h, th.max_width, 4320)
-    duration = float(media["duration_s"])
+    duration = media.duration_s
     # As functions/thumbnail: never seek to the very end (it also stays before the last
     # frame, which for this clip is the same bound).
     at = max(0.0, min(duration * th.at_fraction, duration - 0.1))
@@ -109,7 +108,7 @@ async def run_raw(binaries: Binaries, clip: Path) -> dict[str, Any]:
         out_dir = Path(tmp)
         started = time.perf_counter()
         # The same ffprobe call the probe stage makes (protocol whitelist, probe limits).
-        media = msgspec.to_builtins(await probe_media(binaries, str(clip)))
+        media = await probe_media(binaries, str(clip))
         probed = time.perf_counter()
         transcode, poster = raw_commands(binaries, clip, media, out_dir)
 

@@ -24,7 +24,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-import ffmpeg
 import msgspec
 
 from shared import announce, msgids
@@ -39,7 +38,6 @@ from shared.errors import (
 )
 from shared.events import ErrorInfo, JobEvent, StageComplete, StageTask, TaskInput
 from shared.function import Context, Function, Services
-from shared.geometry import audio_plan
 from shared.jobstate import (
     JobRecord,
     JobStatus,
@@ -52,7 +50,8 @@ from shared.jobstate import (
     touch,
 )
 from shared.jobstore import JobNotFound
-from shared.media import STRIP_METADATA
+from shared.media import MediaInfo, ProbeLimits, web_mp4_args
+from shared.media import probe as ffprobe
 from shared.params.base import Params
 from shared.recipes import decode_params
 
@@ -105,32 +104,54 @@ class StageContext(Generic[P]):
     progress: Callable[[float], Awaitable[None]] = field(default=lambda f: _noop(f))
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def encode_web_mp4(self, video: Any, source: Any, media: dict[str, Any], name: str,
+    async def encode_web_mp4(self, video: Any, source: Any, media: MediaInfo, name: str,
                              *, preset: str, crf: int, audio_bitrate_k: int,
-                             cwd: Path | None = None) -> tuple[Path, str | None]:
+                             cwd: Path | None = None,
+                             tags: dict[str, Any] | None = None) -> tuple[Path, str | None]:
         """Encode a filtered picture (and the source's first audio track) to a web MP4 in
-        the work dir: the last step of every stage that redraws the picture.
-
-        H.264 high profile, faststart, metadata stripped, ``JETCUT_FFMPEG_THREADS`` as an
-        output option, audio copied when it is AAC (see ``audio_plan``). Progress, the
-        task's deadline and cancellation come with it.
+        the work dir: the last step of every stage that redraws the picture. The command
+        is :func:`shared.media.web_mp4_args`; progress, the task's deadline and
+        cancellation come with it.
 
         Returns:
             The file, and how the audio was handled (``copy``, ``aac`` or None).
         """
-        audio_opts, audio = audio_plan(media, audio_bitrate_k)
-        streams = [video, source["a:0"]] if audio else [video]
         out_path = self.workdir / name
-        threads = self.services.settings.ffmpeg_threads
-        out = ffmpeg.output(*streams, str(out_path), vcodec="libx264", preset=preset, crf=crf,
-                            profile="high", movflags="+faststart", **STRIP_METADATA,
-                            **audio_opts, **({"threads": threads} if threads else {}))
+        args, audio = web_mp4_args(video, source, media, out_path, preset=preset, crf=crf,
+                                   audio_bitrate_k=audio_bitrate_k, tags=tags,
+                                   threads=self.services.settings.ffmpeg_threads)
         _, runner = self.services.media()
-        await runner.run(out.get_args(), duration_s=self.task.media_duration_s,
+        await runner.run(args, duration_s=self.task.media_duration_s,
                          timeout_s=self.task.timeout_s,
                          on_progress=lambda pr: self.progress(pr.fraction or 0.0),
                          cancel=self.cancel, cwd=str(cwd) if cwd else None)
         return out_path, audio
+
+    def probe(self, ref: str = "probe") -> MediaInfo:
+        """The probe step's media info, typed: what ``probe`` decoded from ffprobe once.
+
+        Raises:
+            PermanentError: ``invalid_recipe`` when the step uses no probe step (or its
+                meta is not a probe's).
+        """
+        meta = self.upstream_meta(ref)
+        try:
+            return msgspec.convert(meta, MediaInfo)
+        except msgspec.ValidationError as exc:
+            raise PermanentError(ErrorCode.INVALID_RECIPE,
+                                 f"step {self.task.step!r}: {ref!r} is not a probe step's "
+                                 f"media info: {exc}") from None
+
+    async def probe_input(self, path: Path) -> MediaInfo:
+        """The probe step's media info when this step uses one, else probe ``path`` here
+        (with the operator's ``JETCUT_INPUT_MAX_*`` limits)."""
+        for item in self.task.inputs:
+            meta = self.meta.get(item.ref) or {}
+            if item.stage == "probe" or isinstance(meta.get("streams"), list):
+                return self.probe(item.ref)
+        binaries, _ = self.services.media()
+        return await ffprobe(binaries, str(path),
+                             limits=ProbeLimits.from_settings(self.services.settings))
 
     def input_file(self, ref: str = ":input", name: str = "media") -> Path:
         try:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from shared.errors import ErrorCode, FFmpegError
-from shared.media import Binaries, MediaInfo, ProbeLimits, StreamInfo, probe
+from shared.media import AudioStream, Binaries, MediaInfo, ProbeLimits, VideoStream, probe
 from shared.media.probe import _rotation
 from tests.support.media import MakeClip
 
@@ -42,7 +42,9 @@ async def test_clip_fields(binaries: Binaries, clip_3s: Path) -> None:
     assert (info.display_width, info.display_height) == (640, 360)
     assert audio.codec_name == "aac"
     assert audio.sample_rate == 48000 and audio.channels == 1
-    assert audio.fps is None and audio.width is None
+    # Typed per kind: an audio stream has no picture fields to be filled by mistake.
+    assert isinstance(audio, AudioStream) and not hasattr(audio, "fps")
+    assert not hasattr(audio, "width")
 
 
 async def test_audio_only(binaries: Binaries, make_clip: MakeClip) -> None:
@@ -95,9 +97,10 @@ def test_rotation_normalisation(raw: dict[str, object], expected: int) -> None:
 
 
 def test_cover_art_is_not_the_video() -> None:
-    cover = StreamInfo(index=1, codec_type="video", codec_name="mjpeg", attached_pic=True)
-    audio = StreamInfo(index=0, codec_type="audio", codec_name="mp3")
-    info = MediaInfo("mp3", 10.0, 1000, None, [audio, cover])
+    cover = VideoStream(index=1, codec_name="mjpeg", attached_pic=True)
+    audio = AudioStream(index=0, codec_name="mp3")
+    info = MediaInfo(format_name="mp3", duration_s=10.0, size_bytes=1000, bit_rate=None,
+                     streams=[audio, cover])
     assert info.video is None and not info.has_video and info.has_audio
 
 
@@ -227,3 +230,57 @@ async def test_text_named_like_an_image_is_invalid_input(binaries, tmp_path):  #
     with pytest.raises(FFmpegError) as caught:
         await probe(binaries, str(fake))
     assert caught.value.code == ErrorCode.INVALID_INPUT and caught.value.non_retryable
+
+
+async def test_probe_meta_round_trips_to_the_same_typed_info(binaries: Binaries,
+                                                            clip_3s: Path) -> None:
+    """What the probe step reports as meta is what a stage gets back from ``ctx.probe()``."""
+    import msgspec
+
+    info = await probe(binaries, str(clip_3s))
+    meta = msgspec.json.decode(msgspec.json.encode(info))  # as it travels on the bus
+    assert [s["codec_type"] for s in meta["streams"]] == ["video", "audio"]
+    assert msgspec.convert(meta, MediaInfo) == info
+    video = info.video
+    assert video is not None
+    assert (video.sar, video.field_order, video.avg_frame_rate) == ("1:1", "progressive",
+                                                                    "25/1")
+
+
+def test_video_stream_derived_facts() -> None:
+    pal_wide = VideoStream(width=720, height=576, sar="64:45")
+    assert pal_wide.display_size == (1024, 576)
+    turned = VideoStream(width=720, height=576, sar="64:45", rotation=90)
+    assert turned.display_size == (576, 1024)
+    assert VideoStream(width=10, height=10, sar="0:1").display_size == (10, 10)
+    assert VideoStream(field_order="tt").interlaced and VideoStream(field_order="bb").interlaced
+    assert not VideoStream(field_order="progressive").interlaced
+    assert not VideoStream().interlaced  # unknown is not a reason to deinterlace
+    assert VideoStream(color_transfer="smpte2084").hdr
+    assert VideoStream(color_transfer="arib-std-b67").hdr
+    assert not VideoStream(color_transfer="bt709").hdr
+    assert VideoStream(pix_fmt="yuv420p10le").bit_depth == 10
+    assert VideoStream(pix_fmt="yuv420p").bit_depth == 8
+
+
+@pytest.mark.parametrize(("streams", "what"), [
+    ([AudioStream(index=0)], "audio only"),
+    ([AudioStream(index=0), VideoStream(index=1, width=8, height=8, attached_pic=True)],
+     "only cover art"),
+])
+def test_require_video_says_what_the_input_has(streams: list[object], what: str) -> None:
+    from shared.errors import PermanentError
+
+    info = MediaInfo(streams=streams)  # type: ignore[arg-type]
+    with pytest.raises(PermanentError) as caught:
+        info.require_video()
+    assert caught.value.code == ErrorCode.NO_VIDEO_STREAM and what in caught.value.message
+
+
+def test_still_pictures_are_told_from_clips() -> None:
+    picture = [VideoStream(index=0, width=8, height=8)]
+    assert MediaInfo(format_name="image2", duration_s=0.04, streams=picture).still
+    assert MediaInfo(format_name="png_pipe", streams=picture).still
+    assert not MediaInfo(format_name="gif", duration_s=2.0, streams=picture).still
+    assert not MediaInfo(format_name="mov,mp4,m4a,3gp,3g2,mj2", duration_s=2.0,
+                         streams=picture).still

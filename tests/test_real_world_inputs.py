@@ -7,6 +7,7 @@ a change in how ffmpeg writes files cannot quietly turn a test into a plain-clip
 
 from __future__ import annotations
 
+import itertools
 import math
 import struct
 import subprocess
@@ -199,6 +200,29 @@ async def test_variable_frame_rate_keeps_its_timing(  # type: ignore[no-untyped-
     times = frame_times(binaries, tmp_path / "video.mp4")
     assert times == pytest.approx([i / 30 for i in range(30)] + [1 + i / 10 for i in range(9)],
                                   abs=0.002)
+
+
+async def test_browser_recording_keeps_its_jittery_timestamps(  # type: ignore[no-untyped-def]
+    runtime, make, binaries, tmp_path
+) -> None:
+    """A MediaRecorder-style WebM: millisecond timestamps jittering around 30 fps. Each frame
+    keeps its own time to the millisecond (an encoder counting in 1/30 s would round them
+    onto the grid, off by up to 16 ms)."""
+    src = make("recording.webm", [
+        "-f", "lavfi", "-i", "testsrc2=size=160x90:rate=30", "-t", "1.5",
+        "-vf", "settb=1/1000,setpts='(N/30+0.006*sin(N*1.7))/TB'",
+        "-fps_mode", "passthrough", "-enc_time_base:v", "1:1000", "-c:v", "libvpx",
+        "-b:v", "200k"])
+    times = frame_times(binaries, src)
+    gaps = [round(b - a, 3) for a, b in itertools.pairwise(times)]
+    assert len(set(gaps)) > 3 and max(gaps) - min(gaps) > 0.008  # really jittery
+    record = await web(runtime, src)
+    assert record.status == "succeeded", record.error
+    await fetch_output(runtime, record, "transcode", "video", tmp_path / "video.mp4")
+    out = frame_times(binaries, tmp_path / "video.mp4")
+    assert len(out) == len(times)
+    assert max(abs((a - times[0]) - (b - out[0])) for a, b in zip(times, out,
+                                                                   strict=True)) < 0.0015
 
 
 @pytest.mark.parametrize(("fps", "rate"), [

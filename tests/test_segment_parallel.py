@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from functions.registry import FUNCTIONS
 from functions.segment.handler import Packet, plan_parts
 from shared.errors import PermanentError
 from shared.events import StageTask
-from shared.media import Binaries, FFmpegRunner
+from shared.media import Binaries, FFmpegRunner, VideoStream
 from shared.params.hls import ConcatParams, EncodePartParams, rung_size
 from shared.settings import load_settings
 from shared.stage import StageContext
@@ -125,7 +126,7 @@ async def test_split_encode_join_is_exact(make_settings, bframe_clip: Path, bina
     # about the size of one encode of the whole clip with the same settings
     spec = record.steps["encode_360p"].params
     single = tmp_path / "single.mp4"
-    video = {"fps": float(FPS), "rotation": 0}
+    video = VideoStream(fps=float(FPS), rotation=0)
     run(binaries, *encode_args(bframe_clip, single, msgspec.convert(spec, EncodePartParams),
                                video, rung_size(640, 360, 360), 0.0, float(SECONDS)))
     single_bytes = sum(int(p["size"]) for p in packets(binaries, single, "v:0"))
@@ -204,3 +205,115 @@ async def test_concat_refuses_a_join_that_lost_frames(binaries: Binaries, tmp_pa
     assert err.value.code == "ffmpeg_failed"
     assert err.value.details == {"check": "frame count", "frames": 2 * FPS,
                                  "expected_frames": 2 * FPS + 2}
+
+
+# --------------------------------------------------------------------------------------------
+# Variable frame rate: a browser-style recording (VP8/Vorbis WebM, millisecond timestamps that
+# jitter around a nominal 30 fps, and gaps where frames were dropped) with a flash-and-beep
+# sync marker near its end.
+
+VFR_NOMINAL_FPS = 30
+MARK_S = 2.4
+"""When the source flashes white and beeps (its first bright frame is the first at/after)."""
+SYNC_TOLERANCE_S = 0.040
+
+
+def stderr_of(binaries: Binaries, *args: str) -> str:
+    out = subprocess.run([binaries.ffmpeg, "-hide_banner", "-nostdin", *args], check=True,
+                         capture_output=True, timeout=120)
+    return out.stderr.decode()
+
+
+def flash_time(binaries: Binaries, path: Path) -> float:
+    """Presentation time of the first frame whose mean luma is bright (the white flash)."""
+    log = stderr_of(binaries, "-i", str(path), "-map", "0:v:0", "-vf",
+                    "signalstats,metadata=print:key=lavfi.signalstats.YAVG", "-f", "null", "-")
+    times = re.findall(r"pts_time:(\S+)\s*\n.*YAVG=([0-9.]+)", log)
+    start = float(ffprobe_json(binaries, path)["streams"][0].get("start_time") or 0)
+    bright = [float(t) for t, y in times if float(y) > 128]
+    assert bright, "no flash found"
+    return bright[0] - start
+
+
+def beep_time(binaries: Binaries, path: Path, *, origin: float) -> float:
+    """When the audio first stops being silent (the beep), relative to ``origin``."""
+    log = stderr_of(binaries, "-i", str(path), "-map", "0:a:0", "-af",
+                    "silencedetect=n=-40dB:d=0.05", "-f", "null", "-")
+    ends = [float(t) for t in re.findall(r"silence_end: ([0-9.]+)", log)]
+    assert ends, "no beep found"
+    return ends[0] - origin
+
+
+def video_span(binaries: Binaries, path: Path) -> tuple[list[float], float]:
+    """Frame times from the first frame (sorted) and the video's length: the last frame's
+    end, from its own packet duration when the file has one."""
+    out = subprocess.run([binaries.ffprobe, "-v", "error", "-select_streams", "v:0",
+                          "-show_entries", "packet=pts_time,duration_time", "-of", "json",
+                          str(path)], check=True, capture_output=True, timeout=60)
+    pkts = json.loads(out.stdout)["packets"]
+    times = sorted(float(p["pts_time"]) for p in pkts)
+    last = max(pkts, key=lambda p: float(p["pts_time"]))
+    # An MP4 made with B-frames leaves packet durations unset: then the last frame lasts
+    # the median interval, as concat's own check measures it.
+    steps = sorted(b - a for a, b in itertools.pairwise(times))
+    last_duration = float(last.get("duration_time") or steps[len(steps) // 2])
+    t0 = times[0]
+    return [t - t0 for t in times], times[-1] + last_duration - t0
+
+
+@pytest.fixture(scope="module")
+def vfr_marker_clip(binaries: Binaries, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("vfr") / "recording.webm"
+    # Timestamps in milliseconds: the nominal 30 fps grid, a +-6 ms jitter and a dropped
+    # frame's gap every 9 frames; the encoder counts in milliseconds so they survive.
+    times = "(N/30+0.006*sin(N*1.7)+0.03*floor(N/9))/TB"
+    run(binaries, "-f", "lavfi", "-i", f"color=c=black:s=160x90:r={VFR_NOMINAL_FPS}:d=3",
+        "-f", "lavfi", "-i",
+        f"aevalsrc='if(between(t,{MARK_S},{MARK_S + 0.1}),0.5*sin(2*PI*1000*t),0)'"
+        ":s=48000:d=3",
+        "-filter:v", f"settb=1/1000,setpts='{times}',"
+        f"drawbox=c=white:t=fill:enable='gte(t,{MARK_S})*lt(t,{MARK_S + 0.04})',"
+        "noise=alls=8:allf=t",
+        "-fps_mode", "passthrough", "-enc_time_base:v", "1:1000", "-c:v", "libvpx", "-g", "8",
+        "-b:v", "200k", "-c:a", "libvorbis", "-t", "3", str(path))
+    return path
+
+
+async def test_vfr_source_joins_exactly_and_stays_in_sync(
+        make_settings, vfr_marker_clip: Path, binaries: Binaries, tmp_path: Path) -> None:
+    """Split at keyframes, encode apart, join: every source frame keeps its own time, the
+    joined video is as long as the source's (within one frame), and the audio is in sync
+    within 40 ms at the start and at the marker near the end."""
+    source_times, source_length = video_span(binaries, vfr_marker_clip)
+    gaps = [b - a for a, b in itertools.pairwise(source_times)]
+    # The source really is what it claims: VFR with jitter and dropped-frame gaps...
+    assert max(gaps) > 1.5 / VFR_NOMINAL_FPS and max(gaps) - min(gaps) > 0.010
+    assert any(abs(g - 1 / VFR_NOMINAL_FPS) > 0.002 for g in gaps)
+    # ...with its flash and beep together near the end.
+    source_flash = flash_time(binaries, vfr_marker_clip)
+    source_beep = beep_time(binaries, vfr_marker_clip, origin=0.0)
+    assert abs(source_flash - MARK_S) < 1 / VFR_NOMINAL_FPS + 0.01
+    assert abs(source_beep - MARK_S) < SYNC_TOLERANCE_S
+
+    params = {"segment_seconds": 1, "part_seconds": 0.5, "ladder": [90]}
+    async with running(make_settings(concurrency=2), list(FUNCTIONS.values())) as rt:
+        job_id = await submit_job(rt, [vfr_marker_clip], recipe="hls", params=params)
+        record = await wait_for_job(rt.services, job_id, timeout=100)
+        assert record.status == "succeeded", record.error
+        joined = await fetch_output(rt, record, "concat_90p", "video", tmp_path / "90p.mp4")
+    assert record.steps["segment"].meta["count"] >= 4  # really split into several parts
+
+    times, length = video_span(binaries, joined)
+    # Every frame, each at its own source time (to the millisecond the WebM carries).
+    assert len(times) == len(source_times)
+    assert max(abs(a - b) for a, b in zip(times, source_times, strict=True)) < 0.0015
+    assert abs(length - source_length) <= 1 / VFR_NOMINAL_FPS, (length, source_length)
+    info = ffprobe_json(binaries, joined)
+    streams = {s["codec_type"]: s for s in info["streams"]}
+    video_start = float(streams["video"]["start_time"])
+    # Start: audio and picture begin together; end: the marker's flash and beep agree.
+    assert abs(float(streams["audio"]["start_time"]) - video_start) <= SYNC_TOLERANCE_S
+    flash = flash_time(binaries, joined)
+    beep = beep_time(binaries, joined, origin=video_start)
+    assert abs(flash - beep) <= SYNC_TOLERANCE_S, (flash, beep)
+    assert abs(flash - source_flash) <= 0.002, (flash, source_flash)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from functions.conductor import function as conductor
@@ -17,6 +18,7 @@ from functions.probe import function as probe
 from functions.transcode import function as transcode
 from functions.transcode.handler import build
 from shared.errors import PermanentError
+from shared.media import MediaInfo
 from shared.params.video import TranscodeParams
 from shared.runtime import Runtime
 from tests.support.media import MakeClip, ffprobe_json
@@ -76,7 +78,11 @@ async def test_each_video_codec(runtime, clip, tmp_path, binaries,  # type: igno
     assert a["codec_name"] == acodec and a["channels"] == 2
     assert abs(float(info["format"]["duration"]) - 1.0) <= 0.1
     assert meta == {"width": 160, "height": 90, "vcodec": vcodec, "acodec": acodec,
-                    "container": suffix[1:], "fps": None, "frames": 25}
+                    "container": suffix[1:], "fps": None, "frames": 25, "hdr": None,
+                    "deinterlaced": False, "still": False}
+    # Colour described on every output, whatever the codec: players need not guess.
+    assert (v["color_space"], v["color_transfer"], v["color_primaries"],
+            v["color_range"]) == ("bt709", "bt709", "bt709", "tv")
     if vcodec == "hevc":
         assert v["codec_tag_string"] == "hvc1"  # Apple players refuse hev1 in MP4
     if suffix == ".mp4":
@@ -91,7 +97,7 @@ def test_mp4_is_faststart(clip, binaries, tmp_path) -> None:  # type: ignore[no-
     media = {"streams": [{"codec_type": "video", "width": 160, "height": 90, "fps": 25.0},
                          {"codec_type": "audio"}]}
     out = tmp_path / "v.mp4"
-    args, _ = build(TranscodeParams(), media, clip, out)
+    args, _ = build(TranscodeParams(), media_info(media), clip, out)
     subprocess.run([binaries.ffmpeg, "-v", "error", "-y", *args], check=True, timeout=60)
     data = out.read_bytes()
     assert 0 < data.find(b"moov") < data.find(b"mdat")
@@ -190,6 +196,11 @@ def test_params_defaults_follow_the_codec() -> None:
     assert TranscodeParams(video_bitrate_k=800).effective_crf is None
 
 
+def media_info(raw: dict[str, Any]) -> MediaInfo:
+    """Probe meta as the probe step reports it, typed as a stage gets it (``ctx.probe()``)."""
+    return msgspec.convert(raw, MediaInfo)
+
+
 MEDIA = {"streams": [
     {"index": 0, "codec_type": "audio"},
     {"index": 1, "codec_type": "video", "width": 600, "height": 600, "attached_pic": True},
@@ -199,8 +210,8 @@ MEDIA = {"streams": [
 
 
 def test_command_maps_the_first_picture_and_first_audio(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    args, meta = build(TranscodeParams(), MEDIA, tmp_path / "in.mov", tmp_path / "video.mp4",
-                       threads=2)
+    args, meta = build(TranscodeParams(), media_info(MEDIA), tmp_path / "in.mov",
+                       tmp_path / "video.mp4", threads=2)
     line = " ".join(args)
     assert "[0:v:1]" in line  # the cover art is video stream 0; the picture is 1
     assert "-map 0:a:0?" in line and args.count("-map") == 2
@@ -215,14 +226,14 @@ def test_command_maps_the_first_picture_and_first_audio(tmp_path) -> None:  # ty
 def test_command_turns_a_quarter_rotated_source(tmp_path) -> None:  # type: ignore[no-untyped-def]
     media = {"streams": [{"codec_type": "video", "width": 1920, "height": 1080,
                           "rotation": 90}]}
-    _, meta = build(TranscodeParams(), media, tmp_path / "in", tmp_path / "out")
+    _, meta = build(TranscodeParams(), media_info(media), tmp_path / "in", tmp_path / "out")
     assert (meta["width"], meta["height"]) == (404, 720)
 
 
 def test_command_fits_anamorphic_video_by_its_displayed_shape(tmp_path) -> None:  # type: ignore[no-untyped-def]
     media = {"streams": [{"codec_type": "video", "width": 720, "height": 576,
-                          "sample_aspect_ratio": "64:45"}]}  # PAL 16:9
-    args, meta = build(TranscodeParams(max_height=576), media, tmp_path / "in",
+                          "sar": "64:45"}]}  # PAL 16:9
+    args, meta = build(TranscodeParams(max_height=576), media_info(media), tmp_path / "in",
                        tmp_path / "out")
     assert (meta["width"], meta["height"]) == (1024, 576)
     assert "setsar=r=sar*1/1" in " ".join(args)
@@ -235,7 +246,7 @@ def test_command_fits_anamorphic_video_by_its_displayed_shape(tmp_path) -> None:
 ])
 def test_command_refuses_media_without_a_picture(tmp_path, media) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(PermanentError) as caught:
-        build(TranscodeParams(), media, tmp_path / "in", tmp_path / "out")
+        build(TranscodeParams(), media_info(media), tmp_path / "in", tmp_path / "out")
     assert caught.value.code == "no_video_stream"
 
 

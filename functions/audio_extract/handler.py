@@ -19,7 +19,7 @@ from pathlib import Path
 from shared.errors import ErrorCode, FFmpegError
 from shared.events import StageTask
 from shared.media import STRIP_METADATA_ARGS, Binaries, run_ffprobe
-from shared.params.hls import AudioExtractParams, source_video
+from shared.params.hls import AudioExtractParams
 from shared.stage import StageContext, StageResult, stage
 
 
@@ -43,25 +43,24 @@ async def stream_starts(binaries: Binaries, path: Path, timeout_s: float) -> dic
 
 async def handle(task: StageTask, ctx: StageContext[AudioExtractParams]) -> StageResult:
     p = ctx.params
-    media = ctx.upstream_meta("probe")
-    audio = next((s for s in media.get("streams", []) if s.get("codec_type") == "audio"), None)
+    media = ctx.probe()
+    audio = media.audio
     if audio is None:
         return StageResult(meta={"audio": False})
-    video = source_video(media)
+    video = media.require_video()
     source = ctx.input_file()
     binaries, runner = ctx.services.media()
     starts = await stream_starts(binaries, source, min(task.timeout_s, 60.0))
-    video_start = starts.get(int(video["index"]), 0.0)
-    audio_start = starts.get(int(audio["index"]), video_start)
+    video_start = starts.get(video.index, 0.0)
+    audio_start = starts.get(audio.index, video_start)
 
     # -copyts keeps the demuxer's timestamps, so the shift is exactly the video's start;
     # aresample with first_pts=0 then pads or trims the head to land on 0.
     chain = [f"asetpts=PTS-{video_start:.6f}/TB", "aresample=async=1:first_pts=0"]
-    video_duration = video.get("duration_s")
-    if isinstance(video_duration, int | float) and video_duration > 0:
-        chain.append(f"atrim=end={float(video_duration):.6f}")
+    if video.duration_s:
+        chain.append(f"atrim=end={video.duration_s:.6f}")
     out = ctx.workdir / "audio.m4a"
-    args = ["-copyts", "-i", str(source), "-map", f"0:{int(audio['index'])}", "-vn", "-sn",
+    args = ["-copyts", "-i", str(source), "-map", f"0:{audio.index}", "-vn", "-sn",
             "-dn", "-af", ",".join(chain), "-c:a", "aac", "-b:a", f"{p.bitrate_k}k",
             "-ac", str(p.channels), "-ar", str(p.sample_rate), *STRIP_METADATA_ARGS,
             str(out)]

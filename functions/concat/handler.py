@@ -3,10 +3,13 @@
 Consumes: stages.concat  StageTask (uses: an ``encode-part`` step, whose joined outputs are
           ``video.0000``, ``video.0001``, ...; optionally an ``audio-extract`` step)
 Does:     the concat demuxer over the parts (a list file of plain relative names inside the
-          step's private work dir: no ``-safe 0``, only the ``file`` protocol), muxes the
-          audio, no re-encode; then checks the result with ffprobe: its video has exactly
-          the sum of the parts' frames and their summed duration within one frame, or the
-          step fails with ``ffmpeg_failed`` (details say which check). Writes an MP4 with
+          step's private work dir: no ``-safe 0``, only the ``file`` protocol), each part
+          placed at its own start on the source's timeline by a ``duration`` directive, so
+          a variable-frame-rate source keeps every frame's time; muxes the audio, no
+          re-encode; then checks the result with ffprobe: its video has exactly the sum of
+          the parts' frames, and shows pictures (first frame to last frame's end, from the
+          presentation times) for their summed duration within one frame, or the step fails
+          with ``ffmpeg_failed`` (details say which check). Writes an MP4 with
           ``+faststart``; its HLS ``CODECS`` string goes in the meta for packaging.
 Emits:    jobs.stage.complete with outputs {video: .../<name>.mp4} and meta {rendition,
           width, height, fps, frames, duration_s, parts, codecs, av_offset_s, bytes}.
@@ -14,6 +17,7 @@ Emits:    jobs.stage.complete with outputs {video: .../<name>.mp4} and meta {ren
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from pathlib import Path
@@ -57,6 +61,30 @@ async def describe(binaries: Binaries, path: Path, timeout_s: float) -> dict[str
     return info
 
 
+async def picture_length(binaries: Binaries, path: Path, timeout_s: float) -> float:
+    """How long the first video stream shows pictures: from its first frame to its last
+    frame's end (the last frame lasting the median frame interval).
+
+    Read from the packets' presentation times, not the container's duration field: an MP4
+    with B-frames and edit lists derives that from decode times and the muxer's guess at
+    the last sample, which on variable-frame-rate video is off by more than a frame.
+    """
+    argv = ["-v", "error", "-protocol_whitelist", "file", "-select_streams", "v:0",
+            "-show_entries", "packet=pts_time", "-of", "csv=p=0", "file:" + str(path)]
+    out, tail, code = await run_ffprobe(binaries, argv, timeout_s)
+    if code != 0:
+        raise FFmpegError(ErrorCode.FFMPEG_FAILED, f"ffprobe of the joined file failed: "
+                          f"{tail.strip()}", non_retryable=False, returncode=code,
+                          stderr_tail=tail)
+    times = sorted(float(t) for line in out.decode().splitlines()
+                   if (t := line.strip().strip(",")) and t != "N/A")
+    if not times:
+        return 0.0
+    steps = sorted(b - a for a, b in itertools.pairwise(times))
+    frame = steps[len(steps) // 2] if steps else 0.0
+    return times[-1] - times[0] + frame
+
+
 def _parts(ctx: StageContext[ConcatParams]) -> tuple[list[Path], list[dict[str, Any]]]:
     for ref, files in ctx.inputs.items():
         names = sorted((int(m.group(1)), name) for name in files if (m := _PART.match(name)))
@@ -82,7 +110,7 @@ async def handle(task: StageTask, ctx: StageContext[ConcatParams]) -> StageResul
     join = ctx.workdir / "join"
     join.mkdir()
     lines = ["ffconcat version 1.0"]
-    for i, path in enumerate(parts):
+    for i, (path, meta) in enumerate(zip(parts, metas, strict=True)):
         # Plain relative names in our own directory: the demuxer's safe mode accepts them,
         # so no -safe 0, and nothing in the list can point anywhere else.
         local = join / f"part_{i:04d}.mp4"
@@ -91,6 +119,13 @@ async def handle(task: StageTask, ctx: StageContext[ConcatParams]) -> StageResul
         except OSError:  # a filesystem without hard links
             local.symlink_to(path)
         lines.append(f"file {local.name}")
+        planned = float(meta.get("duration_s") or 0.0)
+        if planned > 0:
+            # The part's span on the source's timeline (to the next part's first frame):
+            # the next part starts exactly there. Without it the demuxer starts it where
+            # this MP4's last frame ends, and an MP4 only guesses that frame's duration —
+            # on variable-frame-rate video the guesses add up to a drift of whole frames.
+            lines.append(f"duration {planned:.6f}")
     listing = join / "parts.ffconcat"
     listing.write_text("\n".join(lines) + "\n")
 
@@ -115,7 +150,7 @@ async def handle(task: StageTask, ctx: StageContext[ConcatParams]) -> StageResul
     frames = int(video.get("nb_read_packets") or 0)
     num, _, den = str(video.get("avg_frame_rate") or "0/1").partition("/")
     fps = float(num) / float(den) if float(den or 0) else 0.0
-    duration = float(video.get("duration") or info.get("format", {}).get("duration") or 0)
+    duration = await picture_length(binaries, out, min(task.timeout_s, 120.0))
     if expected_frames and frames != expected_frames:
         raise _mismatch("frame count", f"{frames} frames, the parts have {expected_frames}",
                         frames=frames, expected_frames=expected_frames)

@@ -4,13 +4,16 @@ Consumes: stages.encode-part  StageTask, one per part (``each: segment``; uses: 
           step, the probe step, and the rung's ``rendition`` step so that a skipped rung
           skips this step too)
 Does:     H.264 (libx264, High, 8-bit yuv420p), no audio, at the rung's size (short side
-          ``height``, aspect kept, never upscaled), rotation applied. Every source frame is
-          kept (``-fps_mode passthrough``, timestamps from 0). GOPs are closed and keyframes
-          are IDR frames forced at every multiple of ``keyframe_seconds`` on the *whole*
-          video's timeline (scene-cut keyframes off), plus the part's first frame, so each
-          rung cuts into identical HLS segments and parts join by stream copy. Fails with
-          ``ffmpeg_failed`` when the encode has a different frame count from the source
-          part (a frame lost mid-video would put every later frame out of sync with audio).
+          ``height``, aspect kept, never upscaled), drawn as ``shared.media.picture`` says:
+          upright, deinterlaced, HDR tone-mapped, square pixels, tagged BT.709. Every
+          source frame is kept at its own time (``-fps_mode passthrough`` in the input's time base,
+          timestamps from 0), so variable-frame-rate sources stay exact. GOPs are closed
+          and keyframes are IDR frames forced at every multiple of ``keyframe_seconds`` on
+          the *whole* video's timeline (scene-cut keyframes off), plus the part's first
+          frame, so each rung cuts into identical HLS segments and parts join by stream
+          copy. Fails with ``ffmpeg_failed`` when the encode has a different frame count
+          from the source part (a frame lost mid-video would put every later frame out of
+          sync with audio).
 Emits:    jobs.stage.complete with outputs {video: .../p<NNNN>/video.mp4} and meta
           {frames, duration_s} (what ``concat`` checks the join against).
 """
@@ -23,16 +26,14 @@ from typing import Any
 
 from shared.errors import ErrorCode, PermanentError
 from shared.events import StageTask
-from shared.media import STRIP_METADATA_ARGS, Progress, step_timeout
-from shared.params.hls import STAGES, EncodePartParams, rung_size, source_size, source_video
+from shared.media import STRIP_METADATA_ARGS, Progress, VideoStream, picture, step_timeout
+from shared.params.hls import STAGES, EncodePartParams, rung_size
 from shared.stage import StageContext, StageResult, stage
 
 KEYFRAME_SLACK_S = 0.002
 """Forced keyframe times sit this much early: Matroska parts carry millisecond timestamps,
 so the frame on a segment boundary may read up to 0.5 ms early; frames are >= 4 ms apart."""
 
-_ROTATE = {90: ["transpose=cclock"], 180: ["hflip", "vflip"], 270: ["transpose=clock"]}
-"""Filters that show a frame as a player would, by counter-clockwise display rotation."""
 
 
 def keyframe_times(start_s: float, duration_s: float, every_s: float) -> list[float]:
@@ -57,17 +58,21 @@ def find_part(ctx: StageContext[Any]) -> tuple[Path, dict[str, Any]]:
                          "('each': '<segment step>')")
 
 
-def encode_args(source: Path, out: Path, p: EncodePartParams, video: dict[str, Any],
+def encode_args(source: Path, out: Path, p: EncodePartParams, video: VideoStream,
                 size: tuple[int, int], start_s: float, duration_s: float, *,
                 threads: int = 0) -> list[str]:
     """The ffmpeg arguments that encode ``source`` (a part starting ``start_s`` into the
     video, or the whole video with 0) to ``out``; ``video`` is the probed source stream."""
-    fps = float(video.get("fps") or 25.0)
-    chain = ["setpts=PTS-STARTPTS", *_ROTATE.get(int(video.get("rotation") or 0), []),
-             f"scale={size[0]}:{size[1]}", "setsar=1", "format=yuv420p"]
+    fps = video.fps or 25.0
+    # Upright, progressive, SDR BT.709, square pixels: the picture every stage draws.
+    chain = ["setpts=PTS-STARTPTS", *picture.filter_chain(video, rotate=True),
+             picture.scale_filter(size[0], size[1], video), "setsar=1", "format=yuv420p"]
     keys = keyframe_times(start_s, duration_s, p.keyframe_seconds)
     args = ["-noautorotate", "-i", str(source), "-map", "0:v:0", "-vf", ",".join(chain),
-            "-fps_mode", "passthrough",
+            # Every frame at its own source time: no frame dropped or duplicated, and the
+            # encoder counts time in the input's time base, not 1/fps (its default, which
+            # would round a VFR upload's jittery timestamps onto a 30 fps grid).
+            "-fps_mode", "passthrough", "-enc_time_base:v", "-1",
             "-c:v", "libx264", "-preset", p.preset, "-crf", str(p.crf), "-profile:v", "high",
             "-g", str(max(1, round(2 * p.keyframe_seconds * fps))), "-sc_threshold", "0",
             "-flags", "+cgop", "-forced-idr", "1",
@@ -76,7 +81,8 @@ def encode_args(source: Path, out: Path, p: EncodePartParams, video: dict[str, A
         args += ["-maxrate", f"{p.maxrate_k}k", "-bufsize", f"{p.bufsize_k or 2 * p.maxrate_k}k"]
     if threads:
         args += ["-threads", str(threads)]
-    return [*args, "-an", "-sn", "-dn", *STRIP_METADATA_ARGS, str(out)]
+    tags = [arg for key, value in picture.SDR_TAGS.items() for arg in (f"-{key}", value)]
+    return [*args, *tags, "-an", "-sn", "-dn", *STRIP_METADATA_ARGS, str(out)]
 
 
 async def handle(task: StageTask, ctx: StageContext[EncodePartParams]) -> StageResult:
@@ -91,9 +97,8 @@ async def handle(task: StageTask, ctx: StageContext[EncodePartParams]) -> StageR
         raise PermanentError(ErrorCode.INVALID_RECIPE,
                              f"step {task.step!r}: the segment step's meta lacks part "
                              f"{index}: {exc!r}") from None
-    media = ctx.upstream_meta("probe")
-    video = source_video(media)
-    width, height = rung_size(*source_size(media), p.height)
+    video = ctx.probe().require_video()
+    width, height = rung_size(*video.display_size, p.height)
 
     out = ctx.workdir / "video.mp4"
     args = encode_args(part, out, p, video, (width, height), start, duration,

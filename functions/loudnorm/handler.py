@@ -24,11 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import ffmpeg
-import msgspec
 
 from shared.errors import ErrorCode, PermanentError
 from shared.events import StageTask
-from shared.media import STRIP_METADATA, ProbeLimits, probe
+from shared.media import STRIP_METADATA
 from shared.params.audio import LoudnormParams
 from shared.stage import StageContext, StageResult, stage
 
@@ -42,18 +41,18 @@ _JSON_START = re.compile(r"\{\s*\"input_i\"")
 async def handle(task: StageTask, ctx: StageContext[LoudnormParams]) -> StageResult:
     p = ctx.params
     source = _media_input(ctx)
-    media = await _media_info(ctx, source)
-    audio = _first(media, "audio")
+    media = await ctx.probe_input(source)
+    audio = media.audio
     if audio is None:
         raise PermanentError(ErrorCode.NO_AUDIO_STREAM, "the input has no audio stream")
-    video = _first(media, "video") if p.keep_video else None
-    duration = float(media.get("duration_s") or 0.0) or task.media_duration_s
+    video = media.video if p.keep_video else None
+    duration = media.duration_s or task.media_duration_s
     _, runner = ctx.services.media()
 
     # Pass 1: measure, after the channel mix the output will have (a mono source played
     # on two channels is 3 LU louder than the same source measured as mono).
     src = ffmpeg.input(str(source))
-    mixed = src[f"a:{_audio_position(media, audio)}"].filter(
+    mixed = src[f"a:{media.audio_ordinal(audio)}"].filter(
         "aformat", channel_layouts="mono" if p.channels == 1 else "stereo")
     measure = mixed.filter("loudnorm", I=p.integrated_lufs, TP=p.true_peak_db, LRA=p.lra,
                            print_format="json")
@@ -67,7 +66,7 @@ async def handle(task: StageTask, ctx: StageContext[LoudnormParams]) -> StageRes
     # Pass 2: normalise with what pass 1 measured, resample (dynamic mode runs at 192 kHz),
     # encode. Silence (-inf LUFS) has no loudness to correct: it is only re-encoded.
     src = ffmpeg.input(str(source))
-    mixed = src[f"a:{_audio_position(media, audio)}"].filter(
+    mixed = src[f"a:{media.audio_ordinal(audio)}"].filter(
         "aformat", channel_layouts="mono" if p.channels == 1 else "stereo")
     silent = not _finite(measured, "input_i", "input_tp", "input_lra", "input_thresh")
     if silent:
@@ -98,13 +97,13 @@ async def handle(task: StageTask, ctx: StageContext[LoudnormParams]) -> StageRes
                                  **_container_args(p.output_container))]
     else:
         split = normalised.filter_multi_output("asplit", 2)
-        video_ext = "mp4" if video.get("codec_name") in MP4_VIDEO_CODECS else "mkv"
+        video_ext = "mp4" if video.codec_name in MP4_VIDEO_CODECS else "mkv"
         video_path = ctx.workdir / f"video.{video_ext}"
         files["video"] = video_path
         outputs = [
             ffmpeg.output(split[0], str(audio_path), vn=None, **encode,
                           **_container_args(p.output_container)),
-            ffmpeg.output(src[str(video["index"])], split[1], str(video_path), vcodec="copy",
+            ffmpeg.output(src[str(video.index)], split[1], str(video_path), vcodec="copy",
                           **encode, **_container_args(video_ext)),
         ]
     second = await runner.run(
@@ -136,31 +135,6 @@ def _media_input(ctx: StageContext[LoudnormParams]) -> Path:
             return next(iter(files.values()))
     raise PermanentError(ErrorCode.INVALID_RECIPE,
                          f"step {ctx.task.step!r} needs one media input in 'uses'")
-
-
-async def _media_info(ctx: StageContext[LoudnormParams], source: Path) -> dict[str, Any]:
-    """A probe step's media info when the step uses one; otherwise probe the file here."""
-    for item in ctx.task.inputs:
-        meta = ctx.meta.get(item.ref) or {}
-        if isinstance(meta.get("streams"), list):
-            return meta
-    binaries, _ = ctx.services.media()
-    limits = ProbeLimits.from_settings(ctx.services.settings)
-    info: dict[str, Any] = msgspec.to_builtins(await probe(binaries, str(source), limits=limits))
-    return info
-
-
-def _first(media: dict[str, Any], kind: str) -> dict[str, Any] | None:
-    for stream in media.get("streams", []):
-        if stream.get("codec_type") == kind and not stream.get("attached_pic"):
-            return dict(stream)
-    return None
-
-
-def _audio_position(media: dict[str, Any], audio: dict[str, Any]) -> int:
-    """``audio`` as the n-th audio stream (the ``a:<n>`` specifier ffmpeg understands)."""
-    audios = [s for s in media.get("streams", []) if s.get("codec_type") == "audio"]
-    return next((i for i, s in enumerate(audios) if s.get("index") == audio.get("index")), 0)
 
 
 def _container_args(container: str) -> dict[str, Any]:

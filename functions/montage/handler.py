@@ -3,8 +3,10 @@
 Consumes: stages.montage  StageTask (uses: the clips, in order — job inputs or steps with
           one media output each; with ``music`` the last of them is the music bed; steps
           without files, such as probe, are ignored)
-Does:     probes every clip; fits each into width x height keeping its displayed aspect
-          ratio, pads with the background colour, square pixels, constant fps, yuv420p;
+Does:     probes every clip; draws each as ``shared.media.picture`` says (upright,
+          deinterlaced, HDR tone-mapped, BT.709); fits it into width x height keeping its
+          displayed aspect ratio, pads with the background colour, square pixels,
+          constant fps, yuv420p;
           joins them with ``xfade`` + ``acrossfade`` (clips without audio get silence, so
           every transition has two sides) or cuts when crossfade_s is 0; optionally opens
           with a title card (literal text on a colour, crossfading into the first clip) and
@@ -29,7 +31,7 @@ import ffmpeg
 from functions.montage import title as titles
 from shared.errors import ErrorCode, PermanentError
 from shared.events import StageTask
-from shared.media import STRIP_METADATA, MediaInfo, ProbeLimits, probe, step_timeout
+from shared.media import STRIP_METADATA, MediaInfo, ProbeLimits, picture, probe, step_timeout
 from shared.params.montage import MAX_CLIPS, STAGES, MontageParams
 from shared.stage import StageContext, StageResult, stage
 
@@ -99,7 +101,7 @@ async def handle(task: StageTask, ctx: StageContext[MontageParams]) -> StageResu
     out = ffmpeg.output(
         video, audio, str(out_path), vcodec="libx264", preset=p.preset, crf=p.crf,
         profile="high", pix_fmt="yuv420p", acodec="aac", audio_bitrate=f"{p.audio_bitrate_k}k",
-        ar=SAMPLE_RATE, ac=2, movflags="+faststart", **STRIP_METADATA,
+        ar=SAMPLE_RATE, ac=2, movflags="+faststart", **STRIP_METADATA, **picture.SDR_TAGS,
         **({"threads": threads} if threads else {}),
     )
     args = out.get_args()
@@ -190,13 +192,13 @@ def _clip(p: MontageParams, path: Path, info: MediaInfo, fps: Fraction, frames: 
     source = ffmpeg.input(str(path))
     assert info.video is not None
     video = (
-        source[str(info.video.index)]
+        picture.prepare(source[str(info.video.index)], info.video)
         .filter("setpts", "PTS-STARTPTS")
         # Square pixels first (a no-op for most clips), so fitting sees the displayed
         # aspect ratio; ffmpeg has already turned rotated clips upright.
         .filter("scale", "iw*sar", "ih").filter("setsar", 1)
         .filter("scale", p.width, p.height, force_original_aspect_ratio="decrease",
-                force_divisible_by=2)
+                force_divisible_by=2, **picture.scale_options(info.video))
         .filter("pad", p.width, p.height, "(ow-iw)/2", "(oh-ih)/2", color=p.background)
         .filter("setsar", 1)
         .filter("fps", str(fps))

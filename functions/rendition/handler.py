@@ -13,13 +13,13 @@ Emits:    jobs.stage.complete with meta {rendition, width, height, source_width,
 from __future__ import annotations
 
 from shared.events import StageTask
-from shared.params.hls import RenditionParams, rung_name, rung_size, source_size
+from shared.params.hls import RenditionParams, rung_name, rung_size
 from shared.stage import StageContext, StageResult, stage
 
 
 async def handle(task: StageTask, ctx: StageContext[RenditionParams]) -> StageResult:
     p = ctx.params
-    source_w, source_h = source_size(ctx.upstream_meta("probe"))
+    source_w, source_h = ctx.probe().require_video().display_size
     if p.height > min(source_w, source_h) and not p.always:
         return StageResult(skipped=f"the source is {source_w}x{source_h}: a "
                                    f"{rung_name(p.height)} rendition would upscale it")

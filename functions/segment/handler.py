@@ -6,6 +6,7 @@ Does:     lists the video stream's packets (ffprobe, no decoding), picks a cut a
           video (only the video: audio is encoded once, elsewhere) into Matroska parts cut
           at exactly those packets. Every frame lands in exactly one part, so a step that
           encodes the parts and joins them keeps the source's frame count.
+          A still picture fails with ``not_supported`` (there is nothing to split).
 Emits:    jobs.stage.complete with outputs {part.0000: .../part_0000.mkv, part.0001, ...}
           (only parts: an ``each: segment`` step expands to one task per output) and meta
           {count, part_seconds, frames[], starts[], durations[], total_frames, fps}: per part
@@ -22,7 +23,7 @@ from pathlib import Path
 from shared.errors import ErrorCode, FFmpegError, PermanentError
 from shared.events import StageTask
 from shared.media import STRIP_METADATA_ARGS, Binaries, run_ffprobe
-from shared.params.hls import SegmentParams, source_video
+from shared.params.hls import SegmentParams
 from shared.stage import StageContext, StageResult, stage
 
 
@@ -112,16 +113,22 @@ def _seconds(value: str | None) -> float | None:
 
 
 async def handle(task: StageTask, ctx: StageContext[SegmentParams]) -> StageResult:
-    video = source_video(ctx.upstream_meta("probe"))
+    media = ctx.probe()
+    video = media.require_video()
+    if media.still:
+        raise PermanentError(ErrorCode.NOT_SUPPORTED,
+                             f"the input is a still picture ({media.format_name}): a "
+                             "segmented ladder needs a moving video; use recipe 'web' (a "
+                             "clip of the picture) or 'thumbnails'")
     source = ctx.input_file()
     binaries, runner = ctx.services.media()
-    packets = await list_packets(binaries, source, int(video["index"]), task.timeout_s)
+    packets = await list_packets(binaries, source, video.index, task.timeout_s)
     plan = plan_parts(packets, ctx.params.part_seconds)
     await ctx.progress(0.2)
 
     out_dir = ctx.workdir / "parts"
     out_dir.mkdir()
-    args = ["-i", str(source), "-map", f"0:{int(video['index'])}", "-c", "copy",
+    args = ["-i", str(source), "-map", f"0:{video.index}", "-c", "copy",
             *STRIP_METADATA_ARGS]
     if plan.cuts:
         args += ["-f", "segment", "-segment_format", "matroska", "-reset_timestamps", "1",
@@ -144,7 +151,7 @@ async def handle(task: StageTask, ctx: StageContext[SegmentParams]) -> StageResu
             "frames": plan.frames, "total_frames": sum(plan.frames),
             "starts": [round(s, 6) for s in plan.starts],
             "durations": [round(d, 6) for d in plan.durations],
-            "fps": video.get("fps"), "stream_index": int(video["index"]),
+            "fps": video.fps, "stream_index": video.index,
         },
     )
 

@@ -9,8 +9,10 @@ Does:     parses the subtitle file itself (UTF-8 by default, ``encoding`` otherw
           filter (libass) draws it with a font this stage supplies (see fonts.py), reading
           only that script and that font folder, by fixed relative names in the step's
           private work dir — nothing from the user ever lands in the filter graph.
-          Video: H.264 (yuv420p) at the source's displayed size, evened; audio: AAC copied,
-          anything else encoded to AAC; +faststart, metadata stripped.
+          Video: H.264 (yuv420p) at the source's displayed size, evened, drawn as
+          ``shared.media.picture`` says (deinterlaced, HDR tone-mapped, square pixels,
+          tagged BT.709); audio: AAC copied, anything else encoded to AAC; +faststart,
+          metadata stripped.
 Emits:    jobs.stage.complete with outputs {video: jobs/<id>/<step>/subtitled.mp4},
           meta {width, height, cues, font, audio: copy|aac|null, first_cue_s, last_cue_s}
 """
@@ -25,7 +27,8 @@ from functions.subtitles.cues import SubtitleError, parse, to_ass
 from functions.subtitles.fonts import find_font, stage_fonts
 from shared.errors import ErrorCode, PermanentError
 from shared.events import StageTask
-from shared.geometry import display_size, fit, video_stream
+from shared.geometry import fit
+from shared.media import picture
 from shared.params.images import SubtitlesParams
 from shared.stage import StageContext, StageResult, stage
 
@@ -35,8 +38,9 @@ FONTS_DIR = "fonts"
 
 async def handle(task: StageTask, ctx: StageContext[SubtitlesParams]) -> StageResult:
     p = ctx.params
-    media = ctx.upstream_meta("probe")
-    width, height = fit(*display_size(video_stream(media)), 7680, 4320)
+    media = ctx.probe()
+    picture_in = media.require_video()
+    width, height = fit(*picture_in.display_size, 7680, 4320)
     data = await asyncio.to_thread(ctx.input_file(ctx.second_input("subtitle file")).read_bytes)
     try:
         cues = parse(data, p.encoding)
@@ -52,12 +56,13 @@ async def handle(task: StageTask, ctx: StageContext[SubtitlesParams]) -> StageRe
 
     source = ffmpeg.input(str(ctx.input_file()))
     # Relative names, resolved against cwd=workdir: fixed, so nothing needs escaping.
-    video = (source.video.filter("scale", width, height)
+    video = (picture.draw(source[f"v:{media.video_ordinal(picture_in)}"], picture_in, width,
+                          height)
              .filter("ass", filename=SCRIPT_NAME, fontsdir=FONTS_DIR)
              .filter("format", "yuv420p"))
     out_path, audio = await ctx.encode_web_mp4(
         video, source, media, "subtitled.mp4", preset=p.preset, crf=p.crf,
-        audio_bitrate_k=p.audio_bitrate_k, cwd=ctx.workdir)
+        audio_bitrate_k=p.audio_bitrate_k, tags=picture.SDR_TAGS, cwd=ctx.workdir)
     return StageResult(files={"video": out_path}, meta={
         "width": width, "height": height, "cues": len(cues), "font": font.family,
         "audio": audio, "first_cue_s": cues[0].start_ms / 1000,

@@ -1,7 +1,9 @@
 """thumbnail — a poster frame, evenly spaced frames, or a sprite sheet with a WebVTT index.
 
 Consumes: stages.thumbnail  StageTask (uses: the input file and the probe step)
-Does:     by ``mode`` (upright frames: ffmpeg autorotates; never upscaled):
+Does:     by ``mode`` (frames drawn as ``shared.media.picture`` says: upright,
+          deinterlaced, HDR tone-mapped; never upscaled; a still picture gives its one
+          frame wherever asked):
           ``poster``  one JPEG at ``at_fraction`` of the duration, at most max_width wide;
           ``frames``  ``count`` JPEGs (or one per ``interval_s``), each from the middle of its
                       equal slice of the clip, at most max_width wide;
@@ -32,8 +34,8 @@ import ffmpeg
 
 from shared.errors import ErrorCode, PermanentError
 from shared.events import StageTask
-from shared.geometry import display_size, fit, video_stream
-from shared.media import STRIP_METADATA
+from shared.geometry import fit
+from shared.media import STRIP_METADATA, MediaInfo, VideoStream, picture
 from shared.params.images import MAX_FRAMES, MAX_SPRITE_SIDE, ThumbnailParams
 from shared.stage import StageContext, StageResult, stage
 
@@ -45,19 +47,19 @@ FALLBACK_WINDOW_S = 5.0
 
 async def handle(task: StageTask, ctx: StageContext[ThumbnailParams]) -> StageResult:
     p = ctx.params
-    media = ctx.upstream_meta("probe")
-    video = video_stream(media)
+    media = ctx.probe()
+    video = media.require_video()
     grabber = _Grabber(task, ctx)
     if p.mode == "poster":
         return await _poster(ctx, media, video, grabber)
     return await _spread(ctx, media, video, grabber)
 
 
-async def _poster(ctx: StageContext[ThumbnailParams], media: dict[str, Any],
-                  video: dict[str, Any], grabber: _Grabber) -> StageResult:
+async def _poster(ctx: StageContext[ThumbnailParams], media: MediaInfo,
+                  video: VideoStream, grabber: _Grabber) -> StageResult:
     p = ctx.params
-    width, height = fit(*display_size(video), p.max_width, 4320)
-    duration = float(media.get("duration_s") or 0.0)
+    width, height = fit(*video.display_size, p.max_width, 4320)
+    duration = media.duration_s
     # Never seek to the very end: the last frame may not decode; stay a frame away.
     at = max(0.0, min(duration * p.at_fraction, duration - 0.1, last_frame_s(media, video)))
     out_path = ctx.workdir / "poster.jpg"
@@ -66,10 +68,10 @@ async def _poster(ctx: StageContext[ThumbnailParams], media: dict[str, Any],
         "mode": "poster", "width": width, "height": height, "at_s": round(at, 3)})
 
 
-async def _spread(ctx: StageContext[ThumbnailParams], media: dict[str, Any],
-                  video: dict[str, Any], grabber: _Grabber) -> StageResult:
+async def _spread(ctx: StageContext[ThumbnailParams], media: MediaInfo,
+                  video: VideoStream, grabber: _Grabber) -> StageResult:
     p = ctx.params
-    span = float(media.get("duration_s") or 0.0)
+    span = media.duration_s
     fps = _fps(video)
     if span <= 0:
         span = 1.0 / fps  # one still frame: it is shown for one frame's time
@@ -81,7 +83,7 @@ async def _spread(ctx: StageContext[ThumbnailParams], media: dict[str, Any],
     n = len(times)
 
     if p.mode == "frames":
-        width, height = fit(*display_size(video), p.max_width, 4320)
+        width, height = fit(*video.display_size, p.max_width, 4320)
         files: dict[str, Path] = {}
         for i, at in enumerate(times):
             path = ctx.workdir / f"frame-{i:04d}.jpg"
@@ -92,7 +94,7 @@ async def _spread(ctx: StageContext[ThumbnailParams], media: dict[str, Any],
             "mode": "frames", "count": n, "width": width, "height": height,
             "times_s": [round(t, 3) for t in times]})
 
-    tile_w, tile_h = tile_size(display_size(video), p.tile_width)
+    tile_w, tile_h = tile_size(video.display_size, p.tile_width)
     columns = min(p.columns, n)
     rows = math.ceil(n / columns)
     if rows * tile_h > MAX_SPRITE_SIDE:
@@ -127,26 +129,24 @@ def tile_size(display: tuple[int, int], tile_width: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def _fps(video: dict[str, Any]) -> float:
-    fps = video.get("fps")
-    return float(fps) if isinstance(fps, int | float) and 0 < fps <= 1000 else DEFAULT_FPS
+def _fps(video: VideoStream) -> float:
+    fps = video.fps
+    return fps if fps is not None and 0 < fps <= 1000 else DEFAULT_FPS
 
 
-def last_frame_s(media: dict[str, Any], video: dict[str, Any]) -> float:
+def last_frame_s(media: MediaInfo, video: VideoStream) -> float:
     """Latest time worth seeking to: one frame before the picture ends.
 
     The video stream's own duration wins over the container's: audio may run on after the
     picture stopped, and a seek there finds no frame at all.
     """
-    ends = [float(d) for d in (media.get("duration_s"), video.get("duration_s"))
-            if isinstance(d, int | float) and d > 0]
+    ends = [d for d in (media.duration_s, video.duration_s) if d is not None and d > 0]
     return max(0.0, min(ends, default=0.0) - 1.0 / _fps(video))
 
 
-def frame_count(media: dict[str, Any], video: dict[str, Any]) -> int:
+def frame_count(media: MediaInfo, video: VideoStream) -> int:
     """About how many frames the clip has (at least one)."""
-    ends = [float(d) for d in (video.get("duration_s"), media.get("duration_s"))
-            if isinstance(d, int | float) and d > 0]
+    ends = [d for d in (video.duration_s, media.duration_s) if d is not None and d > 0]
     return max(1, round((ends[0] if ends else 0.0) * _fps(video)))
 
 
@@ -190,6 +190,10 @@ class _Grabber:
         self._task = task
         self._ctx = ctx
         self._source = str(ctx.input_file())
+        media = ctx.probe()
+        self._video = media.require_video()
+        self._pick = f"v:{media.video_ordinal(self._video)}"  # the picture, not cover art
+        self._still = media.still
         _, self._runner = ctx.services.media()
         self._deadline = asyncio.get_running_loop().time() + task.timeout_s
 
@@ -200,27 +204,35 @@ class _Grabber:
 
     async def grab(self, at: float, width: int, height: int, out: Path,
                    quality: int | None = 3) -> None:
-        """The frame shown at ``at`` seconds, scaled to ``width`` x ``height``.
+        """The frame shown at ``at`` seconds, drawn as ``shared.media.picture`` says
+        (deinterlaced, HDR tone-mapped) and scaled to ``width`` x ``height``.
 
         An accurate seek past the last decodable frame makes ffmpeg write nothing and still
         exit 0 (durations lie: audio outlasting the picture, a one-frame clip reported as
-        0.04 s); then take the last frame before ``at``, and at worst the first one.
+        0.04 s); then take the last frame before ``at``, and at worst the first one. A
+        still picture, or time 0, is read without a seek: an image demuxer given ``-ss``
+        drops its only frame.
         """
         options: dict[str, Any] = {"update": 1, **STRIP_METADATA}
         if quality is not None:
             options["q:v"] = quality
-        attempts = [
-            ffmpeg.input(self._source, ss=at).filter("scale", width, height)
-            .output(str(out), vframes=1, **options),
-        ]
-        if at > 0:
+
+        def frames(**seek: float) -> Any:
+            source = ffmpeg.input(self._source, **seek)
+            stream = picture.prepare(source[self._pick], self._video)
+            # Square pixels: the size was fitted to the displayed shape.
+            return stream.filter("scale", width, height).filter("setsar", 1)
+
+        if at <= 0 or self._still:
+            attempts = [frames().output(str(out), vframes=1, **options)]
+        else:
             lo = max(0.0, at - FALLBACK_WINDOW_S)
-            attempts.append(  # every frame of the window overwrites the file: the last stays
-                ffmpeg.input(self._source, ss=lo, t=at - lo + 0.001)
-                .filter("scale", width, height).output(str(out), **options))
-            attempts.append(
-                ffmpeg.input(self._source).filter("scale", width, height)
-                .output(str(out), vframes=1, **options))
+            attempts = [
+                frames(ss=at).output(str(out), vframes=1, **options),
+                # every frame of the window overwrites the file: the last stays
+                frames(ss=lo, t=at - lo + 0.001).output(str(out), **options),
+                frames().output(str(out), vframes=1, **options),
+            ]
         for attempt in attempts:
             await self.run(attempt.get_args())
             if await asyncio.to_thread(_written, out):

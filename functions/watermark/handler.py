@@ -7,8 +7,9 @@ Does:     checks that the image is a PNG or JPEG (magic bytes, then ffprobe must
           refused); scales it to ``scale`` x the video width (default: its own size, shrunk
           to fit inside the margins), applies ``opacity``, and overlays it ``margin`` pixels
           from the chosen corner of the upright video for the whole duration. Video: H.264
-          (yuv420p) at the source's displayed size, evened; audio: AAC copied untouched,
-          anything else encoded to AAC; +faststart, metadata stripped.
+          (yuv420p) at the source's displayed size, evened, drawn as ``shared.media.picture``
+          says (deinterlaced, HDR tone-mapped, square pixels, tagged BT.709); audio: AAC
+          copied untouched, anything else encoded to AAC; +faststart, metadata stripped.
 Emits:    jobs.stage.complete with outputs {video: jobs/<id>/<step>/watermarked.mp4},
           meta {width, height, overlay: {x, y, width, height}, audio: copy|aac|null}
 """
@@ -22,8 +23,8 @@ import ffmpeg
 
 from shared.errors import ErrorCode, FFmpegError, PermanentError
 from shared.events import StageTask
-from shared.geometry import display_size, fit, video_stream
-from shared.media import ProbeLimits, probe
+from shared.geometry import fit
+from shared.media import ProbeLimits, picture, probe
 from shared.params.images import WatermarkParams
 from shared.stage import StageContext, StageResult, stage
 
@@ -47,7 +48,7 @@ async def check_image(ctx: StageContext[Any], path: str) -> tuple[str, int, int]
             raise
         raise PermanentError(ErrorCode.INVALID_INPUT,
                              f"the watermark image is unreadable: {exc.message}") from exc
-    pictures = [s for s in info.streams if s.codec_type == "video"]
+    pictures = info.videos
     if (info.format_name != demuxer or len(info.streams) != 1 or not pictures
             or pictures[0].codec_name != codec or not pictures[0].width
             or not pictures[0].height):
@@ -80,8 +81,9 @@ def placement(p: WatermarkParams, video: tuple[int, int],
 
 async def handle(task: StageTask, ctx: StageContext[WatermarkParams]) -> StageResult:
     p = ctx.params
-    media = ctx.upstream_meta("probe")
-    width, height = fit(*display_size(video_stream(media)), 7680, 4320)
+    media = ctx.probe()
+    picture_in = media.require_video()
+    width, height = fit(*picture_in.display_size, 7680, 4320)
     image_path = str(ctx.input_file(ctx.second_input("watermark image")))
     demuxer, iw, ih = await check_image(ctx, image_path)
     x, y, w, h = placement(p, (width, height), (iw, ih))
@@ -91,11 +93,13 @@ async def handle(task: StageTask, ctx: StageContext[WatermarkParams]) -> StageRe
     if p.opacity < 1.0:
         mark = mark.filter("colorchannelmixer", aa=round(p.opacity, 4))
     # One picture, repeated (eof_action) over every frame of the main input.
-    video = ffmpeg.overlay(source.video.filter("scale", width, height), mark, x=x, y=y,
-                           eof_action="repeat").filter("format", "yuv420p")
+    main = picture.draw(source[f"v:{media.video_ordinal(picture_in)}"], picture_in, width,
+                        height)
+    video = ffmpeg.overlay(main, mark, x=x, y=y, eof_action="repeat").filter("format",
+                                                                           "yuv420p")
     out_path, audio = await ctx.encode_web_mp4(
         video, source, media, "watermarked.mp4", preset=p.preset, crf=p.crf,
-        audio_bitrate_k=p.audio_bitrate_k)
+        audio_bitrate_k=p.audio_bitrate_k, tags=picture.SDR_TAGS)
     return StageResult(files={"video": out_path}, meta={
         "width": width, "height": height, "audio": audio,
         "overlay": {"x": x, "y": y, "width": w, "height": h}})

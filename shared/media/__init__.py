@@ -1,12 +1,15 @@
-"""ffmpeg and ffprobe for jetcut stages: find the binaries, probe untrusted input, run renders.
+"""ffmpeg and ffprobe for jetcut stages: find the binaries, probe untrusted input into typed
+``MediaInfo``, decide how a picture is drawn (``picture``), build encode commands
+(``web_mp4_args``), run renders.
 
 Stages import from here, never from the submodules::
 
-    from shared.media import FFmpegRunner, find_binaries, probe
+    from shared.media import FFmpegRunner, find_binaries, picture, probe
 """
 
 from __future__ import annotations
 
+from shared.media import picture
 from shared.media.allowlist import (
     FORMAT_WHITELIST,
     INPUT_FORMATS,
@@ -14,11 +17,14 @@ from shared.media.allowlist import (
     STRIP_METADATA_ARGS,
 )
 from shared.media.binaries import Binaries, BinaryNotFoundError, child_env, find_binaries
+from shared.media.encode import audio_plan, web_mp4_args
 from shared.media.probe import (
     REFUSED_FORMATS,
+    AudioStream,
     MediaInfo,
     ProbeLimits,
     StreamInfo,
+    VideoStream,
     probe,
     run_ffprobe,
 )
@@ -39,6 +45,7 @@ __all__ = [
     "REFUSED_FORMATS",
     "STRIP_METADATA",
     "STRIP_METADATA_ARGS",
+    "AudioStream",
     "Binaries",
     "BinaryNotFoundError",
     "FFmpegRunner",
@@ -48,10 +55,14 @@ __all__ = [
     "ProgressCallback",
     "RunResult",
     "StreamInfo",
+    "VideoStream",
+    "audio_plan",
     "child_env",
     "classify_failure",
     "find_binaries",
+    "picture",
     "probe",
     "run_ffprobe",
     "step_timeout",
+    "web_mp4_args",
 ]

@@ -21,13 +21,15 @@ import asyncio
 import contextlib
 import math
 import os
+import re
 import signal
 import stat
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from shared.errors import ErrorCode, FFmpegError
+from shared.errors import ErrorCode, FFmpegError, PermanentError
 from shared.media.allowlist import (
     FORMAT_WHITELIST,
     codec_allowed,
@@ -40,7 +42,19 @@ from shared.media.runner import CRASH_SIGNALS
 if TYPE_CHECKING:
     from shared.settings import Settings
 
-__all__ = ["REFUSED_FORMATS", "MediaInfo", "ProbeLimits", "StreamInfo", "probe", "run_ffprobe"]
+__all__ = [
+    "HDR_TRANSFERS",
+    "IMAGE_FORMATS",
+    "REFUSED_FORMATS",
+    "AudioStream",
+    "MediaInfo",
+    "ProbeLimits",
+    "Stream",
+    "StreamInfo",
+    "VideoStream",
+    "probe",
+    "run_ffprobe",
+]
 
 REFUSED_FORMATS = frozenset(
     {
@@ -58,6 +72,16 @@ REFUSED_FORMATS = frozenset(
     }
 )
 """Demuxers that read other files or URLs named inside the input."""
+
+IMAGE_FORMATS = frozenset({"image2", "png_pipe", "jpeg_pipe", "bmp_pipe", "webp_pipe",
+                           "tiff_pipe", "gif"})
+"""Demuxers of single pictures (and GIF, which may be animated)."""
+
+INTERLACED_FIELD_ORDERS = frozenset({"tt", "bb", "tb", "bt"})
+"""ffprobe ``field_order`` values of interlaced video (``tt``/``tb``: top field first)."""
+
+HDR_TRANSFERS = frozenset({"smpte2084", "arib-std-b67"})
+"""Transfer characteristics of HDR video: PQ (HDR10, Dolby Vision base) and HLG."""
 
 _SNIFF_BYTES = 4096
 # Playlists and lists are text; a leading BOM or blank lines do not stop ffmpeg's probes.
@@ -87,58 +111,160 @@ class ProbeLimits(msgspec.Struct, frozen=True, kw_only=True):
                    max_streams=settings.input_max_streams, max_fps=settings.input_max_fps)
 
 
-class StreamInfo(msgspec.Struct, frozen=True):
-    """One stream as ffprobe reported it.
+class Stream(msgspec.Struct, frozen=True, kw_only=True, tag_field="codec_type"):
+    """What every stream has, whatever its kind. ``codec_type`` (ffprobe's word for the
+    kind: ``video``, ``audio``, ...) is the tag that picks the subclass when decoding."""
+
+    index: int = 0
+    codec_name: str | None = None
+    profile: str | None = None
+    duration_s: float | None = None
+    start_time_s: float | None = None
+    bit_rate: int | None = None
+
+    @property
+    def codec_type(self) -> str:
+        return str(self.__struct_config__.tag)
+
+
+class VideoStream(Stream, frozen=True, kw_only=True, tag="video"):
+    """A picture stream, with what a stage needs to draw it right.
 
     ``rotation`` is the counter-clockwise rotation, in degrees, that a player applies to the
     decoded frames for display: always one of 0, 90, 180, 270. That is the sign convention of
     ffmpeg 6's display matrix (``ffprobe``'s ``side_data_list[].rotation``, and
     ``ffmpeg -display_rotation``); the legacy clockwise ``rotate`` tag of older muxers is
     converted, and odd angles are rounded to the nearest quarter turn. ``width``/``height``
-    are the coded size; use :attr:`MediaInfo.display_width`/``display_height`` for the
-    displayed one.
+    are the coded size; :attr:`display_size` is the one a viewer sees.
     """
 
-    index: int
-    codec_type: str
-    codec_name: str | None
     width: int | None = None
     height: int | None = None
+    sar: str | None = None
+    """Sample (pixel) aspect ratio as ffprobe prints it (``"64:45"``); None when unset."""
     pix_fmt: str | None = None
     fps: float | None = None
+    """Average frame rate (``avg_frame_rate``, else ``r_frame_rate``); None for cover art."""
+    avg_frame_rate: str | None = None
+    r_frame_rate: str | None = None
+    nb_frames: int | None = None
+    time_base: str | None = None
+    """The stream's time base (``"1/1000"``): the grid its timestamps are exact on."""
     rotation: int = 0
-    sample_rate: int | None = None
-    channels: int | None = None
-    duration_s: float | None = None
-    bit_rate: int | None = None
+    field_order: str | None = None
+    """``progressive``, ``tt``/``tb`` (top field first), ``bb``/``bt``, or None (unknown)."""
+    color_range: str | None = None
+    color_space: str | None = None
+    color_transfer: str | None = None
+    color_primaries: str | None = None
     attached_pic: bool = False
     """Cover art stored as a one-frame video stream (not the picture you render)."""
 
-
-class MediaInfo(msgspec.Struct, frozen=True):
-    """What a stage needs to know about an input before touching it."""
-
-    format_name: str
-    duration_s: float
-    size_bytes: int
-    bit_rate: int | None
-    streams: list[StreamInfo]
+    @property
+    def sar_ratio(self) -> Fraction:
+        """The pixel aspect ratio as a number; square (1) when unset or nonsense."""
+        num, _, den = str(self.sar or "").partition(":")
+        try:
+            value = Fraction(int(num), int(den))
+        except (ValueError, ZeroDivisionError):
+            return Fraction(1)
+        return value if value > 0 else Fraction(1)
 
     @property
-    def video(self) -> StreamInfo | None:
-        """The first real video stream (cover art is skipped), or ``None``."""
-        for stream in self.streams:
-            if stream.codec_type == "video" and not stream.attached_pic:
-                return stream
-        return None
+    def quarter_turned(self) -> bool:
+        return self.rotation % 180 == 90
 
     @property
-    def audio(self) -> StreamInfo | None:
+    def display_size(self) -> tuple[int, int]:
+        """Width and height as a viewer sees the picture, in square pixels: the coded width
+        stretched by the pixel aspect ratio, then swapped for a quarter turn."""
+        width = max(1, round((self.width or 0) * self.sar_ratio)) if self.width else 0
+        height = self.height or 0
+        return (height, width) if self.quarter_turned else (width, height)
+
+    @property
+    def interlaced(self) -> bool:
+        """Whether the stream says its frames are two fields (``tt``, ``bb``, ``tb``, ``bt``)."""
+        return self.field_order in INTERLACED_FIELD_ORDERS
+
+    @property
+    def hdr(self) -> bool:
+        """High dynamic range: a PQ (``smpte2084``) or HLG (``arib-std-b67``) transfer."""
+        return self.color_transfer in HDR_TRANSFERS
+
+    @property
+    def bit_depth(self) -> int:
+        """Bits per sample of the pixel format (8 unless its name says 10, 12 or 16)."""
+        match = re.search(r"p(9|10|12|14|16)(le|be)?$", self.pix_fmt or "")
+        return int(match.group(1)) if match else 8
+
+
+class AudioStream(Stream, frozen=True, kw_only=True, tag="audio"):
+    """A sound stream."""
+
+    sample_rate: int | None = None
+    channels: int | None = None
+    channel_layout: str | None = None
+
+
+class SubtitleStream(Stream, frozen=True, kw_only=True, tag="subtitle"):
+    """Text or bitmap captions (never rendered unless a stage asks for them)."""
+
+
+class DataStream(Stream, frozen=True, kw_only=True, tag="data"):
+    """Timecode, GPS and other data tracks."""
+
+
+class AttachmentStream(Stream, frozen=True, kw_only=True, tag="attachment"):
+    """A file attached to the container (Matroska fonts)."""
+
+
+class UnknownStream(Stream, frozen=True, kw_only=True, tag="unknown"):
+    """A stream ffprobe could not classify."""
+
+
+StreamInfo = (VideoStream | AudioStream | SubtitleStream | DataStream | AttachmentStream
+              | UnknownStream)
+"""Any stream, told apart by ``codec_type``."""
+
+_STREAM_TYPES: dict[str, type[Stream]] = {
+    "video": VideoStream, "audio": AudioStream, "subtitle": SubtitleStream,
+    "data": DataStream, "attachment": AttachmentStream}
+
+
+class MediaInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """What a stage needs to know about an input before touching it: decoded once from
+    ffprobe's JSON (:func:`probe`), carried as the probe step's meta, and turned back into
+    this type by ``StageContext.probe()`` (``msgspec.convert``), so no stage walks dicts."""
+
+    format_name: str = ""
+    duration_s: float = 0.0
+    start_time_s: float | None = None
+    size_bytes: int = 0
+    bit_rate: int | None = None
+    streams: list[StreamInfo] = []
+
+    @property
+    def videos(self) -> list[VideoStream]:
+        """Every video stream, cover art included, in file order (what ``v:<n>`` counts)."""
+        return [s for s in self.streams if isinstance(s, VideoStream)]
+
+    @property
+    def audios(self) -> list[AudioStream]:
+        """Every audio stream in file order (what ``a:<n>`` counts)."""
+        return [s for s in self.streams if isinstance(s, AudioStream)]
+
+    @property
+    def video(self) -> VideoStream | None:
+        """The first real video stream (cover art is skipped), or ``None``: the one place
+        "which picture do we render" is decided."""
+        return next((s for s in self.videos if not s.attached_pic), None)
+
+    @property
+    def audio(self) -> AudioStream | None:
         """The first audio stream, or ``None``."""
-        for stream in self.streams:
-            if stream.codec_type == "audio":
-                return stream
-        return None
+        audios = self.audios
+        return audios[0] if audios else None
 
     @property
     def has_video(self) -> bool:
@@ -149,20 +275,54 @@ class MediaInfo(msgspec.Struct, frozen=True):
         return self.audio is not None
 
     @property
-    def display_width(self) -> int | None:
-        """Width as displayed: coded height when the video is turned a quarter."""
+    def still(self) -> bool:
+        """A single picture (JPEG, PNG, WebP, BMP, TIFF, a one-frame GIF): it has no
+        timeline, so stages take its one frame instead of seeking, and clips made from it
+        get their length from a param."""
+        video = self.video
+        if video is None or self.format_name not in IMAGE_FORMATS:
+            return False
+        if self.format_name != "gif":
+            return True
+        return video.nb_frames == 1 or self.duration_s <= 0
+
+    def require_video(self, why: str = "") -> VideoStream:
+        """The picture to render, or ``no_video_stream`` saying what the input has instead.
+
+        Raises:
+            PermanentError: ``no_video_stream`` (audio only, only cover art, no picture);
+                ``invalid_input`` when the video stream has no size.
+        """
         video = self.video
         if video is None:
-            return None
-        return video.height if video.rotation in (90, 270) else video.width
+            what = ("only cover art" if self.videos else "audio only" if self.has_audio
+                    else "no picture")
+            raise PermanentError(ErrorCode.NO_VIDEO_STREAM,
+                                 f"the input has no video stream ({what})"
+                                 + (f"; {why}" if why else ""))
+        if not video.width or not video.height:
+            raise PermanentError(ErrorCode.INVALID_INPUT, "the video stream has no size")
+        return video
+
+    def video_ordinal(self, stream: VideoStream) -> int:
+        """``stream``'s position among the video streams: the ``n`` of ffmpeg's ``v:n``."""
+        return next(i for i, s in enumerate(self.videos) if s.index == stream.index)
+
+    def audio_ordinal(self, stream: AudioStream) -> int:
+        """``stream``'s position among the audio streams: the ``n`` of ffmpeg's ``a:n``."""
+        return next(i for i, s in enumerate(self.audios) if s.index == stream.index)
+
+    @property
+    def display_width(self) -> int | None:
+        """Width as displayed (square pixels, rotation applied), or None without video."""
+        video = self.video
+        return video.display_size[0] if video is not None else None
 
     @property
     def display_height(self) -> int | None:
-        """Height as displayed: coded width when the video is turned a quarter."""
+        """Height as displayed (square pixels, rotation applied), or None without video."""
         video = self.video
-        if video is None:
-            return None
-        return video.width if video.rotation in (90, 270) else video.height
+        return video.display_size[1] if video is not None else None
 
 
 async def probe(
@@ -339,6 +499,7 @@ def _media_info(raw: dict[str, Any], size: int) -> MediaInfo:
     return MediaInfo(
         format_name=str(fmt.get("format_name") or ""),
         duration_s=duration,
+        start_time_s=_float(fmt.get("start_time")),
         size_bytes=_int(fmt.get("size")) or size,
         bit_rate=_int(fmt.get("bit_rate")),
         streams=streams,
@@ -347,25 +508,53 @@ def _media_info(raw: dict[str, Any], size: int) -> MediaInfo:
 
 def _stream_info(raw: dict[str, Any]) -> StreamInfo:
     codec_type = str(raw.get("codec_type") or "unknown")
-    disposition = raw.get("disposition") or {}
-    attached_pic = bool(disposition.get("attached_pic")) if isinstance(disposition, dict) else False
-    video = codec_type == "video"
-    return StreamInfo(
-        index=_int(raw.get("index")) or 0,
-        codec_type=codec_type,
-        codec_name=raw.get("codec_name"),
-        width=_int(raw.get("width")) if video else None,
-        height=_int(raw.get("height")) if video else None,
-        pix_fmt=raw.get("pix_fmt") if video else None,
-        # Cover art reports a 90000/1 "rate"; it has no frame rate worth the name.
-        fps=_fps(raw) if video and not attached_pic else None,
-        rotation=_rotation(raw) if video else 0,
-        sample_rate=_int(raw.get("sample_rate")),
-        channels=_int(raw.get("channels")),
-        duration_s=_float(raw.get("duration")),
-        bit_rate=_int(raw.get("bit_rate")),
-        attached_pic=attached_pic,
-    )
+    common: dict[str, Any] = {
+        "index": _int(raw.get("index")) or 0,
+        "codec_name": raw.get("codec_name"),
+        "profile": _str(raw.get("profile")),
+        "duration_s": _float(raw.get("duration")),
+        "start_time_s": _float(raw.get("start_time")),
+        "bit_rate": _int(raw.get("bit_rate")),
+    }
+    if codec_type == "video":
+        disposition = raw.get("disposition") or {}
+        attached_pic = (bool(disposition.get("attached_pic"))
+                        if isinstance(disposition, dict) else False)
+        sar = _str(raw.get("sample_aspect_ratio"))
+        return VideoStream(
+            **common,
+            width=_int(raw.get("width")),
+            height=_int(raw.get("height")),
+            sar=None if sar in (None, "0:1", "N/A") else sar,
+            pix_fmt=_str(raw.get("pix_fmt")),
+            # Cover art reports a 90000/1 "rate"; it has no frame rate worth the name.
+            fps=None if attached_pic else _fps(raw),
+            avg_frame_rate=_str(raw.get("avg_frame_rate")),
+            r_frame_rate=_str(raw.get("r_frame_rate")),
+            nb_frames=_int(raw.get("nb_frames")),
+            time_base=_str(raw.get("time_base")),
+            rotation=_rotation(raw),
+            field_order=_str(raw.get("field_order")),
+            color_range=_str(raw.get("color_range")),
+            color_space=_str(raw.get("color_space")),
+            color_transfer=_str(raw.get("color_transfer")),
+            color_primaries=_str(raw.get("color_primaries")),
+            attached_pic=attached_pic,
+        )
+    if codec_type == "audio":
+        return AudioStream(**common, sample_rate=_int(raw.get("sample_rate")),
+                           channels=_int(raw.get("channels")),
+                           channel_layout=_str(raw.get("channel_layout")))
+    kind = _STREAM_TYPES.get(codec_type, UnknownStream)
+    return kind(**common)  # type: ignore[return-value]
+
+
+def _str(value: object) -> str | None:
+    """ffprobe's text field, or None for a missing or ``unknown`` value."""
+    if value is None:
+        return None
+    text = str(value)
+    return None if text in ("", "unknown", "N/A") else text
 
 
 def _fps(raw: dict[str, Any]) -> float | None:
@@ -408,8 +597,8 @@ def _check_limits(info: MediaInfo, limits: ProbeLimits) -> None:
         problems.append(f"{len(info.streams)} streams > max_streams {limits.max_streams}")
     if info.duration_s > limits.max_duration_s:
         problems.append(f"duration {info.duration_s:g}s > max_duration_s {limits.max_duration_s:g}")
-    for s in info.streams:
-        if s.codec_type != "video" or s.attached_pic:
+    for s in info.videos:
+        if s.attached_pic:
             continue
         if not s.width or not s.height:
             # What ffprobe reports for a text file named like an image (image2 by extension).

@@ -19,9 +19,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from shared.errors import ErrorCode, PermanentError
 from shared.events import StepSpec
-from shared.geometry import display_size
 from shared.params.base import Params, Recipe, StageInfo
 
 Preset = Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow"]
@@ -46,20 +44,6 @@ def rung_size(display_width: int, display_height: int, height: int) -> tuple[int
         return max(2, min(int(value * scale / 2 + 0.5) * 2, value // 2 * 2))
 
     return even(display_width), even(display_height)
-
-
-def source_video(media: dict[str, Any]) -> dict[str, Any]:
-    """The first real video stream of probe metadata: cover art (a one-frame "video"
-    stream) is not one, wherever it sits among the streams."""
-    for stream in media.get("streams", []):
-        if stream.get("codec_type") == "video" and not stream.get("attached_pic"):
-            return dict(stream)
-    raise PermanentError(ErrorCode.NO_VIDEO_STREAM, "the input has no video stream")
-
-
-def source_size(media: dict[str, Any]) -> tuple[int, int]:
-    """The source video's displayed size (rotation applied)."""
-    return display_size(source_video(media))
 
 
 def rung_name(height: int) -> str:

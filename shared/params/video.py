@@ -57,9 +57,19 @@ class TranscodeParams(Params, frozen=True):
     audio_codec: AudioCodec | None = None
     """Default: ``aac`` in MP4, ``opus`` in WebM (vp9)."""
     audio_bitrate_k: int = 128
+    hdr: Literal["tonemap", "keep"] = "tonemap"
+    """An HDR (PQ/HLG) source is tone-mapped to SDR BT.709 (``tonemap``), or kept as 10-bit
+    HDR (``keep``: vcodec ``hevc`` only, Main 10 with the source's BT.2020 tags)."""
+    still_s: float = 5.0
+    """Length of the clip made from a still picture (JPEG, PNG, WebP...), 0.1..3600 s."""
 
     def __post_init__(self) -> None:
         low, high = CRF_RANGE[self.vcodec]
+        if self.hdr == "keep" and self.vcodec != "hevc":
+            raise ValueError("hdr 'keep' needs vcodec 'hevc' (10-bit HDR is written as HEVC "
+                             "Main 10; other codecs get the tone-mapped SDR picture)")
+        if not 0.1 <= self.still_s <= 3600:
+            raise ValueError("still_s must be within 0.1..3600")
         if self.crf is not None and self.video_bitrate_k is not None:
             raise ValueError("give crf or video_bitrate_k, not both")
         if self.crf is not None and not low <= self.crf <= high:
@@ -109,6 +119,7 @@ class WebParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     max_height: int = 720
     crf: int = 23
     preset: str = "veryfast"
+    still_s: float = 5.0
 
 
 def web(params: dict[str, Any]) -> dict[str, StepSpec]:
@@ -118,7 +129,8 @@ def web(params: dict[str, Any]) -> dict[str, StepSpec]:
         "probe": StepSpec(stage="probe", uses=[":input"]),
         "transcode": StepSpec(
             stage="transcode", uses=[":input", "probe"],
-            params={"max_height": p.max_height, "crf": p.crf, "preset": p.preset},
+            params={"max_height": p.max_height, "crf": p.crf, "preset": p.preset,
+                    "still_s": p.still_s},
         ),
         "poster": StepSpec(stage="thumbnail", uses=[":input", "probe"]),
     }
