@@ -118,7 +118,7 @@ async def test_a_queued_job_is_picked_up_when_the_conductor_starts(  # type: ign
                                  nats.errors.ConnectionClosedError()])
 def test_nats_trouble_anywhere_in_a_request_is_a_503_not_a_500(exc: Exception) -> None:
     # Seen for real in the chaos run: a KV write timing out while nats-server restarted.
-    from functions.gateway.api import on_error
+    from functions.gateway.errors import on_error
 
     class Req:
         method, url = "POST", type("U", (), {"path": "/v1/jobs"})()

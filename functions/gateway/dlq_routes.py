@@ -10,49 +10,37 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response, delete, get, post
-from litestar.params import FromPath, FromQuery, QueryParameter
+from litestar.params import FromPath, FromQuery, Parameter, QueryParameter
 
-from functions.gateway.api import (
-    ApiError,
-)
+from functions.gateway.api import MAX_SEQ, stream_seq
 from functions.gateway.auth import require_admin
 from shared import dlq
-from shared.errors import ErrorCode, JetcutError
+from shared.errors import ErrorCode, MalformedRequest, PermanentError
 from shared.function import Services
 
 
 def _dlq_seq(value: str) -> int:
-    if not value.isdigit() or int(value) < 1:
-        raise ApiError(400, ErrorCode.INVALID_REQUEST,
-                       f"a DLQ entry is named by its sequence, a positive integer, not {value!r}")
-    return int(value)
-
-
-def _dlq_error(exc: JetcutError) -> ApiError:
-    status = {ErrorCode.NOT_FOUND: 404, ErrorCode.CONFLICT: 409}.get(exc.code, 503)
-    return ApiError(status, exc.code, exc.message, exc.details)
+    return stream_seq(value, "a DLQ entry's sequence")
 
 
 @get("/v1/dlq", guards=[require_admin])
 async def dlq_list(request: Request[Any, Any, Any], function: FromQuery[str | None] = None,
-                   after: FromQuery[int] = 0, limit: FromQuery[int] = 50) -> Response[Any]:
+                   after: Annotated[int, Parameter(ge=0, le=MAX_SEQ)] = 0,
+                   limit: Annotated[int, Parameter(ge=1, le=dlq.MAX_PAGE)] = 50) -> Response[Any]:
     """Dead letters, oldest first, ``limit`` at a time after sequence ``after``."""
     services: Services = request.app.state.services
     try:
         page = await dlq.list_entries(services, function=function or None, after=after,
                                       limit=limit)
     except ValueError as exc:
-        raise ApiError(400, ErrorCode.INVALID_REQUEST, str(exc)) from exc
+        raise MalformedRequest(str(exc)) from exc
     return Response(msgspec.to_builtins(page))
 
 
 @get("/v1/dlq/{seq:str}", guards=[require_admin])
 async def dlq_show(request: Request[Any, Any, Any], seq: FromPath[str]) -> Response[Any]:
     services: Services = request.app.state.services
-    try:
-        entry = await dlq.get_entry(services, _dlq_seq(seq))
-    except (dlq.EntryNotFound, dlq.ReplayConflict) as exc:
-        raise _dlq_error(exc) from exc
+    entry = await dlq.get_entry(services, _dlq_seq(seq))
     return Response(msgspec.to_builtins(entry))
 
 
@@ -62,22 +50,16 @@ async def dlq_action(request: Request[Any, Any, Any], seq: FromPath[str]) -> Res
     services: Services = request.app.state.services
     target, _, action = seq.rpartition(":")
     if action != "replay":
-        raise ApiError(404, ErrorCode.NOT_FOUND, "no such resource; did you mean "
-                       "POST /v1/dlq/{seq}:replay?")
-    try:
-        result = await dlq.replay(services, _dlq_seq(target))
-    except (dlq.EntryNotFound, dlq.ReplayConflict) as exc:
-        raise _dlq_error(exc) from exc
+        raise PermanentError(ErrorCode.NOT_FOUND, "no such resource; did you mean "
+                             "POST /v1/dlq/{seq}:replay?")
+    result = await dlq.replay(services, _dlq_seq(target))
     return Response(msgspec.to_builtins(result))
 
 
 @delete("/v1/dlq/{seq:str}", status_code=200, guards=[require_admin])
 async def dlq_delete(request: Request[Any, Any, Any], seq: FromPath[str]) -> Response[Any]:
     services: Services = request.app.state.services
-    try:
-        purged = await dlq.purge_entry(services, _dlq_seq(seq))
-    except dlq.EntryNotFound as exc:
-        raise _dlq_error(exc) from exc
+    purged = await dlq.purge_entry(services, _dlq_seq(seq))
     return Response({"purged": purged})
 
 
@@ -90,12 +72,12 @@ async def dlq_purge(
     every entry: an empty query must never wipe the DLQ."""
     services: Services = request.app.state.services
     if not function and not purge_all:
-        raise ApiError(400, ErrorCode.INVALID_REQUEST,
-                       "say what to purge: ?function=<name>, or ?all=true for every entry")
+        raise MalformedRequest("say what to purge: ?function=<name>, or ?all=true for "
+                               "every entry")
     try:
         purged = await dlq.purge(services, function=function or None)
     except ValueError as exc:
-        raise ApiError(400, ErrorCode.INVALID_REQUEST, str(exc)) from exc
+        raise MalformedRequest(str(exc)) from exc
     return Response({"purged": purged, "function": function or None})
 
 

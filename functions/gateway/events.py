@@ -31,9 +31,8 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 from nats.aio.msg import Msg
 from nats.js import api
 
-from functions.gateway.api import ApiError, load_job, tenant_of
+from functions.gateway.api import load_job, stream_seq, tenant_of
 from functions.gateway.openapi import errors
-from shared.errors import ErrorCode
 from shared.events import JobEvent
 from shared.function import Services
 from shared.jobstate import TERMINAL_JOB, JobRecord
@@ -50,10 +49,7 @@ def _resume_after(header: str | None, query: int | None) -> int:
         value = header.strip()
     else:
         return 0
-    if not value.isdigit():
-        raise ApiError(400, ErrorCode.INVALID_REQUEST,
-                       f"Last-Event-ID must be an event id (a stream sequence), not {value!r}")
-    return int(value)
+    return stream_seq(value, "Last-Event-ID (an event id, a stream sequence)", minimum=0)
 
 
 def _message(seq: int | None, event: JobEvent) -> ServerSentEventMessage:

@@ -23,9 +23,9 @@ import msgspec
 from litestar import Request, get
 from litestar.params import FromQuery
 
-from functions.gateway.api import ApiError, JobView, tenant_of, view
+from functions.gateway.api import JobView, tenant_of, view
 from functions.gateway.openapi import errors
-from shared.errors import ErrorCode
+from shared.errors import MalformedRequest
 from shared.function import Services
 from shared.jobstate import JobRecord, JobStatus
 from shared.jobstore import JobNotFound
@@ -60,8 +60,7 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
         created_at, job_id = msgspec.json.decode(base64.urlsafe_b64decode(cursor.encode()),
                                                  type=tuple[float, str])
     except (ValueError, binascii.Error, msgspec.DecodeError, msgspec.ValidationError):
-        raise ApiError(400, ErrorCode.INVALID_REQUEST,
-                       "cursor is not one this API returned") from None
+        raise MalformedRequest("cursor is not one this API returned") from None
     return created_at, job_id
 
 
@@ -71,9 +70,8 @@ def _statuses(value: str | None) -> set[str] | None:
     wanted = {s.strip() for s in value.split(",") if s.strip()}
     unknown = wanted - {s.value for s in JobStatus}
     if unknown:
-        raise ApiError(400, ErrorCode.INVALID_REQUEST,
-                       f"unknown status {sorted(unknown)}; one of "
-                       f"{', '.join(s.value for s in JobStatus)}")
+        raise MalformedRequest(f"unknown status {sorted(unknown)}; one of "
+                               f"{', '.join(s.value for s in JobStatus)}")
     return wanted
 
 
@@ -130,7 +128,7 @@ async def list_jobs(
     tenant = tenant_of(request)
     top = services.settings.list_max_limit
     if not 1 <= limit <= top:
-        raise ApiError(400, ErrorCode.INVALID_REQUEST, f"limit must be within 1..{top}")
+        raise MalformedRequest(f"limit must be within 1..{top}")
     start = decode_cursor(cursor) if cursor else None
     positions = await scan(services, tenant, statuses=_statuses(status), recipe=recipe,
                            after=created_after, before=created_before, start=start,

@@ -6,11 +6,11 @@ from importlib.metadata import version
 
 from litestar import Litestar
 
-from functions.gateway.api import on_error
 from functions.gateway.auth import Auth, authenticate, ratelimit_headers
 from functions.gateway.batch import submit_batch
 from functions.gateway.dashboard import DASHBOARD_ROUTES
 from functions.gateway.dlq_routes import DLQ_ROUTES
+from functions.gateway.errors import on_error
 from functions.gateway.events import job_events
 from functions.gateway.health import healthz, metrics, readyz
 from functions.gateway.jobs import (

@@ -15,12 +15,11 @@ from litestar import Request, post
 from litestar.params import FromQuery
 
 from functions.gateway.api import (
-    ApiError,
     UploadView,
     tenant_of,
 )
 from functions.gateway.openapi import errors
-from shared.errors import ErrorCode, NotSupported
+from shared.errors import ErrorCode, MalformedRequest, PermanentError
 from shared.function import Services
 from shared.ids import new_upload_id
 
@@ -41,7 +40,7 @@ async def upload(
     limit = services.settings.max_upload_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, ErrorCode.PAYLOAD_TOO_LARGE, f"uploads are limited to {limit} bytes")
+        raise PermanentError(ErrorCode.PAYLOAD_TOO_LARGE, f"uploads are limited to {limit} bytes")
     upload_id = new_upload_id()
     name = safe_filename(filename)
     key = f"uploads/{tenant}/{upload_id}/{name}"
@@ -52,13 +51,13 @@ async def upload(
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise ApiError(413, ErrorCode.PAYLOAD_TOO_LARGE,
-                               f"uploads are limited to {limit} bytes")
+                raise PermanentError(ErrorCode.PAYLOAD_TOO_LARGE,
+                                     f"uploads are limited to {limit} bytes")
             digest.update(chunk)
             spool.write(chunk)
         spool.flush()
         if size == 0:
-            raise ApiError(400, ErrorCode.INVALID_REQUEST, "the upload is empty")
+            raise MalformedRequest("the upload is empty")
         await services.store.put_file(key, spool.name)
     return UploadView(upload_id=upload_id, key=key, filename=name, size=size,
                       sha256=digest.hexdigest())
@@ -89,10 +88,7 @@ async def presign_upload(
     name = safe_filename(filename)
     key = f"uploads/{tenant}/{upload_id}/{name}"
     expiry = services.settings.presign_expiry_s
-    try:
-        url = await services.store.presign_put(key, expiry)
-    except NotSupported as exc:
-        raise ApiError(501, ErrorCode.NOT_SUPPORTED, exc.message) from exc
+    url = await services.store.presign_put(key, expiry)  # NotSupported: 501
     return PresignedUpload(upload_id=upload_id, key=key, filename=name, method="PUT", url=url,
                            expires_at=time.time() + expiry,
                            max_bytes=services.settings.max_upload_bytes)
