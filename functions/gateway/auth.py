@@ -23,9 +23,9 @@ from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from functions.gateway.api import Caller, caller_of, request_state
 from functions.gateway.errors import Unauthorized
 from functions.gateway.ratelimit import Decision, TokenBuckets, tighter
+from functions.gateway.views import Caller, caller_of, request_state
 from shared.errors import ErrorCode, PermanentError
 from shared.function import Services
 from shared.keys import KeyStore

@@ -1,4 +1,4 @@
-"""POST /v1/jobs:batch — many jobs in one request, all or nothing.
+"""``POST /v1/jobs:batch``: many jobs in one request, all or nothing.
 
 Atomic where it can be: every item is validated (body, recipe, inputs, idempotency) before
 any record is written or any submit published, and one bad item rejects the whole batch
@@ -13,13 +13,14 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
-from litestar import Request, Response, post
+from litestar import Controller, Request, post
 
-from functions.gateway.api import JobView, tenant_of, view
+from functions.gateway.deps import AdmissionDep, ServicesDep
 from functions.gateway.errors import status_of
 from functions.gateway.jobs import MAX_JOB_BODY_BYTES
-from functions.gateway.openapi import document_body, errors
-from functions.gateway.quotas import admit_job
+from functions.gateway.openapi import errors, request_body
+from functions.gateway.quotas import Admission
+from functions.gateway.views import JobView, tenant_of, view
 from shared import submission
 from shared.errors import ErrorCode, JetcutError, MalformedRequest, PermanentError
 from shared.function import Services
@@ -42,9 +43,6 @@ class BatchRequestDoc(msgspec.Struct, kw_only=True):
     """Body of ``POST /v1/jobs:batch`` (as documented; items are decoded one by one)."""
 
     jobs: list[BatchItem]
-
-
-document_body("/v1/jobs:batch", "post", BatchRequestDoc)
 
 
 class BatchView(msgspec.Struct):
@@ -72,31 +70,42 @@ async def _validate(services: Services, tenant: str, raw: Any, index: int,
     return job, await submission.existing(services, job) is not None
 
 
-async def _admit(request: Request[Any, Any, Any], jobs: list[tuple[PreparedJob, bool]]) -> None:
+async def _admit(admission: Admission, jobs: list[tuple[PreparedJob, bool]]) -> None:
     """Backpressure and the active-job cap for every new job, or for none: a refusal takes
     back the admissions this batch already made."""
     admitted: list[PreparedJob] = []
     try:
         for job, existed in jobs:
             if not existed:
-                await admit_job(request.app.state, job.record)
+                await admission.admit(job.record)
                 admitted.append(job)
     except JetcutError:
         for job in admitted:
-            await request.app.state.active_jobs.release(job.record.tenant, job.job_id)
+            await admission.release(job.record)
         raise
 
 
-@post("/v1/jobs:batch", status_code=202, request_max_body_size=MAX_JOB_BODY_BYTES * 10,
-      responses=errors(400, 409, 413, 422, 429, 503))
-async def submit_batch(request: Request[Any, Any, Any]) -> Response[BatchView]:
-    """Validate every job, then queue them all: ``202`` with the jobs in request order.
+class BatchController(Controller):
+    """``POST /v1/jobs:batch`` (a custom method on the jobs collection)."""
 
-    One invalid item (or a conflicting idempotency key) rejects the batch with nothing
-    queued: ``details.items[i]`` is ``null`` for a good item and ``{code, message,
-    details}`` for a bad one.
-    """
-    services: Services = request.app.state.services
+    path = "/jobs:batch"
+    tags = ["jobs"]
+
+    @post("/", status_code=202, request_max_body_size=MAX_JOB_BODY_BYTES * 10,
+          responses=errors(400, 409, 413, 422, 429, 503), opt=request_body(BatchRequestDoc))
+    async def submit_batch(self, request: Request[Any, Any, Any], services: ServicesDep,
+                           admission: AdmissionDep) -> BatchView:
+        """Validate every job, then queue them all: ``202`` with the jobs in request order.
+
+        One invalid item (or a conflicting idempotency key) rejects the batch with nothing
+        queued: ``details.items[i]`` is ``null`` for a good item and ``{code, message,
+        details}`` for a bad one.
+        """
+        return await _submit(request, services, admission)
+
+
+async def _submit(request: Request[Any, Any, Any], services: Services,
+                  admission: Admission) -> BatchView:
     tenant = tenant_of(request)
     try:
         data = msgspec.json.decode(await request.body(), type=BatchRequest)
@@ -134,10 +143,10 @@ async def submit_batch(request: Request[Any, Any, Any]) -> Response[BatchView]:
                                                 {k: v for k, v in r.items() if k != "status"}
                                                 for r in reasons]})
     valid = [p for p in prepared if p is not None]
-    await _admit(request, valid)  # 503 overloaded, 429 active-job cap: nothing queued
+    await _admit(admission, valid)  # 503 overloaded, 429 active-job cap: nothing queued
     claims = [await submission.claim(services, job) for job, _ in valid]
     await submission.publish(services, claims)  # 503 part way: repeat with the same key
     base = services.settings.base_url
     body = BatchView(jobs=[view(c.record, base) for c in claims],
                      created=[c.event is not None for c in claims])
-    return Response(body, status_code=202)
+    return body

@@ -1,4 +1,4 @@
-"""GET /v1/jobs — the caller's jobs, newest first, filtered, a page at a time.
+"""``GET /v1/jobs``: the caller's jobs, newest first, filtered, a page at a time.
 
 The jobs KV has no secondary index, so a page costs one pass over the latest revision of
 every record in the bucket (one ordered consumer, no per-key round trips; records of other
@@ -17,14 +17,10 @@ from __future__ import annotations
 import base64
 import binascii
 import heapq
-from typing import Any
 
 import msgspec
-from litestar import Request, get
-from litestar.params import FromQuery
 
-from functions.gateway.api import JobView, tenant_of, view
-from functions.gateway.openapi import errors
+from functions.gateway.views import JobView, view
 from shared.errors import MalformedRequest
 from shared.function import Services
 from shared.jobstate import JobRecord, JobStatus
@@ -111,21 +107,15 @@ async def scan(services: Services, tenant: str, *, statuses: set[str] | None = N
     return heapq.nlargest(limit, found)
 
 
-@get("/v1/jobs", responses=errors(400, 503))
-async def list_jobs(
-    request: Request[Any, Any, Any],
-    status: FromQuery[str | None] = None,
-    recipe: FromQuery[str | None] = None,
-    created_after: FromQuery[float | None] = None,
-    created_before: FromQuery[float | None] = None,
-    limit: FromQuery[int] = 50,
-    cursor: FromQuery[str | None] = None,
-) -> JobPage:
-    """The caller's jobs, newest first. ``status`` takes one status or a comma list;
-    ``recipe`` a recipe name (``inline`` for jobs with inline steps); ``created_after`` /
-    ``created_before`` Unix seconds (exclusive)."""
-    services: Services = request.app.state.services
-    tenant = tenant_of(request)
+async def page(services: Services, tenant: str, *, status: str | None, recipe: str | None,
+               created_after: float | None, created_before: float | None, limit: int,
+               cursor: str | None) -> JobPage:
+    """One page of ``tenant``'s jobs (see the module doc for order and cursor).
+
+    Raises:
+        MalformedRequest: a limit over ``JETCUT_LIST_MAX_LIMIT``, an unknown status, or a
+            cursor this API did not make.
+    """
     top = services.settings.list_max_limit
     if not 1 <= limit <= top:
         raise MalformedRequest(f"limit must be within 1..{top}")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterable
-from typing import Any
 
 from nats.js import api
 from nats.js.errors import BucketNotFoundError, NotFoundError
@@ -174,13 +173,24 @@ class Backlog:
                                               "limit": limit, "retry_after_s": RETRY_AFTER_S})
 
 
-async def admit_job(state: Any, record: JobRecord, *, retried: bool = False) -> None:
-    """Admission of one validated job (``state``: the app's): backpressure on the stages it
-    needs, then its tenant's active-job cap. Call it before the job's record is created.
+class Admission:
+    """Whether a job may be queued now: backpressure, then its tenant's active-job cap."""
 
-    Raises:
-        JetcutError: 503 ``overloaded`` or 429 ``too_many_active_jobs``.
-    """
-    steps = resolve(record.recipe, record.pipeline, record.params, len(record.inputs))
-    await state.backlog.check(spec.stage for spec in steps.values())
-    await state.active_jobs.admit(record.tenant, record.job_id, retried=retried)
+    def __init__(self, services: Services) -> None:
+        self.active_jobs = ActiveJobs(services)
+        self.backlog = Backlog(services)
+
+    async def admit(self, record: JobRecord, *, retried: bool = False) -> None:
+        """Admission of one validated job: backpressure on the stages it needs, then its
+        tenant's active-job cap. Call it before the job's record is created.
+
+        Raises:
+            JetcutError: 503 ``overloaded`` or 429 ``too_many_active_jobs``.
+        """
+        steps = resolve(record.recipe, record.pipeline, record.params, len(record.inputs))
+        await self.backlog.check(spec.stage for spec in steps.values())
+        await self.active_jobs.admit(record.tenant, record.job_id, retried=retried)
+
+    async def release(self, record: JobRecord) -> None:
+        """Take back an admission whose job was never queued."""
+        await self.active_jobs.release(record.tenant, record.job_id)
