@@ -8,9 +8,11 @@ is answered by ``errors.on_error``; every route passes the ``auth.authenticate``
 
 from __future__ import annotations
 
+import re
 from importlib.metadata import version
+from typing import Any
 
-from litestar import Litestar, Router
+from litestar import Litestar, Request, Response, Router
 
 from functions.gateway.auth import Auth, authenticate, ratelimit_headers
 from functions.gateway.batch import BatchController
@@ -33,6 +35,26 @@ API = [JobController, BatchController, UploadController, PresignController,
 """The ``/v1`` resources."""
 
 
+def _untyped(path: str) -> str:
+    """``/v1/jobs/{job_id:str}`` -> ``/v1/jobs/{job_id}``."""
+    return re.sub(r"\{(\w+)(:\w+)?\}", r"{\1}", path)
+
+
+def allow_header(request: Request[Any, Any, Any]) -> Response[None] | None:
+    """Answer ``OPTIONS`` with every method the path serves.
+
+    Litestar's own OPTIONS handler lists the methods of the handlers registered with it,
+    which, when a controller's handlers are merged into one route, is only some of them.
+    """
+    if request.method != "OPTIONS":
+        return None
+    template = _untyped(str(request.scope.get("path_template", "")))
+    methods = {m for route in request.app.routes if _untyped(route.path) == template
+               for m in getattr(route, "methods", ())}
+    return Response(None, status_code=204,
+                    headers={"Allow": ", ".join(sorted(methods | {"OPTIONS"}))})
+
+
 def build_app(services: Services) -> Litestar:
     app = Litestar(
         route_handlers=[Router("/v1", route_handlers=API), HealthController, *DOCS_ROUTES,
@@ -40,6 +62,7 @@ def build_app(services: Services) -> Litestar:
         dependencies=dependencies(),
         exception_handlers={Exception: on_error},
         openapi_config=openapi_config(version("jetcut")),
+        before_request=allow_header,
         guards=[authenticate],  # every route: API key -> tenant, rate limits (auth.py)
         middleware=[ratelimit_headers],
         debug=False,

@@ -39,7 +39,7 @@ class BatchRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Decoded item by item, so each bad item gets its own reason."""
 
 
-class BatchRequestDoc(msgspec.Struct, kw_only=True):
+class BatchRequestDoc(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Body of ``POST /v1/jobs:batch`` (as documented; items are decoded one by one)."""
 
     jobs: list[BatchItem]

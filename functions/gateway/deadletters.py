@@ -10,16 +10,22 @@ from typing import Annotated
 
 import msgspec
 from litestar import Controller, delete, get, post
-from litestar.params import FromPath, FromQuery, PathParameter, QueryParameter
+from litestar.params import PathParameter, QueryParameter
 
 from functions.gateway.auth import require_admin
 from functions.gateway.deps import ServicesDep
 from functions.gateway.openapi import errors
-from functions.gateway.views import MAX_SEQ, stream_seq
+from functions.gateway.views import MAX_SEQ, SEQ_PATTERN, stream_seq
 from shared import dlq
 from shared.errors import ErrorCode, MalformedRequest, PermanentError
+from shared.subjects import TOKEN_RE
 
-SEQ = PathParameter(description="The entry's sequence in the DLQ stream (a positive integer).")
+SEQ = PathParameter(description="The entry's sequence in the DLQ stream (a positive integer).",
+                    pattern=SEQ_PATTERN)
+ACTION = PathParameter(description="``<seq>:replay``: the entry's sequence and the action.",
+                       pattern=SEQ_PATTERN.removesuffix("$") + ":[a-z]+$")
+FUNCTION = QueryParameter(description="Only this function's entries.",
+                          pattern=TOKEN_RE.pattern)
 
 
 class PurgeView(msgspec.Struct):
@@ -41,7 +47,8 @@ class DeadLetterController(Controller):
     guards = [require_admin]
 
     @get("/", responses=errors(400, 403, 503))
-    async def dlq_list(self, services: ServicesDep, function: FromQuery[str | None] = None,
+    async def dlq_list(self, services: ServicesDep,
+                       function: Annotated[str | None, FUNCTION] = None,
                        after: Annotated[int, QueryParameter(ge=0, le=MAX_SEQ)] = 0,
                        limit: Annotated[int, QueryParameter(ge=1, le=dlq.MAX_PAGE)] = 50,
                        ) -> dlq.Page:
@@ -58,7 +65,8 @@ class DeadLetterController(Controller):
         return await dlq.get_entry(services, _dlq_seq(seq))
 
     @post("/{seq:str}", status_code=200, responses=errors(400, 403, 404, 409, 503))
-    async def dlq_action(self, services: ServicesDep, seq: FromPath[str]) -> dlq.ReplayResult:
+    async def dlq_action(self, services: ServicesDep,
+                         seq: Annotated[str, ACTION]) -> dlq.ReplayResult:
         """``POST /v1/dlq/{seq}:replay`` (see ``JobController.job_action`` for the path
         shape): act on the entry again and remove it from the DLQ."""
         target, _, action = seq.rpartition(":")
@@ -73,7 +81,8 @@ class DeadLetterController(Controller):
         return PurgeView(purged=await dlq.purge_entry(services, _dlq_seq(seq)))
 
     @delete("/", status_code=200, responses=errors(400, 403, 503))
-    async def dlq_purge(self, services: ServicesDep, function: FromQuery[str | None] = None,
+    async def dlq_purge(self, services: ServicesDep,
+                        function: Annotated[str | None, FUNCTION] = None,
                         purge_all: Annotated[bool, QueryParameter(name="all")] = False,
                         ) -> PurgeView:
         """Purge one function's entries (``?function=``) or, only when asked with

@@ -26,6 +26,7 @@ from functions.gateway.queue import queue_spot
 from functions.gateway.quotas import Admission
 from functions.gateway.views import (
     CHUNK,
+    MAX_SEQ,
     JobView,
     OutputList,
     OutputView,
@@ -87,14 +88,16 @@ class JobController(Controller):
     @get("/", responses=errors(400, 503))
     async def list_jobs(
         self, request: Request[Any, Any, Any], services: ServicesDep,
-        status: FromQuery[str | None] = None, recipe: FromQuery[str | None] = None,
-        created_after: FromQuery[float | None] = None,
-        created_before: FromQuery[float | None] = None,
-        limit: Annotated[int, QueryParameter(ge=1)] = 50, cursor: FromQuery[str | None] = None,
+        status: Annotated[str | None, QueryParameter(pattern=listing.STATUS_PATTERN)] = None,
+        recipe: FromQuery[str | None] = None,
+        created_after: Annotated[float, QueryParameter(ge=0)] = 0.0,
+        created_before: Annotated[float, QueryParameter(gt=0)] = listing.FAR_FUTURE,
+        limit: Annotated[int, QueryParameter(ge=1, le=listing.MAX_LIMIT)] = 50,
+        cursor: Annotated[str | None, QueryParameter(pattern=listing.CURSOR_PATTERN)] = None,
     ) -> listing.JobPage:
         """The caller's jobs, newest first. ``status`` takes one status or a comma list;
         ``recipe`` a recipe name (``inline`` for jobs with inline steps); ``created_after``
-        / ``created_before`` Unix seconds (exclusive)."""
+        / ``created_before`` Unix seconds (exclusive; by default no bound)."""
         return await listing.page(services, tenant_of(request), status=status,
                                   recipe=recipe, created_after=created_after,
                                   created_before=created_before, limit=limit, cursor=cursor)
@@ -203,9 +206,10 @@ class JobController(Controller):
                     **errors(400, 404, 503)})
     async def job_events(self, request: Request[Any, Any, Any], services: ServicesDep,
                          job_id: FromPath[str],
-                         last_event_id: FromQuery[int | None] = None,
+                         last_event_id: Annotated[int, QueryParameter(
+                             ge=0, le=MAX_SEQ)] = 0,
                          resume: Annotated[str | None, HeaderParameter(
-                             name="Last-Event-ID", required=False,
+                             name="Last-Event-ID", required=False, pattern=r"^[0-9]{1,15}$",
                              description="The id of the last event seen (a browser sends "
                                          "it when it reconnects)")] = None,
                          ) -> Response[Any]:
@@ -216,7 +220,7 @@ class JobController(Controller):
         """
         return await events.respond(services, tenant_of(request), job_id,
                                     header=resume,
-                                    query=last_event_id)
+                                    query=last_event_id or None)
 
     @get("/{job_id:str}/graph", responses=errors(404, 503))
     async def get_job_graph(self, request: Request[Any, Any, Any], services: ServicesDep,

@@ -26,6 +26,16 @@ from shared.function import Services
 from shared.jobstate import JobRecord, JobStatus
 from shared.jobstore import JobNotFound
 
+MAX_LIMIT = 500
+"""The largest page the document promises; ``JETCUT_LIST_MAX_LIMIT`` may lower it."""
+CURSOR_PATTERN = r"^[A-Za-z0-9_-]+=*$"
+"""A cursor is base64url (its content is this API's own: only one it returned works)."""
+FAR_FUTURE = 32503680000.0
+"""``created_before``'s default, 3000-01-01: no bound. (A parameter that may be absent is
+given a value, not ``null``: a query string cannot say ``null``.)"""
+STATUS_PATTERN = "^({0})(,({0}))*$".format("|".join(s.value for s in JobStatus))
+"""One status, or a comma list of them."""
+
 
 class _Summary(msgspec.Struct):
     """The fields a listing filters and orders on (the rest of the record is skipped)."""
@@ -116,7 +126,7 @@ async def page(services: Services, tenant: str, *, status: str | None, recipe: s
         MalformedRequest: a limit over ``JETCUT_LIST_MAX_LIMIT``, an unknown status, or a
             cursor this API did not make.
     """
-    top = services.settings.list_max_limit
+    top = min(MAX_LIMIT, services.settings.list_max_limit)
     if not 1 <= limit <= top:
         raise MalformedRequest(f"limit must be within 1..{top}")
     start = decode_cursor(cursor) if cursor else None

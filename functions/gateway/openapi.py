@@ -106,8 +106,11 @@ def _complete(schema: dict[str, Any], app: Litestar) -> dict[str, Any]:
             if found is not None:
                 media_type, body = found
                 content = ({"schema": body_refs[body]} if body is not None
-                           else {"schema": {"type": "string", "format": "binary"}})
+                           else {"schema": {"type": "string", "format": "binary",
+                                            "minLength": 1}})  # an empty upload is a 400
                 operation["requestBody"] = {"required": True, "content": {media_type: content}}
+            for parameter in operation.get("parameters", ()):
+                parameter["schema"] = _not_null(parameter.get("schema", {}))
             responses = operation["responses"]
             responses.setdefault("500", {"description": STATUS_TEXT[500]})
             for status, response in responses.items():
@@ -116,6 +119,20 @@ def _complete(schema: dict[str, Any], app: Litestar) -> dict[str, Any]:
                     response["description"] = STATUS_TEXT.get(int(status),
                                                                response.get("description", ""))
     return schema
+
+
+def _not_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """A parameter's schema without the ``null`` Litestar adds for ``T | None``: a query,
+    header or path parameter is absent or a string, never JSON ``null`` (the constraints
+    Litestar hangs beside the ``oneOf`` go onto the one remaining type)."""
+    branches = schema.get("oneOf")
+    if not isinstance(branches, list):
+        return schema
+    kept = [b for b in branches if b != {"type": "null"}]
+    if len(kept) != 1 or len(kept) == len(branches):
+        return schema
+    rest = {k: v for k, v in schema.items() if k != "oneOf"}
+    return {**kept[0], **rest}
 
 
 def _documents_a_body(response: dict[str, Any]) -> bool:

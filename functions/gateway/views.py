@@ -185,10 +185,14 @@ async def load_job_revision(services: Services, tenant: str,
     return found
 
 
-MAX_SEQ = 2**63 - 1
-"""The largest stream sequence accepted from a client. NATS sequences are unsigned 64-bit,
-and the server answers a larger number with a parse error, never "not found"; keeping to
-the signed range also keeps every number exact in JSON clients."""
+MAX_SEQ = 10**15 - 1
+"""The largest stream sequence accepted from a client (15 digits: a stream taking a million
+messages a second for 31 years). NATS sequences are unsigned 64-bit and the server answers
+a larger number with a parse error, never "not found". Fifteen digits is a bound the
+OpenAPI document can state (``SEQ_PATTERN``) and every JSON client reads exactly (a double
+holds any integer below 2**53)."""
+SEQ_PATTERN = r"^[1-9][0-9]{0,14}$"
+"""A stream sequence as a path segment or header: 1..MAX_SEQ, in ASCII digits."""
 
 
 def stream_seq(value: str, what: str, *, minimum: int = 1) -> int:
