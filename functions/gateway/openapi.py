@@ -16,6 +16,7 @@ from typing import Any
 
 import msgspec
 from litestar import Litestar, Request, Response, get
+from litestar.handlers import HTTPRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
@@ -58,7 +59,14 @@ def openapi_config(version: str) -> OpenAPIConfig:
         openapi_router=Router("/v1/openapi", route_handlers=[], include_in_schema=False,
                               opt={"public": True}),
         render_plugins=[JsonRenderPlugin(path="/openapi.json")],
+        operation_id_creator=operation_id,
     )
+
+
+def operation_id(handler: HTTPRouteHandler, method: Any, components: Any) -> str:
+    """The handler's name (``submit``, ``get_job``, ``dlq_replay``...): what a generated
+    client calls the operation. Names are unique across the gateway (Litestar checks)."""
+    return handler.handler_name
 
 
 BODY_OPT = "jetcut_request_body"
