@@ -182,3 +182,33 @@ def test_an_unexpected_error_is_logged_once_with_its_trace_id(caplog) -> None:  
     logged = [rec for rec in caplog.records if rec.name == "jetcut.gateway"]
     assert len(logged) == 1 and trace_id in logged[0].getMessage()
     assert logged[0].exc_info is not None  # the trace is in the log, for the operator
+
+
+async def test_a_wrong_method_is_405_with_allow_and_options_lists_every_method(  # type: ignore[no-untyped-def]
+        gateway_only):
+    _, client = gateway_only
+    r = await client.put("/v1/jobs")
+    assert r.status_code == 405, r.text
+    assert {m.strip() for m in r.headers["allow"].split(",")} >= {"GET", "POST"}
+    assert r.json()["error"]["code"] == "invalid_request"
+    # Every method the path serves, though its handlers come from one controller each.
+    for path, methods in (("/v1/jobs", {"GET", "POST"}),
+                          ("/v1/jobs/jnope", {"GET", "POST", "DELETE"}),
+                          ("/v1/dlq/1", {"GET", "POST", "DELETE"})):
+        r = await client.options(path)
+        assert r.status_code == 204, r.text
+        assert {m.strip() for m in r.headers["allow"].split(",")} == methods | {"OPTIONS"}
+
+
+def test_every_error_code_has_an_http_status() -> None:
+    from functions.gateway.errors import STATUS, status_of
+    from shared.errors import ErrorCode, JetcutError, MalformedRequest, PermanentError
+
+    # A code added to shared/errors.py gets its status in the one table, or this fails.
+    missing = set(ErrorCode) - set(STATUS) - {ErrorCode.CANCELLED, ErrorCode.LEASE_LOST,
+                                              ErrorCode.TIMEOUT, ErrorCode.FFMPEG_FAILED,
+                                              ErrorCode.RETRIES_EXHAUSTED, ErrorCode.DISK_FULL}
+    assert not missing, missing
+    assert status_of(MalformedRequest("x")) == 400
+    assert status_of(PermanentError(ErrorCode.INVALID_REQUEST, "x")) == 422
+    assert status_of(JetcutError("x", code=ErrorCode.BUS_UNAVAILABLE)) == 503

@@ -65,9 +65,9 @@ class DeadLetterController(Controller):
         return await dlq.get_entry(services, _dlq_seq(seq))
 
     @post("/{seq:str}", status_code=200, responses=errors(400, 403, 404, 409, 503))
-    async def dlq_action(self, services: ServicesDep,
+    async def dlq_replay(self, services: ServicesDep,
                          seq: Annotated[str, ACTION]) -> dlq.ReplayResult:
-        """``POST /v1/dlq/{seq}:replay`` (see ``JobController.job_action`` for the path
+        """``POST /v1/dlq/{seq}:replay`` (see ``JobController.retry_job`` for the path
         shape): act on the entry again and remove it from the DLQ."""
         target, _, action = seq.rpartition(":")
         if action != "replay":

@@ -113,7 +113,9 @@ def answer(exc: JetcutError) -> Response[Any]:
 def _framework(exc: HTTPException) -> JetcutError:
     """Litestar's own refusals (bad parameter, no route, body too large, wrong method)."""
     if isinstance(exc, ValidationException):
-        return MalformedRequest(str(exc.detail))
+        # ``extra`` names each parameter at fault: [{message, key, source}].
+        fields = exc.extra if isinstance(exc.extra, list) else []
+        return MalformedRequest(str(exc.detail), details={"fields": fields} if fields else None)
     if isinstance(exc, NotFoundException):
         return PermanentError(ErrorCode.NOT_FOUND, "no such resource")
     code = ErrorCode.PAYLOAD_TOO_LARGE if exc.status_code == 413 else ErrorCode.INVALID_REQUEST
@@ -137,7 +139,8 @@ def on_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
         headers = dict(exc.headers or {})
         error = _framework(exc)
         return error_response(exc.status_code, ErrorInfo(code=str(error.code),
-                                                         message=error.message), headers)
+                                                         message=error.message,
+                                                         details=error.details), headers)
     if isinstance(exc, BUS_TROUBLE):
         # NATS is restarting, electing a leader, or unreachable: the client should retry.
         log.warning("NATS unavailable on %s %s: %r", request.method, request.url.path, exc)

@@ -134,10 +134,10 @@ class JobController(Controller):
         return CancelView(job_id=job_id, status="cancelling")
 
     @post("/{job_id:str}", status_code=202, responses=errors(400, 404, 409, 429, 503))
-    async def job_action(self, request: Request[Any, Any, Any], services: ServicesDep,
-                         admission: AdmissionDep, job_id: FromPath[str],
-                         reason: Annotated[str, REASON] = "retried on request",
-                         ) -> Response[JobView]:
+    async def retry_job(self, request: Request[Any, Any, Any], services: ServicesDep,
+                        admission: AdmissionDep, job_id: FromPath[str],
+                        reason: Annotated[str, REASON] = "retried on request",
+                        ) -> Response[JobView]:
         """``POST /v1/jobs/{id}:retry``: run a failed or cancelled job again from its
         checkpoints: 202 with the job as it is now (the conductor sets it running within
         moments); anything else is 409.

@@ -64,8 +64,9 @@ def openapi_config(version: str) -> OpenAPIConfig:
 
 
 def operation_id(handler: HTTPRouteHandler, method: Any, components: Any) -> str:
-    """The handler's name (``submit``, ``get_job``, ``dlq_replay``...): what a generated
-    client calls the operation. Names are unique across the gateway (Litestar checks)."""
+    """The handler's name (``submit``, ``get_job``, ``retry_job``, ``dlq_replay``...): what
+    a generated client calls the operation. Names are unique across the gateway (Litestar
+    refuses a duplicate operation id)."""
     return handler.handler_name
 
 
