@@ -10,6 +10,8 @@ trace id, and answered 500 ``internal``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import msgspec
@@ -31,7 +33,7 @@ from shared.jobstore import TRANSIENT_KV
 
 log = logging.getLogger("jetcut.gateway")
 
-STATUS: dict[ErrorCode, int] = {
+STATUS: Mapping[ErrorCode, int] = MappingProxyType({
     ErrorCode.INVALID_REQUEST: 422,  # well-formed but invalid; MalformedRequest is 400
     ErrorCode.INVALID_RECIPE: 422,
     ErrorCode.INVALID_INPUT: 422,
@@ -55,7 +57,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.OVERLOADED: 503,
     ErrorCode.BUS_UNAVAILABLE: 503,
     ErrorCode.STORE_UNAVAILABLE: 503,
-}
+})
 """Every code the gateway answers, and its status. A code missing here is answered 422
 when the error says retrying cannot help, else 503."""
 
