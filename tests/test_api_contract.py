@@ -89,10 +89,14 @@ async def _generate_client(base_url: str, where: Path) -> Any:
     """A client generated from the live document, imported from ``where``."""
     async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
         (where / "openapi.json").write_bytes((await client.get("/v1/openapi.json")).content)
+    # A download is bytes of the output's own type (``*/*`` in the document): the client is
+    # told to read it as bytes, its one supported binary type.
+    (where / "client.json").write_text('{"content_type_overrides": '
+                                       '{"*/*": "application/octet-stream"}}')
     proc = await asyncio.create_subprocess_exec(
         str(Path(sys.executable).with_name("openapi-python-client")), "generate",
         "--path", str(where / "openapi.json"), "--output-path", str(where / CLIENT),
-        "--meta", "none",
+        "--meta", "none", "--config", str(where / "client.json"),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=where,
         env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
     )

@@ -21,7 +21,7 @@ from opentelemetry.trace import SpanKind
 from functions.gateway import events, listing
 from functions.gateway.dashboard import JobGraph, job_graph
 from functions.gateway.deps import AdmissionDep, ServicesDep
-from functions.gateway.openapi import errors, request_body
+from functions.gateway.openapi import errors, request_body, response_media
 from functions.gateway.queue import queue_spot
 from functions.gateway.quotas import Admission
 from functions.gateway.views import (
@@ -177,8 +177,8 @@ class JobController(Controller):
                                           expires_at=expires_at))
         return OutputList(job_id=job_id, status=str(record.status), outputs=outputs)
 
-    @get("/{job_id:str}/outputs/{step:str}/{name:str}", media_type="application/octet-stream",
-         responses=errors(404, 503))
+    @get("/{job_id:str}/outputs/{step:str}/{name:str}", responses=errors(404, 503),
+         opt=response_media("*/*", "The output's bytes, with its own content type"))
     async def download(self, request: Request[Any, Any, Any], services: ServicesDep,
                        job_id: FromPath[str], step: FromPath[str],
                        name: FromPath[str]) -> Stream:

@@ -80,16 +80,26 @@ def request_body(body: Any, media_type: str = "application/json") -> dict[str, A
     return {BODY_OPT: (media_type, body)}
 
 
+RESPONSE_OPT = "jetcut_response_media"
+"""Where a handler whose 200 body is raw bytes of some media type declares it."""
+
+
+def response_media(media_type: str, description: str) -> dict[str, Any]:
+    """A handler's ``opt`` declaring its ``200`` body as bytes of ``media_type`` (a range such
+    as ``*/*`` when the type is the stored object's own)."""
+    return {RESPONSE_OPT: (media_type, description)}
+
+
 def _openapi_path(path: str) -> str:
     return re.sub(r"\{(\w+):\w+\}", r"{\1}", path)
 
 
-def _declared_bodies(app: Litestar) -> dict[tuple[str, str], tuple[str, Any]]:
-    """(path, method) -> (media type, body type) of every handler declaring its body."""
+def _declared(app: Litestar, opt: str) -> dict[tuple[str, str], tuple[str, Any]]:
+    """(path, method) -> what every handler declares under ``opt``."""
     found: dict[tuple[str, str], tuple[str, Any]] = {}
     for route in app.routes:
         for handler in getattr(route, "route_handlers", ()):
-            declared = handler.opt.get(BODY_OPT)
+            declared = handler.opt.get(opt)
             if declared is not None:
                 for method in handler.http_methods:
                     found[(_openapi_path(route.path), method.lower())] = declared
@@ -99,7 +109,8 @@ def _declared_bodies(app: Litestar) -> dict[tuple[str, str], tuple[str, Any]]:
 def _complete(schema: dict[str, Any], app: Litestar) -> dict[str, Any]:
     """Add the hand-decoded request bodies and the error shape to Litestar's schema: every
     error response (Litestar's own 400 included) has jetcut's one error body."""
-    bodies = _declared_bodies(app)
+    bodies = _declared(app, BODY_OPT)
+    media = _declared(app, RESPONSE_OPT)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     types = [*{b for _, b in bodies.values() if b is not None}, ErrorBody]
     refs, defs = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
@@ -121,6 +132,10 @@ def _complete(schema: dict[str, Any], app: Litestar) -> dict[str, Any]:
             for parameter in operation.get("parameters", ()):
                 parameter["schema"] = _not_null(parameter.get("schema", {}))
             responses = operation["responses"]
+            if (path, method) in media:
+                media_type, description = media[(path, method)]
+                responses["200"] = {"description": description, "content": {
+                    media_type: {"schema": {"type": "string", "format": "binary"}}}}
             responses.setdefault("500", {"description": STATUS_TEXT[500]})
             for status, response in responses.items():
                 if int(status) >= 400 and not _documents_a_body(response):
