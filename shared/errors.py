@@ -125,6 +125,15 @@ class RetryLater(JetcutError):
         return self.next_retry_delay or 0.0
 
 
+class MalformedRequest(PermanentError):
+    """A request that could not be read at all (not JSON, wrong types, a bad header or
+    parameter), as opposed to a well-formed one that asks for something invalid. The code
+    is ``invalid_request`` either way; HTTP answers this one 400, the other 422."""
+
+    def __init__(self, message: str, *, details: dict[str, Any] | None = None) -> None:
+        super().__init__(ErrorCode.INVALID_REQUEST, message, details=details)
+
+
 class ObjectNotFound(JetcutError):
     """The object store has no object under the key."""
 

@@ -71,7 +71,7 @@ async def test_every_served_route_is_in_the_openapi_document(gateway):  # type: 
     runtime, client = gateway
     doc = (await client.get("/v1/openapi.json")).json()
     documented = {(p, m) for p, ops in doc["paths"].items() for m in ops}
-    from functions.gateway.routes import build_app
+    from functions.gateway.app import build_app
 
     served = {
         (route.path.replace(":str}", "}").replace(":int}", "}"), method.lower())

@@ -89,6 +89,9 @@ async def test_status_is_unhealthy_when_the_store_fails(make_settings, http_port
             # /readyz keeps its own meaning and shape.
             ready = await client.get("/readyz")
             assert ready.status_code == 503 and ready.json()["ready"] is False
+            # It is public: a status only, never the exception's text (here: the path).
+            assert ready.json()["checks"] == {"nats": "ok", "store": "failed"}
+            assert str(settings.store_root) not in ready.text
 
 
 async def test_status_degrades_when_disk_is_below_the_floor(make_settings, http_port):  # type: ignore[no-untyped-def]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import httpx
 import nats.errors
 import pytest
@@ -118,7 +120,7 @@ async def test_a_queued_job_is_picked_up_when_the_conductor_starts(  # type: ign
                                  nats.errors.ConnectionClosedError()])
 def test_nats_trouble_anywhere_in_a_request_is_a_503_not_a_500(exc: Exception) -> None:
     # Seen for real in the chaos run: a KV write timing out while nats-server restarted.
-    from functions.gateway.api import on_error
+    from functions.gateway.errors import on_error
 
     class Req:
         method, url = "POST", type("U", (), {"path": "/v1/jobs"})()
@@ -127,3 +129,86 @@ def test_nats_trouble_anywhere_in_a_request_is_a_503_not_a_500(exc: Exception) -
     assert response.status_code == 503
     assert response.content["error"]["code"] == "bus_unavailable"
     assert response.headers["Retry-After"] == "1"
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("GET", "/v1/dlq/999999999999999999999999999999"),  # NATS refuses the number
+    ("DELETE", "/v1/dlq/%C2%B2"),  # "²".isdigit() is true, int("²") fails
+    ("POST", "/v1/dlq/%C2%B2:replay"),
+    ("GET", "/v1/dlq/0"),
+    ("GET", "/v1/dlq/-1"),
+    ("GET", "/v1/dlq?after=999999999999999999999999999999"),
+    ("GET", "/v1/dlq?after=-1"),
+    ("GET", "/v1/dlq?limit=0"),
+    ("GET", "/v1/jobs?limit=999999999999999999999999999999"),
+    ("GET", "/v1/jobs/jnope/events?last_event_id=999999999999999999999999999999"),
+])
+async def test_bad_path_and_query_parameters_are_400_at_the_edge(  # type: ignore[no-untyped-def]
+        gateway_only, caplog, method, path):
+    _, client = gateway_only
+    with caplog.at_level(logging.WARNING):
+        r = await client.request(method, path)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "invalid_request"
+    # A client's mistake is no server error: nothing logged, no trace anywhere.
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR], caplog.text
+    assert "Traceback" not in caplog.text and "Traceback" not in r.text
+
+
+async def test_the_largest_sequence_is_a_plain_404(gateway_only):  # type: ignore[no-untyped-def]
+    _, client = gateway_only
+    r = await client.get(f"/v1/dlq/{10**15 - 1}")
+    assert r.status_code == 404, r.text
+    assert r.json()["error"]["code"] == "not_found"
+
+
+def test_an_unexpected_error_is_logged_once_with_its_trace_id(caplog) -> None:  # type: ignore[no-untyped-def]
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from functions.gateway.errors import on_error
+
+    class Req:
+        method, url = "GET", type("U", (), {"path": "/v1/jobs"})()
+
+    tracer = TracerProvider().get_tracer("test")
+    with tracer.start_as_current_span("GET /v1/jobs") as span, \
+            caplog.at_level(logging.ERROR, logger="jetcut.gateway"):
+        response = on_error(Req(), RuntimeError("secret detail"))  # type: ignore[arg-type]
+    trace_id = format(span.get_span_context().trace_id, "032x")
+    assert response.status_code == 500
+    assert response.content["error"]["code"] == "internal"
+    assert response.content["error"]["details"] == {"trace_id": trace_id}
+    assert "secret detail" not in str(response.content)
+    logged = [rec for rec in caplog.records if rec.name == "jetcut.gateway"]
+    assert len(logged) == 1 and trace_id in logged[0].getMessage()
+    assert logged[0].exc_info is not None  # the trace is in the log, for the operator
+
+
+async def test_a_wrong_method_is_405_with_allow_and_options_lists_every_method(  # type: ignore[no-untyped-def]
+        gateway_only):
+    _, client = gateway_only
+    r = await client.put("/v1/jobs")
+    assert r.status_code == 405, r.text
+    assert {m.strip() for m in r.headers["allow"].split(",")} >= {"GET", "POST"}
+    assert r.json()["error"]["code"] == "invalid_request"
+    # Every method the path serves, though its handlers come from one controller each.
+    for path, methods in (("/v1/jobs", {"GET", "POST"}),
+                          ("/v1/jobs/jnope", {"GET", "POST", "DELETE"}),
+                          ("/v1/dlq/1", {"GET", "POST", "DELETE"})):
+        r = await client.options(path)
+        assert r.status_code == 204, r.text
+        assert {m.strip() for m in r.headers["allow"].split(",")} == methods | {"OPTIONS"}
+
+
+def test_every_error_code_has_an_http_status() -> None:
+    from functions.gateway.errors import STATUS, status_of
+    from shared.errors import ErrorCode, JetcutError, MalformedRequest, PermanentError
+
+    # A code added to shared/errors.py gets its status in the one table, or this fails.
+    missing = set(ErrorCode) - set(STATUS) - {ErrorCode.CANCELLED, ErrorCode.LEASE_LOST,
+                                              ErrorCode.TIMEOUT, ErrorCode.FFMPEG_FAILED,
+                                              ErrorCode.RETRIES_EXHAUSTED, ErrorCode.DISK_FULL}
+    assert not missing, missing
+    assert status_of(MalformedRequest("x")) == 400
+    assert status_of(PermanentError(ErrorCode.INVALID_REQUEST, "x")) == 422
+    assert status_of(JetcutError("x", code=ErrorCode.BUS_UNAVAILABLE)) == 503

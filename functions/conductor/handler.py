@@ -59,6 +59,7 @@ from shared.media import step_timeout
 from shared.recipes import STAGES, resolve
 from shared.stage import step_prefix
 from shared.subjects import check_token
+from shared.submission import job_record
 
 function = Function(name="conductor", doc=__doc__ or "")
 
@@ -78,12 +79,7 @@ async def on_submit(event: JobSubmit, ctx: Context) -> None:
         check_token("job id", job_id)
     except ValueError as exc:
         raise PermanentError(ErrorCode.INVALID_EVENT, str(exc)) from exc
-    fresh = JobRecord(
-        job_id=job_id, tenant=event.tenant, recipe=event.recipe, inputs=list(event.inputs),
-        params=dict(event.params), pipeline=event.steps,
-        idempotency_key=event.idempotency_key, created_at=event.submitted_at,
-        callback_url=event.callback_url, callback_secret=event.callback_secret,
-    )
+    fresh = job_record(event, job_id)  # the submitter's record, unless it made none
     revision = await services.jobs.create(fresh)
     error = await _check_job(event, ctx)
     steps = None if error is not None else resolve(

@@ -1,3 +1,3 @@
-from functions.gateway.app import function
+from functions.gateway.server import function
 
 __all__ = ["function"]

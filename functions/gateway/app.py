@@ -1,62 +1,73 @@
-"""gateway — the HTTP API for people and programs.
+"""The gateway's Litestar app: one controller per resource under one ``/v1`` router.
 
-Serves (on JETCUT_HTTP_HOST:JETCUT_HTTP_PORT):
-  POST /v1/uploads?filename=   stream a file into the store (constant memory)
-  POST /v1/jobs                validate and submit a job; 202 only after the PubAck
-  GET  /v1/jobs/{id}           status, steps, progress, error
-  DELETE /v1/jobs/{id}         cancel a queued or running job
-  POST /v1/jobs/{id}:retry     re-run a failed or cancelled job from its checkpoints
-  GET  /v1/jobs/{id}/outputs   output files with download links
-  GET  /v1/jobs/{id}/outputs/{step}/{name}   stream one output
-  GET|DELETE /v1/dlq[/{seq}], POST /v1/dlq/{seq}:replay   dead letters (admin)
-  GET  /v1/jobs, POST /v1/jobs:batch, GET /v1/jobs/{id}/events (SSE), /v1/jobs/{id}/graph
-  GET  /v1/queue /v1/status /v1/recipes /v1/openapi.json /v1/docs
-  GET  / -> /ui/                the dashboard (static, no CDN)
-  GET  /healthz /readyz /metrics
-Emits: jobs.submit (Nats-Msg-Id = job id, so a retried request never makes two jobs),
-       jobs.cancel, jobs.retry
-Routes live in one module per resource (uploads, jobs, dlq_routes, health); api.py holds
-what they share; routes.py assembles the app.
+Handlers get what they use by dependency injection (``services``: the process's clients;
+``admission``: backpressure and the active-job cap), never from ``app.state``. Every error
+is answered by ``errors.on_error``; every route passes the ``auth.authenticate`` guard
+(public routes say so in their ``opt``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-from collections.abc import Iterator
+import re
+from importlib.metadata import version
+from typing import Any
 
-import uvicorn
+from litestar import Litestar, Request, Response, Router
 
-from functions.gateway.routes import build_app
-from shared.function import Function, Services
+from functions.gateway.auth import Auth, authenticate, ratelimit_headers
+from functions.gateway.batch import BatchController
+from functions.gateway.dashboard import DASHBOARD_ROUTES
+from functions.gateway.deadletters import DeadLetterController
+from functions.gateway.deps import dependencies
+from functions.gateway.errors import on_error
+from functions.gateway.health import HealthController
+from functions.gateway.jobs import JobController
+from functions.gateway.openapi import DOCS_ROUTES, openapi_config
+from functions.gateway.queue import QueueController
+from functions.gateway.quotas import Admission
+from functions.gateway.recipes import RecipeController
+from functions.gateway.status import StatusController
+from functions.gateway.uploads import PresignController, UploadController
+from shared.function import Services
 
-log = logging.getLogger(__name__)
+API = [JobController, BatchController, UploadController, PresignController,
+       DeadLetterController, QueueController, StatusController, RecipeController]
+"""The ``/v1`` resources."""
 
 
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handlers: the runtime owns SIGTERM/SIGINT and drains."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
+def _untyped(path: str) -> str:
+    """``/v1/jobs/{job_id:str}`` -> ``/v1/jobs/{job_id}``."""
+    return re.sub(r"\{(\w+)(:\w+)?\}", r"{\1}", path)
 
 
-async def serve(services: Services, stop: asyncio.Event) -> None:
-    settings = services.settings
-    config = uvicorn.Config(
-        build_app(services), host=settings.http_host, port=settings.http_port,
-        log_level="warning", lifespan="on", access_log=False,
+def allow_header(request: Request[Any, Any, Any]) -> Response[None] | None:
+    """Answer ``OPTIONS`` with every method the path serves.
+
+    Litestar's own OPTIONS handler lists the methods of the handlers registered with it,
+    which, when a controller's handlers are merged into one route, is only some of them.
+    """
+    if request.method != "OPTIONS":
+        return None
+    template = _untyped(str(request.scope.get("path_template", "")))
+    methods = {m for route in request.app.routes if _untyped(route.path) == template
+               for m in getattr(route, "methods", ())}
+    return Response(None, status_code=204,
+                    headers={"Allow": ", ".join(sorted(methods | {"OPTIONS"}))})
+
+
+def build_app(services: Services) -> Litestar:
+    app = Litestar(
+        route_handlers=[Router("/v1", route_handlers=API), HealthController, *DOCS_ROUTES,
+                        *DASHBOARD_ROUTES],
+        dependencies=dependencies(),
+        exception_handlers={Exception: on_error},
+        openapi_config=openapi_config(version("jetcut")),
+        before_request=allow_header,
+        guards=[authenticate],  # every route: API key -> tenant, rate limits (auth.py)
+        middleware=[ratelimit_headers],
+        debug=False,
     )
-    server = _Server(config)
-    serving = asyncio.create_task(server.serve())
-    stopping = asyncio.create_task(stop.wait())
-    await asyncio.wait([serving, stopping], return_when=asyncio.FIRST_COMPLETED)
-    server.should_exit = True
-    stopping.cancel()
-    await serving
-    if not stop.is_set():
-        raise RuntimeError("HTTP server stopped unexpectedly (port in use?)")
-
-
-function = Function(name="gateway", doc=__doc__ or "", service=serve)
+    app.state.services = services
+    app.state.auth = Auth(services)
+    app.state.admission = Admission(services)
+    return app

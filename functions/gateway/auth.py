@@ -23,9 +23,10 @@ from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from functions.gateway.api import ApiError, Caller, caller_of, request_state
+from functions.gateway.errors import Unauthorized
 from functions.gateway.ratelimit import Decision, TokenBuckets, tighter
-from shared.errors import ErrorCode
+from functions.gateway.views import Caller, caller_of, request_state
+from shared.errors import ErrorCode, PermanentError
 from shared.function import Services
 from shared.keys import KeyStore
 
@@ -33,7 +34,6 @@ PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 """Probes and scrapes stay open: orchestrators and Prometheus hold no key."""
 PUBLIC_PREFIXES = ("/v1/openapi", "/v1/docs")
 """The API's description holds no tenant's data, and a browser reading it sends no key."""
-REALM = 'Bearer realm="jetcut"'
 
 
 class Auth:
@@ -73,23 +73,21 @@ def presented_key(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
     if authorization is not None:
         scheme, _, credentials = authorization.strip().partition(" ")
         if scheme.lower() != "bearer" or not credentials.strip():
-            raise _unauthorized("use 'Authorization: Bearer <key>' (or 'X-API-Key: <key>')")
+            raise Unauthorized("use 'Authorization: Bearer <key>' (or 'X-API-Key: <key>')")
         return credentials.strip()
     key = connection.headers.get("x-api-key")
     return key.strip() if key is not None else None
 
 
-def _unauthorized(message: str, invalid: bool = True) -> ApiError:
-    challenge = f'{REALM}, error="invalid_token"' if invalid else REALM
-    return ApiError(401, ErrorCode.UNAUTHORIZED, message, headers={"WWW-Authenticate": challenge})
-
-
-def _limited(decision: Decision, who: str) -> ApiError:
-    return ApiError(429, ErrorCode.RATE_LIMITED,
-                    f"too many requests from this {who}; retry in {decision.retry_after_s}s",
-                    {"retry_after_s": decision.retry_after_s, "limit": decision.limit,
-                     "policy": decision.policy, "scope": who},
-                    headers=decision.headers())
+def _limited(decision: Decision, who: str) -> PermanentError:
+    # The RateLimit-* headers come from ``ratelimit_headers`` (the refusal is the tighter
+    # decision), Retry-After from ``details.retry_after_s``.
+    return PermanentError(ErrorCode.RATE_LIMITED,
+                          f"too many requests from this {who}; retry in "
+                          f"{decision.retry_after_s}s",
+                          details={"retry_after_s": decision.retry_after_s,
+                                   "limit": decision.limit, "policy": decision.policy,
+                                   "scope": who})
 
 
 async def authenticate(connection: ASGIConnection[Any, Any, Any, Any],
@@ -111,13 +109,13 @@ async def authenticate(connection: ASGIConnection[Any, Any, Any, Any],
     key = presented_key(connection)
     if key is None:
         if not settings.allow_anonymous:
-            raise _unauthorized("an API key is required: 'Authorization: Bearer <key>'",
-                                invalid=False)
+            raise Unauthorized("an API key is required: 'Authorization: Bearer <key>'",
+                               invalid_token=False)
         state["caller"] = Caller(tenant=settings.default_tenant, key_id=None, admin=True)
         return
     record = await (await auth.keys()).verify(key)
     if record is None:
-        raise _unauthorized("the API key is not valid (unknown, malformed or revoked)")
+        raise Unauthorized("the API key is not valid (unknown, malformed or revoked)")
     state["caller"] = Caller(tenant=record.tenant, key_id=record.key_id, admin=record.admin)
     if auth.per_key is not None:
         by_key = auth.per_key.take(record.key_id)
@@ -131,8 +129,8 @@ async def require_admin(connection: ASGIConnection[Any, Any, Any, Any],
     """Route guard for operator endpoints (the DLQ holds every tenant's messages)."""
     caller = caller_of(connection)
     if caller is None or not caller.admin:
-        raise ApiError(403, ErrorCode.FORBIDDEN, "this endpoint needs an admin API key "
-                       "(jetcut keys create --admin)")
+        raise PermanentError(ErrorCode.FORBIDDEN, "this endpoint needs an admin API key "
+                             "(jetcut keys create --admin)")
 
 
 def ratelimit_headers(app: ASGIApp) -> ASGIApp:

@@ -1,4 +1,4 @@
-"""POST /v1/jobs:batch — many jobs in one request, all or nothing.
+"""``POST /v1/jobs:batch``: many jobs in one request, all or nothing.
 
 Atomic where it can be: every item is validated (body, recipe, inputs, idempotency) before
 any record is written or any submit published, and one bad item rejects the whole batch
@@ -13,24 +13,19 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
-from litestar import Request, Response, post
+from litestar import Controller, Request, post
 
-from functions.gateway.api import ApiError, JobView, tenant_of, view
-from functions.gateway.jobs import (
-    MAX_JOB_BODY_BYTES,
-    Claim,
-    PreparedJob,
-    check_idempotency_key,
-    claim_job,
-    existing_conflict,
-    prepare_job,
-)
-from functions.gateway.openapi import document_body, errors
-from functions.gateway.quotas import admit_job
-from shared.bus import PublishFailed
-from shared.errors import ErrorCode, JetcutError
+from functions.gateway.deps import AdmissionDep, ServicesDep
+from functions.gateway.errors import status_of
+from functions.gateway.jobs import MAX_JOB_BODY_BYTES
+from functions.gateway.openapi import errors, request_body
+from functions.gateway.quotas import Admission
+from functions.gateway.views import JobView, tenant_of, view
+from shared import submission
+from shared.errors import ErrorCode, JetcutError, MalformedRequest, PermanentError
 from shared.function import Services
 from shared.jobrequest import JobRequest
+from shared.submission import PreparedJob, check_idempotency_key
 
 
 class BatchItem(JobRequest, kw_only=True, forbid_unknown_fields=True):
@@ -44,13 +39,10 @@ class BatchRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Decoded item by item, so each bad item gets its own reason."""
 
 
-class BatchRequestDoc(msgspec.Struct, kw_only=True):
+class BatchRequestDoc(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Body of ``POST /v1/jobs:batch`` (as documented; items are decoded one by one)."""
 
     jobs: list[BatchItem]
-
-
-document_body("/v1/jobs:batch", "post", BatchRequestDoc)
 
 
 class BatchView(msgspec.Struct):
@@ -72,46 +64,58 @@ async def _validate(services: Services, tenant: str, raw: Any, index: int,
     try:
         item = msgspec.convert(raw, BatchItem)
     except msgspec.ValidationError as exc:
-        raise ApiError(400, ErrorCode.INVALID_REQUEST, f"bad job request: {exc}") from exc
-    job = await prepare_job(services, tenant, item, _item_key(batch_key, index, item))
-    return job, await existing_conflict(services, job) is not None
+        raise MalformedRequest(f"bad job request: {exc}") from exc
+    job = await submission.prepare(services, tenant, item,
+                                   idempotency_key=_item_key(batch_key, index, item))
+    return job, await submission.existing(services, job) is not None
 
 
-async def _admit(request: Request[Any, Any, Any], jobs: list[tuple[PreparedJob, bool]]) -> None:
+async def _admit(admission: Admission, jobs: list[tuple[PreparedJob, bool]]) -> None:
     """Backpressure and the active-job cap for every new job, or for none: a refusal takes
     back the admissions this batch already made."""
     admitted: list[PreparedJob] = []
     try:
         for job, existed in jobs:
             if not existed:
-                await admit_job(request.app.state, job.record)
+                await admission.admit(job.record)
                 admitted.append(job)
-    except ApiError:
+    except JetcutError:
         for job in admitted:
-            await request.app.state.active_jobs.release(job.record.tenant, job.job_id)
+            await admission.release(job.record)
         raise
 
 
-@post("/v1/jobs:batch", status_code=202, request_max_body_size=MAX_JOB_BODY_BYTES * 10,
-      responses=errors(400, 409, 413, 422, 429, 503))
-async def submit_batch(request: Request[Any, Any, Any]) -> Response[BatchView]:
-    """Validate every job, then queue them all: ``202`` with the jobs in request order.
+class BatchController(Controller):
+    """``POST /v1/jobs:batch`` (a custom method on the jobs collection)."""
 
-    One invalid item (or a conflicting idempotency key) rejects the batch with nothing
-    queued: ``details.items[i]`` is ``null`` for a good item and ``{code, message,
-    details}`` for a bad one.
-    """
-    services: Services = request.app.state.services
+    path = "/jobs:batch"
+    tags = ["jobs"]
+
+    @post("/", status_code=202, request_max_body_size=MAX_JOB_BODY_BYTES * 10,
+          responses=errors(400, 409, 413, 422, 429, 503), opt=request_body(BatchRequestDoc))
+    async def submit_batch(self, request: Request[Any, Any, Any], services: ServicesDep,
+                           admission: AdmissionDep) -> BatchView:
+        """Validate every job, then queue them all: ``202`` with the jobs in request order.
+
+        One invalid item (or a conflicting idempotency key) rejects the batch with nothing
+        queued: ``details.items[i]`` is ``null`` for a good item and ``{code, message,
+        details}`` for a bad one.
+        """
+        return await _submit(request, services, admission)
+
+
+async def _submit(request: Request[Any, Any, Any], services: Services,
+                  admission: Admission) -> BatchView:
     tenant = tenant_of(request)
     try:
         data = msgspec.json.decode(await request.body(), type=BatchRequest)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise ApiError(400, ErrorCode.INVALID_REQUEST, f"bad batch request: {exc}") from exc
+        raise MalformedRequest(f"bad batch request: {exc}") from exc
     limit = services.settings.max_batch
     if not 1 <= len(data.jobs) <= limit:
-        raise ApiError(422, ErrorCode.INVALID_REQUEST,
-                       f"a batch holds 1 to {limit} jobs, not {len(data.jobs)}",
-                       {"max_batch": limit})
+        raise PermanentError(ErrorCode.INVALID_REQUEST,
+                             f"a batch holds 1 to {limit} jobs, not {len(data.jobs)}",
+                             details={"max_batch": limit})
     batch_key = check_idempotency_key(request.headers.get("idempotency-key"))
     prepared: list[tuple[PreparedJob, bool] | None] = []
     reasons: list[dict[str, Any] | None] = []
@@ -119,10 +123,10 @@ async def submit_batch(request: Request[Any, Any, Any]) -> Response[BatchView]:
         try:
             prepared.append(await _validate(services, tenant, raw, index, batch_key))
             reasons.append(None)
-        except (ApiError, JetcutError) as exc:
+        except JetcutError as exc:
             prepared.append(None)
             reasons.append({"code": str(exc.code), "message": exc.message,
-                            "details": exc.details, "status": getattr(exc, "status", 422)})
+                            "details": exc.details, "status": status_of(exc)})
     ids = [p[0].job_id for p in prepared if p is not None]
     if len(set(ids)) != len(ids):
         reasons = [r or {"code": str(ErrorCode.CONFLICT), "details": {}, "status": 409,
@@ -131,33 +135,18 @@ async def submit_batch(request: Request[Any, Any, Any]) -> Response[BatchView]:
                    for p, r in zip(prepared, reasons, strict=True)]
     bad = [r for r in reasons if r is not None]
     if bad:
-        status = 409 if all(r["status"] == 409 for r in bad) else 422
-        raise ApiError(status, ErrorCode.CONFLICT if status == 409 else ErrorCode.INVALID_REQUEST,
-                       f"{len(bad)} of {len(reasons)} jobs are invalid; nothing was queued",
-                       {"items": [None if r is None else {k: v for k, v in r.items()
-                                                          if k != "status"} for r in reasons]})
+        code = ErrorCode.CONFLICT if all(r["status"] == 409 for r in bad) \
+            else ErrorCode.INVALID_REQUEST
+        raise PermanentError(code, f"{len(bad)} of {len(reasons)} jobs are invalid; nothing "
+                             "was queued",
+                             details={"items": [None if r is None else
+                                                {k: v for k, v in r.items() if k != "status"}
+                                                for r in reasons]})
     valid = [p for p in prepared if p is not None]
-    await _admit(request, valid)  # 503 overloaded, 429 active-job cap: nothing queued
-    jobs = [job for job, _ in valid]
-    claims: list[Claim] = [await claim_job(services, job) for job in jobs]
-    published: list[str] = []
-    try:
-        for job, claim in zip(jobs, claims, strict=True):
-            if claim.event is not None:
-                await services.bus.publish(services.names.submit, claim.event, msg_id=job.job_id)
-                published.append(job.job_id)
-    except PublishFailed as exc:
-        if batch_key is None:
-            # Unkeyed items nobody can name yet: leave no trace of those not queued.
-            for job, claim in zip(jobs, claims, strict=True):
-                if job.job_id not in published and claim.event is not None \
-                        and job.idempotency_key is None:
-                    await services.jobs.delete(job.job_id)
-        raise ApiError(503, ErrorCode.BUS_UNAVAILABLE,
-                       f"the job queue is unavailable after {len(published)} of {len(jobs)} "
-                       "jobs; repeat the request with the same Idempotency-Key",
-                       {"retry_after_s": 1, "queued": published}) from exc
+    await _admit(admission, valid)  # 503 overloaded, 429 active-job cap: nothing queued
+    claims = [await submission.claim(services, job) for job, _ in valid]
+    await submission.publish(services, claims)  # 503 part way: repeat with the same key
     base = services.settings.base_url
     body = BatchView(jobs=[view(c.record, base) for c in claims],
                      created=[c.event is not None for c in claims])
-    return Response(body, status_code=202)
+    return body

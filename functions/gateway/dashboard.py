@@ -21,15 +21,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
-from litestar import Request, Response, get
+from litestar import Response, get
 from litestar.datastructures import CacheControlHeader
-from litestar.params import FromPath
 from litestar.response import Redirect
 from litestar.static_files import create_static_files_router
 
-from functions.gateway.api import load_job, tenant_of
-from functions.gateway.openapi import errors
-from shared.function import Services
 from shared.jobstate import JobRecord, input_ref_index
 
 UI_DIR = Path(__file__).with_name("ui")
@@ -113,16 +109,8 @@ def job_graph(record: JobRecord) -> JobGraph:
                     layers=1 + max((n.layer for n in nodes), default=0))
 
 
-@get("/v1/jobs/{job_id:str}/graph", responses=errors(401, 404, 503))
-async def get_job_graph(request: Request[Any, Any, Any], job_id: FromPath[str]) -> JobGraph:
-    """The job's steps as a graph: nodes with status and layer, and ``uses`` edges."""
-    services: Services = request.app.state.services
-    return job_graph(await load_job(services, tenant_of(request), job_id))
-
-
 DASHBOARD_ROUTES: list[Any] = [
     home,
-    get_job_graph,
     create_static_files_router(
         path=UI_PATH, directories=[UI_DIR], html_mode=True, name="dashboard",
         opt={"public": True}, include_in_schema=False, after_request=_secure,

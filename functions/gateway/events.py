@@ -1,4 +1,4 @@
-"""GET /v1/jobs/{id}/events — a job's lifecycle and progress as server-sent events.
+"""``GET /v1/jobs/{id}/events``: a job's lifecycle and progress as server-sent events.
 
 The source is the EVENTS stream (``events.<tenant>.<job_id>``), read by an ordered
 consumer: it replays the job's history, then follows it live. Each SSE ``id`` is the
@@ -25,15 +25,12 @@ from typing import Any
 import anyio
 import msgspec
 import nats.errors
-from litestar import Request, Response, get
-from litestar.params import FromPath, FromQuery
+from litestar import Response
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from nats.aio.msg import Msg
 from nats.js import api
 
-from functions.gateway.api import ApiError, load_job, tenant_of
-from functions.gateway.openapi import errors
-from shared.errors import ErrorCode
+from functions.gateway.views import load_job, stream_seq
 from shared.events import JobEvent
 from shared.function import Services
 from shared.jobstate import TERMINAL_JOB, JobRecord
@@ -50,10 +47,7 @@ def _resume_after(header: str | None, query: int | None) -> int:
         value = header.strip()
     else:
         return 0
-    if not value.isdigit():
-        raise ApiError(400, ErrorCode.INVALID_REQUEST,
-                       f"Last-Event-ID must be an event id (a stream sequence), not {value!r}")
-    return int(value)
+    return stream_seq(value, "Last-Event-ID (an event id, a stream sequence)", minimum=0)
 
 
 def _message(seq: int | None, event: JobEvent) -> ServerSentEventMessage:
@@ -132,19 +126,17 @@ async def _stream(services: Services, record: JobRecord, sub: Any,
         await _release(services, sub)
 
 
-@get("/v1/jobs/{job_id:str}/events", responses=errors(400, 404, 503))
-async def job_events(
-    request: Request[Any, Any, Any], job_id: FromPath[str],
-    last_event_id: FromQuery[int | None] = None,
-) -> Response[Any]:
-    """Server-sent events: the job's history, then live events until it finishes.
+async def respond(services: Services, tenant: str, job_id: str, *, header: str | None,
+                  query: int | None) -> Response[Any]:
+    """The job's event stream, resumed after ``Last-Event-ID`` (``header``) or
+    ``?last_event_id=`` (``query``); ``204`` when resumed past the job's end.
 
-    Resume with the ``Last-Event-ID`` header (or ``?last_event_id=``). Events are
-    ``status``, ``step`` and ``progress``; ``data`` is the JobEvent as JSON.
+    Raises:
+        MalformedRequest: a resume point that is no event id.
+        PermanentError: ``not_found`` for no such job of ``tenant``.
     """
-    services: Services = request.app.state.services
-    after = _resume_after(request.headers.get("last-event-id"), last_event_id)
-    record = await load_job(services, tenant_of(request), job_id)
+    after = _resume_after(header, query)
+    record = await load_job(services, tenant, job_id)
     sub = await _subscribe(services, record, after)
     try:
         info = await sub.consumer_info()

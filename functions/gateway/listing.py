@@ -1,4 +1,4 @@
-"""GET /v1/jobs — the caller's jobs, newest first, filtered, a page at a time.
+"""``GET /v1/jobs``: the caller's jobs, newest first, filtered, a page at a time.
 
 The jobs KV has no secondary index, so a page costs one pass over the latest revision of
 every record in the bucket (one ordered consumer, no per-key round trips; records of other
@@ -17,18 +17,24 @@ from __future__ import annotations
 import base64
 import binascii
 import heapq
-from typing import Any
 
 import msgspec
-from litestar import Request, get
-from litestar.params import FromQuery
 
-from functions.gateway.api import ApiError, JobView, tenant_of, view
-from functions.gateway.openapi import errors
-from shared.errors import ErrorCode
+from functions.gateway.views import JobView, view
+from shared.errors import MalformedRequest
 from shared.function import Services
 from shared.jobstate import JobRecord, JobStatus
 from shared.jobstore import JobNotFound
+
+MAX_LIMIT = 500
+"""The largest page the document promises; ``JETCUT_LIST_MAX_LIMIT`` may lower it."""
+CURSOR_PATTERN = r"^[A-Za-z0-9_-]+=*$"
+"""A cursor is base64url (its content is this API's own: only one it returned works)."""
+FAR_FUTURE = 32503680000.0
+"""``created_before``'s default, 3000-01-01: no bound. (A parameter that may be absent is
+given a value, not ``null``: a query string cannot say ``null``.)"""
+STATUS_PATTERN = "^({0})(,({0}))*$".format("|".join(s.value for s in JobStatus))
+"""One status, or a comma list of them."""
 
 
 class _Summary(msgspec.Struct):
@@ -60,8 +66,7 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
         created_at, job_id = msgspec.json.decode(base64.urlsafe_b64decode(cursor.encode()),
                                                  type=tuple[float, str])
     except (ValueError, binascii.Error, msgspec.DecodeError, msgspec.ValidationError):
-        raise ApiError(400, ErrorCode.INVALID_REQUEST,
-                       "cursor is not one this API returned") from None
+        raise MalformedRequest("cursor is not one this API returned") from None
     return created_at, job_id
 
 
@@ -71,9 +76,8 @@ def _statuses(value: str | None) -> set[str] | None:
     wanted = {s.strip() for s in value.split(",") if s.strip()}
     unknown = wanted - {s.value for s in JobStatus}
     if unknown:
-        raise ApiError(400, ErrorCode.INVALID_REQUEST,
-                       f"unknown status {sorted(unknown)}; one of "
-                       f"{', '.join(s.value for s in JobStatus)}")
+        raise MalformedRequest(f"unknown status {sorted(unknown)}; one of "
+                               f"{', '.join(s.value for s in JobStatus)}")
     return wanted
 
 
@@ -113,24 +117,18 @@ async def scan(services: Services, tenant: str, *, statuses: set[str] | None = N
     return heapq.nlargest(limit, found)
 
 
-@get("/v1/jobs", responses=errors(400, 503))
-async def list_jobs(
-    request: Request[Any, Any, Any],
-    status: FromQuery[str | None] = None,
-    recipe: FromQuery[str | None] = None,
-    created_after: FromQuery[float | None] = None,
-    created_before: FromQuery[float | None] = None,
-    limit: FromQuery[int] = 50,
-    cursor: FromQuery[str | None] = None,
-) -> JobPage:
-    """The caller's jobs, newest first. ``status`` takes one status or a comma list;
-    ``recipe`` a recipe name (``inline`` for jobs with inline steps); ``created_after`` /
-    ``created_before`` Unix seconds (exclusive)."""
-    services: Services = request.app.state.services
-    tenant = tenant_of(request)
-    top = services.settings.list_max_limit
+async def page(services: Services, tenant: str, *, status: str | None, recipe: str | None,
+               created_after: float | None, created_before: float | None, limit: int,
+               cursor: str | None) -> JobPage:
+    """One page of ``tenant``'s jobs (see the module doc for order and cursor).
+
+    Raises:
+        MalformedRequest: a limit over ``JETCUT_LIST_MAX_LIMIT``, an unknown status, or a
+            cursor this API did not make.
+    """
+    top = min(MAX_LIMIT, services.settings.list_max_limit)
     if not 1 <= limit <= top:
-        raise ApiError(400, ErrorCode.INVALID_REQUEST, f"limit must be within 1..{top}")
+        raise MalformedRequest(f"limit must be within 1..{top}")
     start = decode_cursor(cursor) if cursor else None
     positions = await scan(services, tenant, statuses=_statuses(status), recipe=recipe,
                            after=created_after, before=created_before, start=start,

@@ -10,11 +10,13 @@ pages (CDN-hosted assets) would be blank there.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import msgspec
-from litestar import Request, Response, get
+from litestar import Litestar, Request, Response, get
+from litestar.handlers import HTTPRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
@@ -22,13 +24,14 @@ from litestar.router import Router
 from litestar.static_files import create_static_files_router
 from swagger_ui_bundle import swagger_ui_path
 
-from shared.events import ErrorInfo
+from functions.gateway.errors import ErrorBody
 
 ASSETS = "/v1/docs/assets"
 
 STATUS_TEXT = {
     400: "Malformed request (invalid_request)",
     401: "No or an unknown API key (unauthorized)",
+    403: "The API key lacks the admin scope this needs (forbidden)",
     404: "No such job or resource, or another tenant's (not_found)",
     409: "Conflicts with the resource's state or an earlier request (conflict)",
     413: "Body or upload over its limit (payload_too_large)",
@@ -38,12 +41,6 @@ STATUS_TEXT = {
     501: "Not possible with the configured object store (not_supported)",
     503: "NATS or the object store is unavailable; retry (bus_unavailable, store_unavailable)",
 }
-
-
-class ErrorBody(msgspec.Struct):
-    """Every error of every endpoint has this one shape."""
-
-    error: ErrorInfo
 
 
 def errors(*statuses: int) -> dict[int, ResponseSpec]:
@@ -62,49 +59,119 @@ def openapi_config(version: str) -> OpenAPIConfig:
         openapi_router=Router("/v1/openapi", route_handlers=[], include_in_schema=False,
                               opt={"public": True}),
         render_plugins=[JsonRenderPlugin(path="/openapi.json")],
+        operation_id_creator=operation_id,
     )
 
 
-_BODIES: dict[tuple[str, str], tuple[str, Any]] = {}
-"""(path, method) -> (media type, body type or None for raw bytes): request bodies of
-handlers that read the body themselves."""
+def operation_id(handler: HTTPRouteHandler, method: Any, components: Any) -> str:
+    """The handler's name (``submit``, ``get_job``, ``retry_job``, ``dlq_replay``...): what
+    a generated client calls the operation. Names are unique across the gateway (Litestar
+    refuses a duplicate operation id)."""
+    return handler.handler_name
 
 
-def document_body(path: str, method: str, body: Any, media_type: str = "application/json") -> None:
-    _BODIES[(path, method.lower())] = (media_type, body)
+BODY_OPT = "jetcut_request_body"
+"""Where a handler that reads its body itself (to answer each mistake with a specific
+error) declares that body for the document (see ``request_body``)."""
 
 
-def _complete(schema: dict[str, Any]) -> dict[str, Any]:
-    """Add the hand-decoded request bodies and the error shape to Litestar's schema."""
+def request_body(body: Any, media_type: str = "application/json") -> dict[str, Any]:
+    """A handler's ``opt`` declaring its request body (``None``: raw bytes)."""
+    return {BODY_OPT: (media_type, body)}
+
+
+RESPONSE_OPT = "jetcut_response_media"
+"""Where a handler whose 200 body is raw bytes of some media type declares it."""
+
+
+def response_media(media_type: str, description: str) -> dict[str, Any]:
+    """A handler's ``opt`` declaring its ``200`` body as bytes of ``media_type`` (a range such
+    as ``*/*`` when the type is the stored object's own)."""
+    return {RESPONSE_OPT: (media_type, description)}
+
+
+def _openapi_path(path: str) -> str:
+    return re.sub(r"\{(\w+):\w+\}", r"{\1}", path)
+
+
+def _declared(app: Litestar, opt: str) -> dict[tuple[str, str], tuple[str, Any]]:
+    """(path, method) -> what every handler declares under ``opt``."""
+    found: dict[tuple[str, str], tuple[str, Any]] = {}
+    for route in app.routes:
+        for handler in getattr(route, "route_handlers", ()):
+            declared = handler.opt.get(opt)
+            if declared is not None:
+                for method in handler.http_methods:
+                    found[(_openapi_path(route.path), method.lower())] = declared
+    return found
+
+
+def _complete(schema: dict[str, Any], app: Litestar) -> dict[str, Any]:
+    """Add the hand-decoded request bodies and the error shape to Litestar's schema: every
+    error response (Litestar's own 400 included) has jetcut's one error body."""
+    bodies = _declared(app, BODY_OPT)
+    media = _declared(app, RESPONSE_OPT)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    types = [b for _, b in _BODIES.values() if b is not None] + [ErrorBody]
+    types = [*{b for _, b in bodies.values() if b is not None}, ErrorBody]
     refs, defs = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
     for name, definition in defs.items():
-        components.setdefault(name, definition)
+        components[name] = definition
     body_refs = dict(zip(types, refs, strict=True))
-    error_ref = body_refs[ErrorBody]
+    error_content = {"application/json": {"schema": body_refs[ErrorBody]}}
     for path, item in schema.get("paths", {}).items():
         for method, operation in item.items():
             if not isinstance(operation, dict) or "responses" not in operation:
                 continue
-            found = _BODIES.get((path, method))
+            found = bodies.get((path, method))
             if found is not None:
                 media_type, body = found
                 content = ({"schema": body_refs[body]} if body is not None
-                           else {"schema": {"type": "string", "format": "binary"}})
+                           else {"schema": {"type": "string", "format": "binary",
+                                            "minLength": 1}})  # an empty upload is a 400
                 operation["requestBody"] = {"required": True, "content": {media_type: content}}
-            operation["responses"].setdefault("500", {
-                "description": STATUS_TEXT[500],
-                "content": {"application/json": {"schema": error_ref}},
-            })
+            for parameter in operation.get("parameters", ()):
+                parameter["schema"] = _not_null(parameter.get("schema", {}))
+            responses = operation["responses"]
+            if (path, method) in media:
+                media_type, description = media[(path, method)]
+                responses["200"] = {"description": description, "content": {
+                    media_type: {"schema": {"type": "string", "format": "binary"}}}}
+            responses.setdefault("500", {"description": STATUS_TEXT[500]})
+            for status, response in responses.items():
+                if int(status) >= 400 and not _documents_a_body(response):
+                    response["content"] = error_content
+                    response["description"] = STATUS_TEXT.get(int(status),
+                                                               response.get("description", ""))
     return schema
+
+
+def _not_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """A parameter's schema without the ``null`` Litestar adds for ``T | None``: a query,
+    header or path parameter is absent or a string, never JSON ``null`` (the constraints
+    Litestar hangs beside the ``oneOf`` go onto the one remaining type)."""
+    branches = schema.get("oneOf")
+    if not isinstance(branches, list):
+        return schema
+    kept = [b for b in branches if b != {"type": "null"}]
+    if len(kept) != 1 or len(kept) == len(branches):
+        return schema
+    rest = {k: v for k, v in schema.items() if k != "oneOf"}
+    return {**kept[0], **rest}
+
+
+def _documents_a_body(response: dict[str, Any]) -> bool:
+    """A handler's own (non-error) body for an error status, e.g. /v1/status's 503."""
+    schema = response.get("content", {}).get("application/json", {}).get("schema", {})
+    ref = schema.get("$ref", "")
+    return bool(ref) and not ref.endswith("/ErrorBody")
 
 
 def api_schema(request: Request[Any, Any, Any]) -> dict[str, Any]:
     """The completed document, built once per app."""
     state = request.app.state
     if "openapi_document" not in state:
-        state.openapi_document = _complete(request.app.openapi_schema.to_schema())
+        state.openapi_document = _complete(request.app.openapi_schema.to_schema(),
+                                           request.app)
     document: dict[str, Any] = state.openapi_document
     return document
 

@@ -18,11 +18,12 @@ import time
 from typing import Any
 
 import msgspec
-from litestar import Request, get
+from litestar import Controller, get
 from nats.js.errors import NotFoundError
 
-from functions.gateway.api import QueueSpot
+from functions.gateway.deps import ServicesDep
 from functions.gateway.openapi import errors
+from functions.gateway.views import QueueSpot
 from shared.function import Services
 from shared.jobstate import JobRecord, JobStatus, StepStatus
 
@@ -127,11 +128,15 @@ async def queue_view(services: Services) -> QueueView:
                      at=time.time())
 
 
-@get("/v1/queue", responses=errors(503))
-async def get_queue(request: Request[Any, Any, Any]) -> QueueView:
-    """Per stage: tasks waiting, in flight, idle worker slots, oldest waiting age; the
-    conductor's submit backlog; dead letters per function."""
-    return await queue_view(request.app.state.services)
+class QueueController(Controller):
+    path = "/queue"
+    tags = ["operations"]
+
+    @get("/", responses=errors(503))
+    async def get_queue(self, services: ServicesDep) -> QueueView:
+        """Per stage: tasks waiting, in flight, idle worker slots, oldest waiting age; the
+        conductor's submit backlog; dead letters per function."""
+        return await queue_view(services)
 
 
 async def _walk(services: Services, stream: str, subject: str, start: int, job_id: str,

@@ -22,14 +22,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterable
-from typing import Any
 
 from nats.js import api
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
-from functions.gateway.api import ApiError
-from shared.errors import ErrorCode
+from shared.errors import ErrorCode, PermanentError, TransientError
 from shared.function import Services
 from shared.jobstate import JobRecord
 from shared.jobstore import JobNotFound, ride_out
@@ -99,7 +97,7 @@ class ActiveJobs:
         of an accepted request, it is refused over the cap.
 
         Raises:
-            ApiError: 429 ``too_many_active_jobs``.
+            PermanentError: 429 ``too_many_active_jobs``.
         """
         cap = self.services.settings.max_active_jobs_per_tenant
         if cap == 0:
@@ -117,11 +115,11 @@ class ActiveJobs:
             return  # (a repeat of a keyed request is answered with its job, never refused)
         await self.release(tenant, job_id)
         active = len(entries) - 1
-        raise ApiError(429, ErrorCode.TOO_MANY_ACTIVE_JOBS,
-                       f"tenant {tenant!r} has {active} queued or running jobs, the most "
-                       f"allowed is {cap}; submit again when some have finished",
-                       {"active": active, "limit": cap, "retry_after_s": RETRY_AFTER_S},
-                       headers={"Retry-After": str(RETRY_AFTER_S)})
+        raise PermanentError(ErrorCode.TOO_MANY_ACTIVE_JOBS,
+                             f"tenant {tenant!r} has {active} queued or running jobs, the "
+                             f"most allowed is {cap}; submit again when some have finished",
+                             details={"active": active, "limit": cap,
+                                      "retry_after_s": RETRY_AFTER_S})
 
     async def release(self, tenant: str, job_id: str) -> None:
         """Take back an admission whose job was never queued."""
@@ -159,7 +157,7 @@ class Backlog:
         """Refuse a job whose stages (or the conductor) are too far behind.
 
         Raises:
-            ApiError: 503 ``overloaded`` with ``Retry-After``.
+            TransientError: 503 ``overloaded`` with ``Retry-After``.
         """
         limit = self.services.settings.backpressure_max_pending
         if limit == 0:
@@ -168,21 +166,31 @@ class Backlog:
         for queue in (SUBMIT_QUEUE, *sorted(set(stages))):
             pending = depth.get(queue, 0)
             if pending >= limit:
-                raise ApiError(503, ErrorCode.OVERLOADED,
-                               f"the {queue} queue is {pending} deep (the limit is {limit}); "
-                               f"retry in {RETRY_AFTER_S}s",
-                               {"queue": queue, "pending": pending, "limit": limit,
-                                "retry_after_s": RETRY_AFTER_S},
-                               headers={"Retry-After": str(RETRY_AFTER_S)})
+                raise TransientError(f"the {queue} queue is {pending} deep (the limit is "
+                                     f"{limit}); retry in {RETRY_AFTER_S}s",
+                                     code=ErrorCode.OVERLOADED,
+                                     details={"queue": queue, "pending": pending,
+                                              "limit": limit, "retry_after_s": RETRY_AFTER_S})
 
 
-async def admit_job(state: Any, record: JobRecord, *, retried: bool = False) -> None:
-    """Admission of one validated job (``state``: the app's): backpressure on the stages it
-    needs, then its tenant's active-job cap. Call it before the job's record is created.
+class Admission:
+    """Whether a job may be queued now: backpressure, then its tenant's active-job cap."""
 
-    Raises:
-        ApiError: 503 ``overloaded`` or 429 ``too_many_active_jobs``.
-    """
-    steps = resolve(record.recipe, record.pipeline, record.params, len(record.inputs))
-    await state.backlog.check(spec.stage for spec in steps.values())
-    await state.active_jobs.admit(record.tenant, record.job_id, retried=retried)
+    def __init__(self, services: Services) -> None:
+        self.active_jobs = ActiveJobs(services)
+        self.backlog = Backlog(services)
+
+    async def admit(self, record: JobRecord, *, retried: bool = False) -> None:
+        """Admission of one validated job: backpressure on the stages it needs, then its
+        tenant's active-job cap. Call it before the job's record is created.
+
+        Raises:
+            JetcutError: 503 ``overloaded`` or 429 ``too_many_active_jobs``.
+        """
+        steps = resolve(record.recipe, record.pipeline, record.params, len(record.inputs))
+        await self.backlog.check(spec.stage for spec in steps.values())
+        await self.active_jobs.admit(record.tenant, record.job_id, retried=retried)
+
+    async def release(self, record: JobRecord) -> None:
+        """Take back an admission whose job was never queued."""
+        await self.active_jobs.release(record.tenant, record.job_id)

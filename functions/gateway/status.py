@@ -23,8 +23,10 @@ import time
 from typing import Any, Literal
 
 import msgspec
-from litestar import Request, Response, get
+from litestar import Controller, Response, get
+from litestar.openapi.datastructures import ResponseSpec
 
+from functions.gateway.deps import ServicesDep
 from functions.gateway.queue import queue_view
 from shared.function import Services
 
@@ -123,8 +125,13 @@ async def system_status(services: Services) -> StatusView:
     return StatusView(status=overall, checks=checks, at=time.time())
 
 
-@get("/v1/status")
-async def get_status(request: Request[Any, Any, Any]) -> Response[StatusView]:
-    """healthy / degraded / unhealthy with every check's detail (503 when unhealthy)."""
-    status = await system_status(request.app.state.services)
-    return Response(status, status_code=503 if status.status == "unhealthy" else 200)
+class StatusController(Controller):
+    path = "/status"
+    tags = ["operations"]
+
+    @get("/", responses={503: ResponseSpec(StatusView, generate_examples=False,
+                                           description="Unhealthy: a critical check failed")})
+    async def get_status(self, services: ServicesDep) -> Response[StatusView]:
+        """healthy / degraded / unhealthy with every check's detail (503 when unhealthy)."""
+        status = await system_status(services)
+        return Response(status, status_code=503 if status.status == "unhealthy" else 200)

@@ -1,4 +1,5 @@
-"""POST /v1/uploads: stream a file into the store in constant memory."""
+"""``/v1/uploads``: stream a file into the store in constant memory, or (S3 store) get a
+presigned URL to PUT it straight into the bucket."""
 
 from __future__ import annotations
 
@@ -11,16 +12,16 @@ import unicodedata
 from typing import Any
 
 import msgspec
-from litestar import Request, post
+from litestar import Controller, Request, post
 from litestar.params import FromQuery
 
-from functions.gateway.api import (
-    ApiError,
+from functions.gateway.deps import ServicesDep
+from functions.gateway.openapi import errors, request_body
+from functions.gateway.views import (
     UploadView,
     tenant_of,
 )
-from functions.gateway.openapi import errors
-from shared.errors import ErrorCode, NotSupported
+from shared.errors import ErrorCode, MalformedRequest, PermanentError
 from shared.function import Services
 from shared.ids import new_upload_id
 
@@ -30,38 +31,6 @@ def safe_filename(name: str) -> str:
     name = unicodedata.normalize("NFKC", os.path.basename(name.replace("\\", "/")))
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "upload"
     return name[:100]
-
-
-@post("/v1/uploads", request_max_body_size=None, status_code=201)
-async def upload(
-    request: Request[Any, Any, Any], filename: FromQuery[str] = "upload"
-) -> UploadView:
-    services: Services = request.app.state.services
-    tenant = tenant_of(request)
-    limit = services.settings.max_upload_bytes
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, ErrorCode.PAYLOAD_TOO_LARGE, f"uploads are limited to {limit} bytes")
-    upload_id = new_upload_id()
-    name = safe_filename(filename)
-    key = f"uploads/{tenant}/{upload_id}/{name}"
-    digest = hashlib.sha256()
-    size = 0
-    # Spool to disk, never to memory: multi-GB uploads use constant memory.
-    with tempfile.NamedTemporaryFile(dir=services.settings.work_dir, prefix="upload-") as spool:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, ErrorCode.PAYLOAD_TOO_LARGE,
-                               f"uploads are limited to {limit} bytes")
-            digest.update(chunk)
-            spool.write(chunk)
-        spool.flush()
-        if size == 0:
-            raise ApiError(400, ErrorCode.INVALID_REQUEST, "the upload is empty")
-        await services.store.put_file(key, spool.name)
-    return UploadView(upload_id=upload_id, key=key, filename=name, size=size,
-                      sha256=digest.hexdigest())
 
 
 class PresignedUpload(msgspec.Struct):
@@ -77,22 +46,67 @@ class PresignedUpload(msgspec.Struct):
     """Larger objects are refused when a job names them (an S3 PUT URL cannot cap size)."""
 
 
-@post("/v1/uploads:presign", status_code=201, responses=errors(501, 503))
-async def presign_upload(
-    request: Request[Any, Any, Any], filename: FromQuery[str] = "upload"
-) -> PresignedUpload:
-    """A short-lived URL to PUT a file straight into S3 (the gateway never sees its bytes).
-    Only with the S3 store: the local store answers ``501 not_supported``."""
-    services: Services = request.app.state.services
+class UploadController(Controller):
+    """Uploads: the inputs of jobs."""
+
+    path = "/uploads"
+    tags = ["uploads"]
+
+    @post("/", request_max_body_size=None, status_code=201,
+          responses=errors(400, 413, 503),
+          opt=request_body(None, "application/octet-stream"))
+    async def upload(self, request: Request[Any, Any, Any], services: ServicesDep,
+                     filename: FromQuery[str] = "upload") -> UploadView:
+        """The request body is the file; ``upload_id`` names it as a job's input."""
+        return await _receive(request, services, filename)
+
+
+class PresignController(Controller):
+    """``POST /v1/uploads:presign`` (a custom method on the uploads collection)."""
+
+    path = "/uploads:presign"
+    tags = ["uploads"]
+
+    @post("/", status_code=201, responses=errors(501, 503))
+    async def presign_upload(self, request: Request[Any, Any, Any], services: ServicesDep,
+                             filename: FromQuery[str] = "upload") -> PresignedUpload:
+        """A short-lived URL to PUT a file straight into S3 (the gateway never sees its
+        bytes). Only with the S3 store: the local store answers ``501 not_supported``."""
+        tenant = tenant_of(request)
+        upload_id = new_upload_id()
+        name = safe_filename(filename)
+        key = f"uploads/{tenant}/{upload_id}/{name}"
+        expiry = services.settings.presign_expiry_s
+        url = await services.store.presign_put(key, expiry)  # NotSupported: 501
+        return PresignedUpload(upload_id=upload_id, key=key, filename=name, method="PUT",
+                               url=url, expires_at=time.time() + expiry,
+                               max_bytes=services.settings.max_upload_bytes)
+
+
+async def _receive(request: Request[Any, Any, Any], services: Services,
+                   filename: str) -> UploadView:
     tenant = tenant_of(request)
+    limit = services.settings.max_upload_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PermanentError(ErrorCode.PAYLOAD_TOO_LARGE, f"uploads are limited to {limit} bytes")
     upload_id = new_upload_id()
     name = safe_filename(filename)
     key = f"uploads/{tenant}/{upload_id}/{name}"
-    expiry = services.settings.presign_expiry_s
-    try:
-        url = await services.store.presign_put(key, expiry)
-    except NotSupported as exc:
-        raise ApiError(501, ErrorCode.NOT_SUPPORTED, exc.message) from exc
-    return PresignedUpload(upload_id=upload_id, key=key, filename=name, method="PUT", url=url,
-                           expires_at=time.time() + expiry,
-                           max_bytes=services.settings.max_upload_bytes)
+    digest = hashlib.sha256()
+    size = 0
+    # Spool to disk, never to memory: multi-GB uploads use constant memory.
+    with tempfile.NamedTemporaryFile(dir=services.settings.work_dir, prefix="upload-") as spool:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PermanentError(ErrorCode.PAYLOAD_TOO_LARGE,
+                                     f"uploads are limited to {limit} bytes")
+            digest.update(chunk)
+            spool.write(chunk)
+        spool.flush()
+        if size == 0:
+            raise MalformedRequest("the upload is empty")
+        await services.store.put_file(key, spool.name)
+    return UploadView(upload_id=upload_id, key=key, filename=name, size=size,
+                      sha256=digest.hexdigest())

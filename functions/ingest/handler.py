@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import weakref
 from typing import Any, cast
 
@@ -32,12 +31,11 @@ from nats.aio.msg import Msg
 from prometheus_client import Counter
 
 from functions.ingest import minio, requests
-from functions.ingest.submit import check, commit, input_ref
-from shared.callbacks import validate as validate_callback
+from shared import submission
 from shared.errors import ErrorCode, JetcutError, PermanentError, error_info
-from shared.events import InputRef, JobSubmit, StepSpec
+from shared.events import StepSpec
 from shared.function import Context, Function, Services, Subscription
-from shared.ids import job_id_for, new_job_id
+from shared.jobrequest import JobRequest
 from shared.recipes import resolve
 from shared.settings import IngestRule, Settings
 from shared.telemetry import Telemetry
@@ -117,16 +115,14 @@ async def _start_jobs(event: minio.MinioNotification, ctx: Context) -> None:
             ctx.log.info("ignored MinIO notification: %s", decision.reason)
             count.labels("minio", "ignored").inc()
             continue
-        ref = await input_ref(services, decision.tenant, decision.key)
-        job = JobSubmit(
-            job_id=decision.job_id, tenant=decision.tenant, recipe=decision.rule.recipe,
-            steps=rule_steps(decision.rule), params=dict(decision.rule.params),
-            inputs=[InputRef(key=ref.key, filename=decision.filename, size=ref.size)],
-            idempotency_key=decision.idempotency_key, submitted_at=time.time(),
-        )
-        check(job)
-        job_id = await commit(services, job, forget_on_failure=False)
-        ctx.log.info("MinIO upload %s -> job %s", decision.key, job_id)
+        rule = decision.rule
+        request = JobRequest(recipe=rule.recipe, steps=rule_steps(rule),
+                             params=dict(rule.params), input=decision.key)
+        job = await submission.prepare(services, decision.tenant, request,
+                                       idempotency_key=decision.idempotency_key,
+                                       job_id=decision.job_id, ingest=True)
+        await submission.commit(services, job)
+        ctx.log.info("MinIO upload %s -> job %s", decision.key, job.job_id)
         count.labels("minio", "job").inc()
 
 
@@ -143,23 +139,15 @@ async def answer(services: Services, headers: dict[str, str] | None, body: bytes
     Raises:
         JetcutError: with the code the requester is answered with.
     """
-    settings = services.settings
-    draft = requests.parse(headers, body, settings.default_tenant)
-    job = JobSubmit(job_id=draft.job_id, tenant=draft.tenant, recipe=draft.recipe,
-                    steps=draft.steps, params=draft.params,
-                    inputs=[InputRef(key=ref) for ref in draft.refs],
-                    callback_url=draft.callback_url, callback_secret=draft.callback_secret)
-    check(job)
-    if draft.callback_url is not None:  # the gateway's checks, answered with their code
-        await validate_callback(draft.callback_url, draft.callback_secret, settings)
-    inputs = [await input_ref(services, draft.tenant, ref) for ref in draft.refs]
-    named = draft.job_id is not None or draft.idempotency_key is not None
-    job_id = draft.job_id or (job_id_for(draft.tenant, draft.idempotency_key)
-                              if draft.idempotency_key else new_job_id())
-    job = msgspec.structs.replace(job, job_id=job_id, inputs=inputs,
-                                  idempotency_key=draft.idempotency_key,
-                                  submitted_at=time.time())
-    return await commit(services, job, forget_on_failure=not named)
+    draft = requests.parse(headers, body, services.settings.default_tenant)
+    request = JobRequest(recipe=draft.recipe, steps=draft.steps, params=draft.params,
+                         inputs=draft.refs, callback_url=draft.callback_url,
+                         callback_secret=draft.callback_secret)
+    job = await submission.prepare(services, draft.tenant, request,
+                                   idempotency_key=draft.idempotency_key, job_id=draft.job_id,
+                                   ingest=True)
+    await submission.commit(services, job)
+    return job.job_id
 
 
 class Responder:

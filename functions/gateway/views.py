@@ -1,44 +1,27 @@
-"""What every gateway route shares: the error shape, views of a job, tenant and job lookup.
+"""What every gateway route shares: views of a job, the caller, tenant and job lookup.
 
-Errors always have one shape: ``{error: {code, message, details}}``, and no input of any shape
-produces a stack trace (``on_error``).
+Errors are answered by ``errors.on_error``.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from typing import Any, cast
 
 import msgspec
-import nats.errors
-from litestar import Request, Response
+from litestar import Request
 from litestar.connection import ASGIConnection
-from litestar.exceptions import HTTPException, NotFoundException, ValidationException
 from litestar.types import Scope
 
-from shared.errors import ErrorCode, JetcutError, ObjectNotFound
+from functions.gateway.errors import Unauthorized
+from shared.errors import ErrorCode, MalformedRequest, PermanentError
 from shared.events import ErrorInfo
 from shared.function import Services
 from shared.jobstate import JobRecord
-from shared.jobstore import TRANSIENT_KV, JobNotFound
-
-log = logging.getLogger("jetcut.gateway")
-
+from shared.jobstore import JobNotFound
 
 CHUNK = 1 << 20
-
-
-class ApiError(JetcutError):
-    """An error answered to the client with an HTTP status."""
-
-    def __init__(self, status: int, code: ErrorCode, message: str,
-                 details: dict[str, Any] | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message, code=code, details=details)
-        self.status = status
-        self.headers = headers or {}
 
 
 class UploadView(msgspec.Struct):
@@ -116,11 +99,6 @@ class OutputList(msgspec.Struct):
     outputs: list[OutputView]
 
 
-def error_response(status: int, error: ErrorInfo,
-                   headers: dict[str, str] | None = None) -> Response[Any]:
-    return Response({"error": msgspec.to_builtins(error)}, status_code=status, headers=headers)
-
-
 SCOPE_KEY = "jetcut"
 """Where the auth guard leaves what it learnt about a request (in the ASGI scope)."""
 
@@ -148,12 +126,11 @@ def tenant_of(request: Request[Any, Any, Any]) -> str:
     """The caller's tenant, from its API key: every read and write is scoped to it.
 
     Raises:
-        ApiError: 401 on a route the auth guard did not cover (never a default tenant).
+        Unauthorized: on a route the auth guard did not cover (never a default tenant).
     """
     caller = caller_of(request)
     if caller is None:
-        raise ApiError(401, ErrorCode.UNAUTHORIZED, "an API key is required",
-                       headers={"WWW-Authenticate": 'Bearer realm="jetcut"'})
+        raise Unauthorized("an API key is required", invalid_token=False)
     return caller.tenant
 
 
@@ -204,44 +181,30 @@ async def load_job_revision(services: Services, tenant: str,
             raise
         found = None
     if found is None or found[0].tenant != tenant:
-        raise ApiError(404, ErrorCode.NOT_FOUND, f"no job {job_id!r}")
+        raise PermanentError(ErrorCode.NOT_FOUND, f"no job {job_id!r}")
     return found
 
 
-BUS_TROUBLE = (*TRANSIENT_KV, nats.errors.ConnectionClosedError,
-               nats.errors.OutboundBufferLimitError)
-"""NATS errors that mean "not now", wherever in a request they surface."""
+MAX_SEQ = 10**15 - 1
+"""The largest stream sequence accepted from a client (15 digits: a stream taking a million
+messages a second for 31 years). NATS sequences are unsigned 64-bit and the server answers
+a larger number with a parse error, never "not found". Fifteen digits is a bound the
+OpenAPI document can state (``SEQ_PATTERN``) and every JSON client reads exactly (a double
+holds any integer below 2**53)."""
+SEQ_PATTERN = r"^[1-9][0-9]{0,14}$"
+"""A stream sequence as a path segment or header: 1..MAX_SEQ, in ASCII digits."""
 
 
-def on_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    if isinstance(exc, ApiError):
-        return error_response(exc.status, ErrorInfo(code=str(exc.code), message=exc.message,
-                                                    details=exc.details), exc.headers)
-    if isinstance(exc, ObjectNotFound):
-        return error_response(404, ErrorInfo(code=str(ErrorCode.NOT_FOUND),
-                                             message="the object is gone from the store"))
-    if isinstance(exc, JetcutError):
-        status = 422 if exc.non_retryable else 503
-        return error_response(status, ErrorInfo(code=str(exc.code), message=exc.message,
-                                                details=exc.details))
-    if isinstance(exc, ValidationException):
-        return error_response(400, ErrorInfo(code=str(ErrorCode.INVALID_REQUEST),
-                                             message=str(exc.detail)))
-    if isinstance(exc, NotFoundException):
-        return error_response(404, ErrorInfo(code=str(ErrorCode.NOT_FOUND),
-                                             message="no such resource"))
-    if isinstance(exc, HTTPException):
-        code = ErrorCode.PAYLOAD_TOO_LARGE if exc.status_code == 413 else \
-            ErrorCode.INVALID_REQUEST
-        return error_response(exc.status_code, ErrorInfo(code=str(code),
-                                                         message=str(exc.detail)))
-    if isinstance(exc, BUS_TROUBLE):
-        # NATS is restarting, electing a leader, or unreachable: the client should retry.
-        log.warning("NATS unavailable on %s %s: %r", request.method, request.url.path, exc)
-        return error_response(503, ErrorInfo(
-            code=str(ErrorCode.BUS_UNAVAILABLE),
-            message="the job queue is unavailable for a moment; retry (with the same "
-                    "Idempotency-Key)", details={"retry_after_s": 1}), {"Retry-After": "1"})
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(500, ErrorInfo(code=str(ErrorCode.INTERNAL),
-                                         message="internal error; it has been logged"))
+def stream_seq(value: str, what: str, *, minimum: int = 1) -> int:
+    """A stream sequence a client wrote (a path segment, a header): checked at the edge.
+
+    Only ASCII digits count: ``str.isdigit`` is also true for ``"²"``, which ``int``
+    refuses.
+
+    Raises:
+        MalformedRequest: anything but an integer within ``minimum..MAX_SEQ``.
+    """
+    if not (value.isascii() and value.isdigit()) or not minimum <= int(value) <= MAX_SEQ:
+        raise MalformedRequest(f"{what} must be an integer within {minimum}..{MAX_SEQ}, "
+                               f"not {value[:40]!r}")
+    return int(value)

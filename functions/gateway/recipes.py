@@ -1,4 +1,4 @@
-"""GET /v1/recipes — the recipes a job may name, with what each makes and how many inputs.
+"""``GET /v1/recipes``: the recipes a job may name, with what each makes and how many inputs.
 
 Read from ``shared.recipes`` at request time, so a recipe added there is listed here with
 no change to the gateway. The dashboard fills its recipe picker from it; a program can use
@@ -11,10 +11,9 @@ import inspect
 from typing import Any
 
 import msgspec
-from litestar import Request, get
+from litestar import Controller, Request, get
 
-from functions.gateway.api import tenant_of
-from functions.gateway.openapi import errors
+from functions.gateway.views import tenant_of
 from shared.jobstate import input_ref_index
 from shared.recipes import RECIPES
 
@@ -60,8 +59,12 @@ def recipe_views() -> list[RecipeView]:
     return views
 
 
-@get("/v1/recipes", responses=errors(401))
-async def list_recipes(request: Request[Any, Any, Any]) -> RecipeList:
-    """Every recipe, with its description, the inputs it needs and its steps."""
-    tenant_of(request)  # the same key as every other call: no anonymous catalogue probing
-    return RecipeList(recipes=recipe_views())
+class RecipeController(Controller):
+    path = "/recipes"
+    tags = ["recipes"]
+
+    @get("/")
+    async def list_recipes(self, request: Request[Any, Any, Any]) -> RecipeList:
+        """Every recipe, with its description, the inputs it needs and its steps."""
+        tenant_of(request)  # the same key as every other call: no anonymous probing
+        return RecipeList(recipes=recipe_views())
