@@ -26,17 +26,15 @@ from nats.js.kv import KeyValue
 
 from shared.errors import ErrorCode, JetcutError
 from shared.jobstate import JobRecord
-from shared.retry import TRANSIENT_NATS, ride_out
+from shared.retry import ride_out
 
-__all__ = ["TRANSIENT_KV", "JobNotFound", "JobStore", "NoChange", "ride_out"]
+__all__ = ["JobNotFound", "JobStore", "NoChange"]
 
 T = TypeVar("T")
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(JobRecord)
 MAX_CAS_ATTEMPTS = 64
-TRANSIENT_KV = TRANSIENT_NATS
-"""Kept for callers outside the runtime (the gateway); the one tuple is in ``shared.retry``."""
 
 
 class JobNotFound(JetcutError):

@@ -28,6 +28,7 @@ from typing import Any
 
 import msgspec
 
+from shared import msgids
 from shared.bus import PublishFailed, StreamFull
 from shared.callbacks import validate as validate_callback
 from shared.errors import (
@@ -279,7 +280,7 @@ async def publish(services: Services, claims: Sequence[Claim]) -> None:
         for item in claims:
             if item.event is not None:
                 await services.bus.publish(services.names.submit, item.event,
-                                           msg_id=item.job.job_id)
+                                           msg_id=msgids.submit(item.job.job_id))
                 published.append(item.job.job_id)
     except PublishFailed as exc:
         for item in claims:

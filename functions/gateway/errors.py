@@ -29,7 +29,7 @@ from shared.errors import (
     TransientError,
 )
 from shared.events import ErrorInfo
-from shared.jobstore import TRANSIENT_KV
+from shared.retry import TRANSIENT_NATS
 
 log = logging.getLogger("jetcut.gateway")
 
@@ -62,7 +62,7 @@ STATUS: Mapping[ErrorCode, int] = MappingProxyType({
 when the error says retrying cannot help, else 503."""
 
 REALM = 'Bearer realm="jetcut"'
-BUS_TROUBLE = (*TRANSIENT_KV, nats.errors.ConnectionClosedError,
+BUS_TROUBLE = (*TRANSIENT_NATS, nats.errors.ConnectionClosedError,
                nats.errors.OutboundBufferLimitError)
 """NATS errors that mean "not now", wherever in a request they surface."""
 

@@ -35,7 +35,7 @@ from functions.gateway.views import (
     tenant_of,
     view,
 )
-from shared import submission
+from shared import msgids, submission
 from shared.bus import PublishFailed
 from shared.errors import (
     ErrorCode,
@@ -127,7 +127,7 @@ class JobController(Controller):
             await services.bus.publish(
                 services.names.cancel,
                 JobCancel(job_id=job_id, tenant=record.tenant, reason=reason[:200]),
-                msg_id=f"{job_id}:cancel")
+                msg_id=msgids.cancel(job_id))
         except PublishFailed as exc:
             raise TransientError("could not cancel now; retry", code=ErrorCode.BUS_UNAVAILABLE,
                                  details={"retry_after_s": 1}) from exc
@@ -267,7 +267,7 @@ async def _retry(request: Request[Any, Any, Any], services: Services, admission:
     event = JobRetry(job_id=job_id, tenant=record.tenant, mode="failed", reason=reason[:200])
     try:
         await services.bus.publish(services.names.retry, event,
-                                   msg_id=f"retry:{job_id}:{revision}")
+                                   msg_id=msgids.retry(job_id, revision))
     except PublishFailed as exc:
         raise TransientError("could not retry now; retry", code=ErrorCode.BUS_UNAVAILABLE,
                              details={"retry_after_s": 1}) from exc

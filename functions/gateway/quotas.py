@@ -30,8 +30,9 @@ from nats.js.kv import KeyValue
 from shared.errors import ErrorCode, PermanentError, TransientError
 from shared.function import Services
 from shared.jobstate import JobRecord
-from shared.jobstore import JobNotFound, ride_out
+from shared.jobstore import JobNotFound
 from shared.recipes import resolve
+from shared.retry import ride_out
 
 CACHE_S = 1.0
 RETRY_AFTER_S = 5
