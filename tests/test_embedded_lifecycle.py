@@ -294,3 +294,17 @@ def test_two_stacks_run_side_by_side(stacks: list[Dev], tmp_path: Path) -> None:
         assert dev.proc is not None
         assert dev.proc.wait(timeout=30) == 0, dev.log()
         assert "jetcut dev stopped" in dev.log()
+
+
+def test_jetcut_run_gateway_on_a_taken_port_gives_one_line_and_exit_2(tmp_path: Path) -> None:
+    (port,) = free_ports(1)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("JETCUT_")},
+           "JETCUT_HTTP_PORT": str(port), "JETCUT_WORK_DIR": str(tmp_path)}
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        result = subprocess.run([JETCUT, "run", "gateway"], env=env, capture_output=True,
+                                timeout=60)
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode == 2, lines
+    assert len(lines) == 1 and f"port {port} " in lines[0] and "JETCUT_HTTP_PORT" in lines[0]
