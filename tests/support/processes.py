@@ -5,6 +5,11 @@ Fixture:
              starts ``jetcut run transcode`` with the test's settings (namespace, store) plus
              ``JETCUT_*`` overrides; its output goes to a log (``workers.log(name)``). Every
              process still alive at teardown gets SIGTERM (then SIGKILL) and is reaped.
+
+Helper:
+    stack_processes(root, parent=pid): the live processes of one stack, read from the
+             process table (descendants of ``pid`` and anything naming ``root``), for tests
+             that prove nothing outlives a stopped or killed stack.
 """
 
 from __future__ import annotations
