@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from shared.settings import Settings, SettingsError, load_settings
 
@@ -25,20 +29,43 @@ def _setup_logging(settings: Settings) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
+DEV_DRAIN_GRACE_S = 5.0
+"""``jetcut dev``'s drain grace unless JETCUT_DRAIN_GRACE_S is set: short enough that a
+Ctrl-C stops the stack within 10 s, with in-flight work handed back for the next start."""
+
+
 def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
     """Embedded stack: a real nats-server, the local store, every function, the gateway."""
     from functions.registry import FUNCTIONS
     from shared.natsserver import NatsServer
+    from shared.ports import PortInUse, ensure_free
     from shared.runtime import Runtime
 
     data_dir = Path(settings.data_dir).resolve()
     server = NatsServer(data_dir / "nats", port=settings.nats_port, binary=settings.nats_server_bin)
-    server.start()
+    # Ctrl-C while the server starts: nothing to drain yet, stop it and go.
+    _on_signals(lambda: _force_exit(None, server, "stopped while starting"))
+    try:
+        server.stop_leftover()  # ours from an earlier run: its ports are not "in use"
+        ensure_free(server.host, server.port, setting="JETCUT_NATS_PORT", what="NATS")
+        ensure_free(settings.http_host, settings.http_port, setting="JETCUT_HTTP_PORT",
+                    what="HTTP gateway")
+        server.start()
+    except PortInUse as exc:
+        print(f"jetcut: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except (RuntimeError, TimeoutError) as exc:
+        server.stop()
+        print(f"jetcut: nats-server did not start: {exc}", file=sys.stderr, flush=True)
+        return 1
     # A local stack for one person: callers without an API key are the default tenant
     # (admin), unless JETCUT_ALLOW_ANONYMOUS=false asks for keys even here.
-    anonymous: dict[str, object] = ({} if "JETCUT_ALLOW_ANONYMOUS" in os.environ
-                                    else {"allow_anonymous": True})
-    settings = load_settings(None, nats_url=server.url, data_dir=str(data_dir), **anonymous)
+    defaults: dict[str, object] = {}
+    if "JETCUT_ALLOW_ANONYMOUS" not in os.environ:
+        defaults["allow_anonymous"] = True
+    if "JETCUT_DRAIN_GRACE_S" not in os.environ:
+        defaults["drain_grace_s"] = DEV_DRAIN_GRACE_S
+    settings = load_settings(None, nats_url=server.url, data_dir=str(data_dir), **defaults)
     auth = (f"anonymous access ON: no key needed, every caller is tenant "
             f"{settings.default_tenant!r} with admin rights (development only)"
             if settings.allow_anonymous else
@@ -53,17 +80,41 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
             f"  nats      {server.url}   (JetStream files in {server.data_dir})\n"
             f"  store     {Path(settings.store_root).resolve()}\n"
             f"  functions {', '.join(FUNCTIONS)}\n"
-            f"Press Ctrl-C to stop.",
+            f"Press Ctrl-C to stop (a second Ctrl-C stops at once).",
             flush=True,
         )
 
     runtime = Runtime(settings, list(FUNCTIONS.values()), service_name="dev")
+    force = partial(_force_exit, runtime, server, "stopped at once (second signal)")
     try:
-        asyncio.run(runtime.serve_until_signalled(on_ready=ready))
+        asyncio.run(runtime.serve_until_signalled(on_ready=ready, on_force=force))
     finally:
+        _on_signals(force)  # the runtime is done with signals; one more forces the rest
         server.stop()
         print("jetcut dev stopped", flush=True)
     return _exit_code(runtime)
+
+
+def _on_signals(handler: Callable[[], None]) -> None:
+    """Call ``handler`` on SIGINT/SIGTERM (outside the event loop, which has its own)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: handler())
+
+
+def _force_exit(runtime: Any, server: Any, why: str) -> NoReturn:
+    """Exit now, without draining, but leave no child behind: ffmpeg's process groups and
+    the nats-server are killed first (on Linux the kernel would kill them too, see
+    shared/children.py; elsewhere this is what stops them)."""
+    pids = runtime.services.media.child_pids() if runtime and runtime.services else ()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGKILL)
+    if server is not None and server.pid is not None:
+        # A bare kill, no wait(): this may run inside a wait() on the same process.
+        with contextlib.suppress(OSError):
+            os.kill(server.pid, signal.SIGKILL)
+    print(f"jetcut: {why}", file=sys.stderr, flush=True)
+    os._exit(130)
 
 
 def _exit_code(runtime: Any) -> int:
@@ -89,6 +140,17 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         print(f"unknown function {args.function!r}; known: {', '.join(FUNCTIONS)}",
               file=sys.stderr)
         return 2
+    from shared.ports import PortInUse, ensure_free
+
+    try:
+        if fn.name == "gateway":
+            ensure_free(settings.http_host, settings.http_port, setting="JETCUT_HTTP_PORT",
+                        what="HTTP gateway")
+        ensure_free(settings.http_host, settings.metrics_port, setting="JETCUT_METRICS_PORT",
+                    what="metrics")
+    except PortInUse as exc:
+        print(f"jetcut: {exc}", file=sys.stderr, flush=True)
+        return 2
     runtime = Runtime(settings, [fn], service_name=fn.name)
 
     def ready(_: object) -> None:
@@ -96,7 +158,8 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
             runtime.telemetry.start_metrics_server(settings.http_host, settings.metrics_port)
         log.info("%s ready (nats %s)", fn.name, settings.nats_url)
 
-    asyncio.run(runtime.serve_until_signalled(on_ready=ready))
+    force = partial(_force_exit, runtime, None, "stopped at once (second signal)")
+    asyncio.run(runtime.serve_until_signalled(on_ready=ready, on_force=force))
     return _exit_code(runtime)
 
 

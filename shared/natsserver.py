@@ -3,11 +3,18 @@
 Used by ``jetcut dev`` and by the tests: JetStream on file storage in a data dir of ours,
 ``sync_interval: always`` (the default fsyncs only every two minutes and loses acknowledged
 writes on an OS crash, per Jepsen's NATS 2.12.1 analysis), loopback only.
+
+The server dies with the process that started it, even when that process is SIGKILLed
+(:mod:`shared.children`), and its pid is kept in ``<data_dir>/<server_name>.pid``: a start
+finds a server an earlier run of the same data dir left behind (a system without
+``PR_SET_PDEATHSIG``, an older jetcut) and stops it before starting its own.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import shutil
 import signal
 import socket
@@ -18,7 +25,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared.children import die_with_parent_hook
+
 READY_TIMEOUT_S = 20.0
+
+log = logging.getLogger(__name__)
 
 
 def find_nats_server(explicit: str | None = None) -> str:
@@ -116,6 +127,10 @@ class NatsServer:
         return self.data_dir / f"{self.server_name}.conf"
 
     @property
+    def pid_path(self) -> Path:
+        return self.data_dir / f"{self.server_name}.pid"
+
+    @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
@@ -127,6 +142,7 @@ class NatsServer:
         if self.running:
             return self
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.stop_leftover()
         self.config_path.write_text(
             render_config(
                 host=self.host, port=self.port, http_port=self.http_port,
@@ -139,14 +155,44 @@ class NatsServer:
             self._proc = subprocess.Popen(
                 [find_nats_server(self.binary), "-c", str(self.config_path)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,
+                # Own session: a Ctrl-C meant for us does not stop it before we drained.
+                # Killed by the kernel if we die without stopping it.
+                start_new_session=True, preexec_fn=die_with_parent_hook(),
             )
         finally:
             log.close()
+        self.pid_path.write_text(f"{self._proc.pid}\n")
         if wait:
             self.wait_ready()
             self.check_durable()
         return self
+
+    def stop_leftover(self, timeout: float = 10.0) -> int | None:
+        """Stop a server of this data dir that an earlier run left running; its pid or None.
+
+        Only a process whose command line names this data dir's config file is stopped: a
+        stale pid file whose pid now belongs to something else is ignored.
+        """
+        try:
+            pid = int(self.pid_path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        if not _is_our_server(pid, self.config_path):
+            self.pid_path.unlink(missing_ok=True)
+            return None
+        log.warning("stopping nats-server pid %d, left running by an earlier run of %s",
+                    pid, self.data_dir)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+                while _alive(pid):
+                    time.sleep(0.05)
+        self.pid_path.unlink(missing_ok=True)
+        return pid
 
     def check_durable(self) -> None:
         """Refuse to run a server that would lose acknowledged writes on an OS crash."""
@@ -194,6 +240,7 @@ class NatsServer:
         proc = self._proc
         if proc is None or proc.poll() is not None:
             self._proc = None
+            self.pid_path.unlink(missing_ok=True)
             return
         proc.send_signal(sig)
         try:
@@ -202,9 +249,38 @@ class NatsServer:
             proc.kill()
             proc.wait()
         self._proc = None
+        self.pid_path.unlink(missing_ok=True)
 
     def __enter__(self) -> NatsServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (a zombie holds no port or file)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return not Path("/proc").is_dir()
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _is_our_server(pid: int, config_path: Path) -> bool:
+    """Does ``pid`` run nats-server with ``config_path``? (No /proc: trust the pid file.)"""
+    if not _alive(pid):
+        return False
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except FileNotFoundError:
+        return not Path("/proc").is_dir()
+    except OSError:
+        return False
+    return str(config_path).encode() in argv

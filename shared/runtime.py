@@ -41,6 +41,10 @@ class MediaTools:
         self.settings = settings
         self._tools: tuple[Binaries, FFmpegRunner] | None = None
 
+    def child_pids(self) -> frozenset[int]:
+        """ffmpeg children running now (none if no runner was made)."""
+        return self._tools[1].pids if self._tools is not None else frozenset()
+
     def __call__(self) -> tuple[Binaries, FFmpegRunner]:
         if self._tools is None:
             binaries = find_binaries(self.settings)
@@ -154,12 +158,23 @@ class Runtime:
         self.telemetry.shutdown()
 
     async def serve_until_signalled(
-        self, on_ready: Callable[[Services], None] | None = None
+        self, on_ready: Callable[[Services], None] | None = None,
+        on_force: Callable[[], None] | None = None,
     ) -> None:
-        """Run until SIGTERM/SIGINT (or a crashed loop), then stop gracefully."""
+        """Run until SIGTERM/SIGINT (or a crashed loop), then stop gracefully.
+
+        Signals stay handled while stopping: one that comes when the process is already
+        stopping calls ``on_force`` (the CLI exits at once, killing its children).
+        """
         loop = asyncio.get_running_loop()
+
+        def signalled() -> None:
+            if self.stop_event.is_set() and on_force is not None:
+                on_force()
+            self.stop_event.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop_event.set)
+            loop.add_signal_handler(sig, signalled)
         try:
             # A signal must stop a process that is still starting, too (NATS unreachable,
             # provisioning retried): start() does not look at the stop event itself.
@@ -178,6 +193,8 @@ class Runtime:
                 on_ready(services)
             await self.stop_event.wait()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
-            await self.stop()
+            try:
+                await self.stop()
+            finally:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)

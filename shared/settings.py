@@ -95,6 +95,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     public_url: str | None = None
     """Base URL clients use to reach the gateway (default: http://<http_host>:<http_port>)."""
     max_upload_bytes: PositiveInt = 20 * 1024**3
+    http_shutdown_grace_s: Positive = 5.0
+    """On SIGTERM/SIGINT, how long open HTTP requests (uploads, downloads) may go on before
+    they are cut; server-sent event streams end at once."""
     default_tenant: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "default"
 
     # --- consumers --------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Every accepted job completes when one node of a 3-node JetStream cluster crashes mid-run.
 
-Three real nats-server processes on loopback (:class:`shared.natscluster.NatsCluster`),
+Three real nats-server processes on loopback (:class:`tests.support.natscluster.NatsCluster`),
 streams, consumers and the jobs KV with 3 replicas, and two jetcut processes' worth of
 runtimes connected to all three seeds: the conductor in one, the stage workers (probe,
 transcode, noop: real ffmpeg, real files exchanged through the store) in the other.
@@ -31,13 +31,13 @@ from nats.aio.client import Client as NATS
 from functions.registry import FUNCTIONS
 from shared.function import Services
 from shared.jobstore import JobNotFound
-from shared.natscluster import NatsCluster
 from shared.natsserver import render_config
 from shared.retry import ride_out
 from shared.runtime import Runtime
 from shared.settings import Settings
 from tests.support.media import MakeClip
 from tests.support.nats import consumer_settled, running, submit_job
+from tests.support.natscluster import NatsCluster
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = 12

@@ -13,11 +13,13 @@ terminal, a final ``status`` event (without an ``id``) is made from the record a
 stream ends; an idle stream re-reads the record at every heartbeat for the same reason.
 Heartbeat comments (``JETCUT_SSE_HEARTBEAT_S``) keep proxies from closing an idle stream.
 A client that disconnects releases the consumer at once (it is deleted, not left to time
-out).
+out). A gateway that is shutting down ends every stream at once (a browser reconnects to
+the next gateway with ``Last-Event-ID``), so open streams never hold up a Ctrl-C.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -93,8 +95,30 @@ SETTLE_S = 1.0
 just after writing the record) before making it from the record."""
 
 
-async def _stream(services: Services, record: JobRecord, sub: Any,
-                  history: int) -> AsyncGenerator[ServerSentEventMessage, None]:
+async def _next(sub: Any, wait_s: float, stopping: asyncio.Event | None) -> Msg | None:
+    """The subscription's next message; None once the gateway is shutting down."""
+    if stopping is None:
+        msg: Msg = await sub.next_msg(timeout=wait_s)
+        return msg
+    if stopping.is_set():
+        return None
+    nxt = asyncio.ensure_future(sub.next_msg(timeout=wait_s))
+    stop = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait([nxt, stop], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+        if not nxt.done():
+            nxt.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await nxt
+    if nxt.cancelled():
+        return None
+    return nxt.result()
+
+
+async def _stream(services: Services, record: JobRecord, sub: Any, history: int,
+                  stopping: asyncio.Event | None) -> AsyncGenerator[ServerSentEventMessage, None]:
     heartbeat = services.settings.sse_heartbeat_s
     caught_up, settling = history == 0, False
     try:
@@ -103,7 +127,7 @@ async def _stream(services: Services, record: JobRecord, sub: Any,
             return
         while True:
             try:
-                msg: Msg = await sub.next_msg(timeout=SETTLE_S if settling else heartbeat)
+                msg = await _next(sub, SETTLE_S if settling else heartbeat, stopping)
             except nats.errors.TimeoutError:
                 record = await services.jobs.get(record.job_id)
                 if record.terminal and settling:
@@ -112,6 +136,8 @@ async def _stream(services: Services, record: JobRecord, sub: Any,
                 settling = record.terminal  # its own event may be a moment behind
                 yield ServerSentEventMessage(data=None, comment="keep-alive")
                 continue
+            if msg is None:
+                return  # shutting down
             try:
                 event = _decoder.decode(msg.data)
             except (msgspec.DecodeError, msgspec.ValidationError):
@@ -127,9 +153,10 @@ async def _stream(services: Services, record: JobRecord, sub: Any,
 
 
 async def respond(services: Services, tenant: str, job_id: str, *, header: str | None,
-                  query: int | None) -> Response[Any]:
+                  query: int | None, stopping: asyncio.Event | None = None) -> Response[Any]:
     """The job's event stream, resumed after ``Last-Event-ID`` (``header``) or
-    ``?last_event_id=`` (``query``); ``204`` when resumed past the job's end.
+    ``?last_event_id=`` (``query``); ``204`` when resumed past the job's end. The stream
+    ends when ``stopping`` is set (the gateway is shutting down).
 
     Raises:
         MalformedRequest: a resume point that is no event id.
@@ -148,4 +175,4 @@ async def respond(services: Services, tenant: str, job_id: str, *, header: str |
     if after and history == 0 and record.terminal:
         await _release(services, sub)
         return Response(None, status_code=204)
-    return ServerSentEvent(_stream(services, record, sub, history))
+    return ServerSentEvent(_stream(services, record, sub, history, stopping))

@@ -219,8 +219,8 @@ class JobController(Controller):
         ``status``, ``step`` and ``progress``; ``data`` is the JobEvent as JSON.
         """
         return await events.respond(services, tenant_of(request), job_id,
-                                    header=resume,
-                                    query=last_event_id or None)
+                                    header=resume, query=last_event_id or None,
+                                    stopping=getattr(request.app.state, "stopping", None))
 
     @get("/{job_id:str}/graph", responses=errors(404, 503))
     async def get_job_graph(self, request: Request[Any, Any, Any], services: ServicesDep,

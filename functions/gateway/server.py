@@ -46,9 +46,15 @@ class _Server(uvicorn.Server):
 
 async def serve(services: Services, stop: asyncio.Event) -> None:
     settings = services.settings
+    app = build_app(services)
+    app.state.stopping = stop  # SSE streams end when it is set (functions/gateway/events.py)
     config = uvicorn.Config(
-        build_app(services), host=settings.http_host, port=settings.http_port,
+        app, host=settings.http_host, port=settings.http_port,
         log_level="warning", lifespan="on", access_log=False,
+        # Open requests (an upload mid-body, a slow download) get this long after a signal,
+        # then are cut: no client can hold a stopping gateway up.
+        # (Typed int, used as asyncio.wait_for's float timeout: a fraction works.)
+        timeout_graceful_shutdown=settings.http_shutdown_grace_s,  # type: ignore[arg-type]
     )
     server = _Server(config)
     serving = asyncio.create_task(server.serve())

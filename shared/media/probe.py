@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from shared.children import die_with_parent_hook
 from shared.errors import ErrorCode, FFmpegError, PermanentError
 from shared.media.allowlist import (
     FORMAT_WHITELIST,
@@ -449,6 +450,7 @@ async def run_ffprobe(
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
+            preexec_fn=die_with_parent_hook(),  # a killed worker leaves no ffprobe behind
             env=child_env(binaries),
         )
     except OSError as exc:

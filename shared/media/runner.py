@@ -12,7 +12,8 @@ What every stage gets from :class:`FFmpegRunner` without thinking about it:
 * a hard deadline, cancellation by event or by task cancellation, each ending in SIGTERM to
   the child's process group, then SIGKILL after a grace period, then ``wait()`` so no zombie
   or orphan outlives the call;
-* ``nice``, an optional address-space cap and no core dumps on the child;
+* ``nice``, an optional address-space cap and no core dumps on the child, which is killed by
+  the kernel if the worker dies outright (:mod:`shared.children`);
 * a failure classified into a stable code and a retry decision (:func:`classify_failure`).
 
 Callers build arguments with ffmpeg-python (``ffmpeg.input(...).output(...).get_args()``) and
@@ -31,11 +32,13 @@ import shutil
 import signal
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from shared.children import die_with_parent_hook
 from shared.errors import Cancelled, ErrorCode, FFmpegError
 from shared.media.allowlist import FORMAT_WHITELIST, refused_format
 from shared.media.binaries import Binaries, child_env, find_binaries
@@ -239,6 +242,7 @@ class FFmpegRunner:
         """
         argv = self.command(args)
         loop = asyncio.get_running_loop()
+        die_with_parent = die_with_parent_hook()
         started = loop.time()
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -250,7 +254,7 @@ class FFmpegRunner:
                 # Own session and process group: our signals reach ffmpeg and anything it
                 # spawns, and a Ctrl-C meant for the worker does not hit it mid-write.
                 start_new_session=True,
-                preexec_fn=self._preexec,
+                preexec_fn=partial(self._preexec, die_with_parent),
                 env=child_env(self._binaries),
             )
         except OSError as exc:
@@ -351,8 +355,10 @@ class FFmpegRunner:
             # The thread finishes even if this await is cancelled again.
             await asyncio.shield(asyncio.to_thread(shutil.rmtree, path, ignore_errors=True))
 
-    def _preexec(self) -> None:
+    def _preexec(self, die_with_parent: Callable[[], None]) -> None:
         # Runs in the forked child before exec: only plain syscalls, no locks, no logging.
+        # First, so that ffmpeg never outlives a worker that is killed outright.
+        die_with_parent()
         if self._nice:
             os.nice(self._nice)
         # A crash on a hostile file should not leave a core dump of a 100 MB binary.

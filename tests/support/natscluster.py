@@ -1,10 +1,11 @@
 """A 3-node JetStream cluster of real nats-server processes on loopback.
 
-For the tests and load tests that prove recovery on a cluster: every node is a
-:class:`~shared.natsserver.NatsServer` with its own store dir, ``sync_interval: always`` and
-the shipped topology of ``infra/nats/cluster/`` (cluster ``jetcut``, nodes ``n1``..``n3``,
-every node routing to every node), on free ports that are kept across restarts so that
-clients given :attr:`NatsCluster.urls` find a restarted node where it was.
+Test harness (no command or shipped feature uses it) for the tests that prove recovery on
+a cluster: every node is a :class:`~shared.natsserver.NatsServer` with its own store dir,
+``sync_interval: always`` and the shipped topology of ``infra/nats/cluster/`` (cluster
+``jetcut``, nodes ``n1``..``n3``, every node routing to every node), on free ports that
+are kept across restarts so that clients given :attr:`NatsCluster.urls` find a restarted
+node where it was.
 
 "Started" means usable, not merely listening: :meth:`NatsCluster.start` and
 :meth:`NatsCluster.restart` return only once every running node agrees on one JetStream
