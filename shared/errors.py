@@ -50,6 +50,7 @@ class ErrorCode(StrEnum):
     UNSUPPORTED_FORMAT = "unsupported_format"
     INPUT_TOO_LARGE = "input_too_large"
     INVALID_CALLBACK = "invalid_callback"
+    OUTPUT_CHECK_FAILED = "output_check_failed"
 
 
 class JetcutError(Exception):

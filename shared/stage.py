@@ -49,6 +49,8 @@ from shared.jobstate import (
 )
 from shared.jobstore import JobNotFound, NoChange
 from shared.media import STRIP_METADATA
+from shared.media.verify import summary as check_summary
+from shared.media.verify import verify_outputs
 from shared.params.base import Params
 from shared.recipes import decode_params
 
@@ -372,7 +374,7 @@ class Lease:
 
 async def _execute(name: str, handler: StageHandler[P], task: StageTask, services: Services,
                    params: Params, cancelled: asyncio.Event, lease: Lease) -> None:
-    _, runner = services.media()
+    binaries, runner = services.media()
     started = time.monotonic()
     async with runner.workdir(services.settings.work_dir) as workdir:
         sctx: StageContext[Any] = StageContext(
@@ -382,6 +384,11 @@ async def _execute(name: str, handler: StageHandler[P], task: StageTask, service
         await _download_inputs(services, task.inputs, workdir, sctx)
         try:
             result = await handler(task, sctx)
+            # Part of the contract: an output is checked before the step may finish.
+            checks = await verify_outputs(binaries, services.settings, name, result.files,
+                                          sctx.inputs, sctx.meta)
+            if checks:
+                result.meta = {**result.meta, "checks": check_summary(checks)}
         except Cancelled:
             raise lease.error() from None
         except JetcutError as exc:
