@@ -162,11 +162,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     output_check_metric: Literal["auto", "vmaf", "ssim", "off"] = "auto"
     """Quality score of video encodes against the source: ``auto`` is VMAF where the
     ffmpeg build has libvmaf, otherwise SSIM; ``off`` scores nothing."""
-    output_check_min_vmaf: Annotated[float, msgspec.Meta(ge=0, le=100)] = 40.0
+    output_check_min_vmaf: Annotated[float, msgspec.Meta(ge=0, le=100)] = 15.0
     """Floor of the VMAF score (0..100) in every compared window; below it the step fails
     with ``output_check_failed``. Low on purpose: it catches broken encodes (wrong frames,
     shifted timing, garbage), it does not grade them."""
-    output_check_min_ssim: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.80
+    output_check_min_ssim: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.5
     """Floor of the SSIM (0..1) in every compared window, where SSIM is the metric."""
     output_check_whole_max_s: Positive = 10.0
     """Outputs up to this long are decoded and compared whole; longer ones in windows."""

@@ -73,6 +73,8 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     sizes: dict[str, int] = {}
     etags: dict[str, str] = {}
     meta: dict[str, Any] = {}
+    checks: list[dict[str, Any]] = []
+    """Output checks run on the outputs before this manifest was written (all passed)."""
     elapsed_s: float = 0.0
     created_at: float = msgspec.field(default_factory=time.time)
 
@@ -208,6 +210,7 @@ async def report(
     services: Services, task: StageTask, *, outputs: dict[str, str] | None = None,
     meta: dict[str, Any] | None = None, error: ErrorInfo | None = None, elapsed_s: float = 0.0,
     from_checkpoint: bool = False, skipped: str | None = None, delivery: int = 0,
+    checks: list[dict[str, Any]] | None = None,
 ) -> None:
     """Publish the task's result. The message id carries the delivery, so a superseded
     delivery's (refused) result can never shadow the current one's through deduplication."""
@@ -215,7 +218,7 @@ async def report(
         job_id=task.job_id, tenant=task.tenant, step=task.step, attempt=task.attempt,
         part=task.part, outputs=outputs or {}, meta=meta or {}, error=error,
         skipped=skipped, elapsed_s=elapsed_s, from_checkpoint=from_checkpoint,
-        delivery=delivery,
+        delivery=delivery, checks=checks or [],
     )
     await services.bus.publish(services.names.stage_complete, done,
                                msg_id=f"{task.task_id}:complete:{delivery}")
@@ -239,7 +242,8 @@ async def run_task(name: str, handler: StageHandler[P], task: StageTask, ctx: Co
         log_.info("%s done before (checkpoint); not re-running", task.task_id)
         await report(services, task, outputs=checkpoint.outputs, meta=checkpoint.meta,
                      elapsed_s=checkpoint.elapsed_s, from_checkpoint=True,
-                     skipped=checkpoint.skipped, delivery=delivery)
+                     skipped=checkpoint.skipped, delivery=delivery,
+                     checks=checkpoint.checks)
         return
 
     def running(rec: JobRecord) -> bool:
@@ -385,10 +389,8 @@ async def _execute(name: str, handler: StageHandler[P], task: StageTask, service
         try:
             result = await handler(task, sctx)
             # Part of the contract: an output is checked before the step may finish.
-            checks = await verify_outputs(binaries, services.settings, name, result.files,
-                                          sctx.inputs, sctx.meta)
-            if checks:
-                result.meta = {**result.meta, "checks": check_summary(checks)}
+            checks = check_summary(await verify_outputs(
+                binaries, services.settings, name, result.files, sctx.inputs, sctx.meta))
         except Cancelled:
             raise lease.error() from None
         except JetcutError as exc:
@@ -405,12 +407,13 @@ async def _execute(name: str, handler: StageHandler[P], task: StageTask, service
     elapsed = time.monotonic() - started
     manifest = Manifest(job_id=task.job_id, step=task.step, stage=name, attempt=task.attempt,
                         part=task.part, outputs=outputs, sizes=sizes, etags=etags,
-                        meta=result.meta, skipped=result.skipped, elapsed_s=round(elapsed, 3))
+                        meta=result.meta, skipped=result.skipped, elapsed_s=round(elapsed, 3),
+                        checks=checks)
     await services.store.put_bytes(manifest_key(task.job_id, task.step, task.part),
                                    msgspec.json.encode(manifest), "application/json")
     services.telemetry.step_seconds.labels(name).observe(elapsed)
     await report(services, task, outputs=outputs, meta=result.meta, skipped=result.skipped,
-                 elapsed_s=round(elapsed, 3), delivery=lease.delivery)
+                 elapsed_s=round(elapsed, 3), delivery=lease.delivery, checks=checks)
 
 
 def _redact(exc: JetcutError, prefix: str) -> None:

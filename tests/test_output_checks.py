@@ -206,10 +206,10 @@ async def test_checks_are_in_the_manifest_and_the_job_view(  # type: ignore[no-u
         assert rt.services is not None
         manifest = await rt.services.store.get_bytes(f"jobs/{job_id}/transcode/manifest.json")
     assert record.status == "succeeded", record.error
-    checks = record.steps["transcode"].meta["checks"]
+    checks = record.steps["transcode"].checks
     assert {c["check"] for c in checks} >= {"decode", "duration", "quality"}
     assert all(c["passed"] for c in checks)
     assert b'"checks"' in manifest and b'"quality"' in manifest
-    poster = record.steps["poster"].meta["checks"]
+    poster = record.steps["poster"].checks
     assert [c["check"] for c in poster] == ["decode"]  # an image: it decodes, nothing more
     assert ffprobe_json(binaries, clip)["streams"]  # the source itself is untouched

@@ -15,7 +15,7 @@ asked for. After a handler returns, the stage contract (``shared.stage``) calls
   the source on the same windows, at low resolution, above a configurable floor.
 
 Each result is a :class:`CheckResult` (recorded in the step's manifest and job view under
-``meta["checks"]``). A failed check raises :class:`OutputCheckFailed` (``output_check_failed``,
+``checks``). A failed check raises :class:`OutputCheckFailed` (``output_check_failed``,
 never retried: the same input makes the same output); a check that could not run at all
 (ffmpeg crashed or timed out) raises a transient error, so the step is retried.
 """
@@ -163,20 +163,6 @@ def _ratio(text: Any) -> float | None:
         return None
 
 
-def stream_duration(stream: dict[str, Any] | None, fallback: float) -> float:
-    """A stream's duration: its own field, Matroska's DURATION tag, else the container's."""
-    if stream is None:
-        return 0.0
-    value = _ratio(stream.get("duration"))
-    if value is not None and value > 0:
-        return value
-    tag = (stream.get("tags") or {}).get("DURATION")
-    if tag:
-        h, m, s = tag.split(":")
-        return int(h) * 3600 + int(m) * 60 + float(s)
-    return fallback
-
-
 async def _run(argv: Sequence[str], binaries: Binaries, timeout_s: float) -> tuple[int, str,
                                                                                     str]:
     proc = await asyncio.create_subprocess_exec(
@@ -192,6 +178,37 @@ async def _run(argv: Sequence[str], binaries: Binaries, timeout_s: float) -> tup
         raise TransientError(f"output check: {Path(argv[0]).name} crashed "
                              f"(signal {-proc.returncode})")
     return proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+SPAN_TAIL_S = 10.0
+"""A long file's span is read from its first and last this-many seconds of packets."""
+
+
+async def stream_span(binaries: Binaries, media: Media, kind: str,
+                      timeout_s: float = 60.0) -> float | None:
+    """How long the first ``kind`` (``v``/``a``) stream plays: from its first shown packet
+    to the end of its last, skipping packets an edit list discards (flag ``D``: priming,
+    trimmed GOP heads). Container and stream duration fields are not used: they count
+    discarded packets, encoder padding or nothing at all (MPEG-TS, WebM)."""
+    argv = [binaries.ffprobe, "-v", "error", "-select_streams", f"{kind}:0",
+            "-show_entries", "packet=pts_time,duration_time,flags", "-of", "csv=p=0"]
+    if media.duration_s > 3 * SPAN_TAIL_S:
+        tail = media.duration_s - SPAN_TAIL_S
+        argv += ["-read_intervals", f"%+{SPAN_TAIL_S:g},{tail:.3f}%"]
+    code, out, _ = await _run([*argv, str(media.path)], binaries, timeout_s)
+    first: float | None = None
+    end: float | None = None
+    for line in out.splitlines():
+        fields = line.split(",")
+        if len(fields) < 3 or "D" in fields[2] or fields[0] in ("", "N/A"):
+            continue
+        pts = float(fields[0])
+        length = float(fields[1]) if fields[1] not in ("", "N/A") else 0.0
+        first = pts if first is None else min(first, pts)
+        end = pts + length if end is None else max(end, pts + length)
+    if code != 0 or first is None or end is None:
+        return None
+    return end - first
 
 
 async def probe_media(binaries: Binaries, path: Path, timeout_s: float = 60.0) -> Media:
@@ -385,7 +402,7 @@ async def verify_output(binaries: Binaries, settings: Settings, stage: str, name
             want["audio"] = want_audio
         add("streams", all(got[k] == v for k, v in want.items()), got, want)
     if src is not None and promise.duration:
-        _durations(add, out, src)
+        await _durations(binaries, add, out, src)
     real_video = (src is not None and src.video is not None and out.video is not None
                   and not src.still and not out.still)
     if not real_video or not (promise.picture or promise.quality):
@@ -414,16 +431,20 @@ async def verify_output(binaries: Binaries, settings: Settings, stage: str, name
     return results
 
 
-def _durations(add: Any, out: Media, src: Media) -> None:
-    pairs = (("video", out.video, src.video, 1.0 / src.fps + EPSILON_S),
-             ("audio", out.audio, src.audio, AUDIO_TOLERANCE_S + EPSILON_S))
-    for kind, o, s, tolerance in pairs:
+async def _durations(binaries: Binaries, add: Any, out: Media, src: Media) -> None:
+    pairs = (("video", "v", out.video, src.video, 1.0 / src.fps + EPSILON_S),
+             ("audio", "a", out.audio, src.audio, AUDIO_TOLERANCE_S + EPSILON_S))
+    for kind, letter, o, s, tolerance in pairs:
         if o is None or s is None or (kind == "video" and (src.still or out.still)):
             continue
-        got = round(stream_duration(o, out.duration_s), 3)
-        had = round(stream_duration(s, src.duration_s), 3)
-        add("duration", abs(got - had) <= tolerance, {kind + "_s": got},
-            {kind + "_s": had, "tolerance_s": round(tolerance, 3)})
+        got, had = await stream_span(binaries, out, letter), await stream_span(binaries, src,
+                                                                                letter)
+        if got is None or had is None:
+            add("duration", got is not None, {kind + "_s": got}, {kind + "_s": had},
+                "no timestamps to measure")
+            continue
+        add("duration", abs(got - had) <= tolerance, {kind + "_s": round(got, 3)},
+            {kind + "_s": round(had, 3), "tolerance_s": round(tolerance, 3)})
 
 
 async def verify_outputs(binaries: Binaries, settings: Settings, stage: str,
@@ -483,5 +504,5 @@ def _probed_rotation(meta: dict[str, dict[str, Any]]) -> int:
 
 
 def summary(results: list[CheckResult]) -> list[dict[str, Any]]:
-    """The results as plain data for a manifest's and the job view's ``meta["checks"]``."""
+    """The results as plain data, for the manifest's and the job view's ``checks``."""
     return [msgspec.to_builtins(r) for r in results]

@@ -221,9 +221,7 @@ async def run_cell(runtime: Runtime, built: Built, cell: Cell, extra: dict[str, 
         for name, step in record.steps.items():
             if step.status not in ("done", "skipped"):
                 problems.append(f"step {name} ended {step.status}")
-            parts = [p for p in step.meta.get("parts", ()) if isinstance(p, dict)]
-            for check in [*step.meta.get("checks", ()), *(c for p in parts
-                                                           for c in p.get("checks", ()))]:
+            for check in step.checks:
                 checks.append({"step": name, **check})
                 if not check.get("passed", False):
                     problems.append(f"step {name}: check {check.get('check')} failed")
