@@ -213,3 +213,19 @@ async def test_checks_are_in_the_manifest_and_the_job_view(  # type: ignore[no-u
     poster = record.steps["poster"].checks
     assert [c["check"] for c in poster] == ["decode"]  # an image: it decodes, nothing more
     assert ffprobe_json(binaries, clip)["streams"]  # the source itself is untouched
+
+
+async def test_animated_webp_is_checked_by_its_structure(binaries: Binaries,
+                                                         tmp_path: Path) -> None:
+    """ffmpeg cannot decode animated WebP: its RIFF chunks are checked instead, and a file
+    cut short fails."""
+    anim = _ffmpeg(binaries, tmp_path / "preview.webp", "-f", "lavfi", "-i",
+                   "testsrc2=size=160x90:rate=10:duration=1", "-c:v", "libwebp_anim",
+                   "-loop", "0")
+    results = await verify_outputs(binaries, settings(), "preview", {"preview": anim}, {})
+    assert [(r.check, r.passed, r.measured) for r in results] == [
+        ("decode", True, {"frames": 10})]
+    cut = tmp_path / "cut.webp"
+    cut.write_bytes(anim.read_bytes()[: anim.stat().st_size // 2])
+    with pytest.raises(OutputCheckFailed):
+        await verify_outputs(binaries, settings(), "preview", {"preview": cut}, {})

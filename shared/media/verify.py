@@ -7,8 +7,8 @@ asked for. After a handler returns, the stage contract (``shared.stage``) calls
 
 * ``decode``: it decodes without errors (whole when short, sampled windows when long);
 * ``streams``: it has the video / audio streams the stage promised;
-* ``duration``: each stream lasts as long as the source's (one source frame for video,
-  40 ms for audio);
+* ``duration``: each stream lasts as long as the source's (one frame for video, 40 ms
+  for audio), measured from the packets a player shows;
 * ``black`` / ``freeze``: no more black or frozen picture than the source had there
   (``blackdetect`` / ``freezedetect`` on both, same windows);
 * ``quality``: for video encodes, VMAF (where the ffmpeg build has libvmaf) or SSIM against
@@ -186,28 +186,40 @@ SPAN_TAIL_S = 10.0
 
 async def stream_span(binaries: Binaries, media: Media, kind: str,
                       timeout_s: float = 60.0) -> float | None:
-    """How long the first ``kind`` (``v``/``a``) stream plays: from its first shown packet
-    to the end of its last, skipping packets an edit list discards (flag ``D``: priming,
-    trimmed GOP heads). Container and stream duration fields are not used: they count
-    discarded packets, encoder padding or nothing at all (MPEG-TS, WebM)."""
+    """How long the first ``kind`` (``v``/``a``) stream plays, from its first shown frame.
+
+    Video: to the end of its last frame, taken to last as long as the interval before it
+    (the duration a muxer writes on a last frame is a guess); from packets, no decoding.
+    Audio: to the end of its last decoded frame, so encoder delay and padding the file says
+    to skip are skipped (MP3, AAC). Packets an edit list discards (flag ``D``: priming,
+    trimmed GOP heads) never count. Container and stream duration fields are not used:
+    they count discarded packets, encoder padding or nothing at all (MPEG-TS, WebM).
+    """
+    entries = ("packet=pts_time,duration_time,flags" if kind == "v"
+               else "frame=pts_time,duration_time")
     argv = [binaries.ffprobe, "-v", "error", "-select_streams", f"{kind}:0",
-            "-show_entries", "packet=pts_time,duration_time,flags", "-of", "csv=p=0"]
+            "-show_entries", entries, "-of", "csv=p=0"]
     if media.duration_s > 3 * SPAN_TAIL_S:
         tail = media.duration_s - SPAN_TAIL_S
         argv += ["-read_intervals", f"%+{SPAN_TAIL_S:g},{tail:.3f}%"]
     code, out, _ = await _run([*argv, str(media.path)], binaries, timeout_s)
     first: float | None = None
     end: float | None = None
+    times: list[float] = []
     for line in out.splitlines():
-        fields = line.split(",")
-        if len(fields) < 3 or "D" in fields[2] or fields[0] in ("", "N/A"):
+        fields = [*line.split(","), "", ""][:3]
+        if "D" in fields[2] or fields[0] in ("", "N/A"):
             continue
         pts = float(fields[0])
-        length = float(fields[1]) if fields[1] not in ("", "N/A") else 0.0
+        length = float(fields[1]) if kind == "a" and fields[1] not in ("", "N/A") else 0.0
         first = pts if first is None else min(first, pts)
         end = pts + length if end is None else max(end, pts + length)
+        times.append(pts)
     if code != 0 or first is None or end is None:
         return None
+    if kind == "v" and len(times) >= 2:
+        times.sort()
+        end = times[-1] + (times[-1] - times[-2])
     return end - first
 
 
@@ -367,6 +379,28 @@ async def quality_metric(binaries: Binaries, settings: Settings) -> str | None:
 
 # -- checking -------------------------------------------------------------------------------
 
+def animated_webp_frames(path: Path) -> int | None:
+    """Frames of an animated WebP, from its RIFF chunks (None: not one, or malformed).
+
+    ffmpeg has no decoder for animated WebP, so its structure is what can be checked: a RIFF
+    container whose size matches the file, an ``ANIM`` chunk and at least one ``ANMF`` frame,
+    every chunk inside the file."""
+    data = path.read_bytes()
+    if data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+        return None
+    if int.from_bytes(data[4:8], "little") + 8 != len(data):
+        return None
+    at, frames, animated = 12, 0, False
+    while at + 8 <= len(data):
+        kind, size = data[at:at + 4], int.from_bytes(data[at + 4:at + 8], "little")
+        if at + 8 + size > len(data):
+            return None
+        animated |= kind == b"ANIM"
+        frames += kind == b"ANMF"
+        at += 8 + size + (size & 1)
+    return frames if animated and frames else None
+
+
 async def verify_output(binaries: Binaries, settings: Settings, stage: str, name: str,
                         path: Path, source: Path | None, *, metric: str | None,
                         rotation: int | None = None) -> list[CheckResult]:
@@ -381,9 +415,13 @@ async def verify_output(binaries: Binaries, settings: Settings, stage: str, name
         results.append(CheckResult(output=name, check=check, passed=passed,
                                    measured=measured or {}, expected=expected or {}, note=note))
 
-    if out.video is None and out.audio is None:
+    if out.video is None and out.audio is None and not animated_webp_frames(path):
         add("streams", False, {"video": False, "audio": False}, {"media": True},
             "ffprobe finds no picture or sound")
+        return results
+    if path.suffix.lower() == ".webp" and (frames := animated_webp_frames(path)):
+        add("decode", True, {"frames": frames}, {"frames": ">= 1"},
+            "animated WebP: RIFF structure checked (ffmpeg cannot decode it)")
         return results
     spans = windows(out.duration_s, settings)
     errors, picture = await _decode_output(binaries, out, spans, timeout)
@@ -432,7 +470,8 @@ async def verify_output(binaries: Binaries, settings: Settings, stage: str, name
 
 
 async def _durations(binaries: Binaries, add: Any, out: Media, src: Media) -> None:
-    pairs = (("video", "v", out.video, src.video, 1.0 / src.fps + EPSILON_S),
+    frame = max(1.0 / src.fps, 1.0 / out.fps)  # a rate change moves the last frame by one
+    pairs = (("video", "v", out.video, src.video, frame + EPSILON_S),
              ("audio", "a", out.audio, src.audio, AUDIO_TOLERANCE_S + EPSILON_S))
     for kind, letter, o, s, tolerance in pairs:
         if o is None or s is None or (kind == "video" and (src.still or out.still)):
