@@ -229,3 +229,33 @@ async def test_animated_webp_is_checked_by_its_structure(binaries: Binaries,
     cut.write_bytes(anim.read_bytes()[: anim.stat().st_size // 2])
     with pytest.raises(OutputCheckFailed):
         await verify_outputs(binaries, settings(), "preview", {"preview": cut}, {})
+
+
+async def test_a_cancelled_check_leaves_no_child_running(binaries: Binaries, source: Path,
+                                                         tmp_path: Path) -> None:
+    import asyncio
+
+    from tests.support.waiting import eventually
+
+    pids = tmp_path / "pids"
+    slow = tmp_path / "ffmpeg"
+    slow.write_text(f"#!/bin/sh\necho $$ >> {pids}\nexec sleep 60\n")
+    slow.chmod(slow.stat().st_mode | stat.S_IEXEC)
+    stuck = Binaries(ffmpeg=str(slow), ffprobe=binaries.ffprobe)
+    out = encode(binaries, source, tmp_path / "good.mp4", "-c:a", "aac")
+    task = asyncio.create_task(check(stuck, out, source, output_check_metric="ssim"))
+    await eventually(lambda: pids.exists() and len(pids.read_text().split()) == 2,
+                     what="the decode and the comparison to start")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    started = [int(p) for p in pids.read_text().split()]
+    await eventually(lambda: not any(alive(p) for p in started), what="the children to exit")

@@ -174,6 +174,11 @@ async def _run(argv: Sequence[str], binaries: Binaries, timeout_s: float) -> tup
         proc.kill()
         await proc.wait()
         raise TransientError(f"output check timed out after {timeout_s:g}s") from None
+    except BaseException:  # the step was cancelled: leave no child behind
+        if proc.returncode is None:
+            proc.kill()
+            await asyncio.shield(proc.wait())
+        raise
     if proc.returncode is not None and proc.returncode < 0:
         raise TransientError(f"output check: {Path(argv[0]).name} crashed "
                              f"(signal {-proc.returncode})")
