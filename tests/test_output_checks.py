@@ -134,15 +134,19 @@ async def test_long_outputs_are_decoded_in_windows(binaries: Binaries, source: P
     assert next(r for r in whole if r.check == "decode").measured["windows"] == 1
 
 
-async def test_black_that_the_source_has_is_not_a_failure(binaries: Binaries,
-                                                          tmp_path: Path) -> None:
+@pytest.mark.parametrize("stage_name", ["transcode", "watermark"])
+async def test_black_that_the_source_has_is_not_a_failure(binaries: Binaries, tmp_path: Path,
+                                                          stage_name: str) -> None:
+    """``watermark`` scores no quality: its source is measured only once the output shows
+    black, and then excuses it."""
     src = _ffmpeg(binaries, tmp_path / "fade.mp4", "-f", "lavfi", "-i", SRC, "-t", "3",
                   "-vf", "drawbox=c=black:t=fill:enable='lt(t,1.5)'", "-c:v", "libx264",
                   "-preset", "ultrafast")
     out = encode(binaries, src, tmp_path / "out.mp4")
-    results = await check(binaries, out, src)
+    results = await check(binaries, out, src, stage_name)
     black = next(r for r in results if r.check == "black")
     assert black.passed and black.measured["output_s"] >= 1.0
+    assert black.note.startswith("the source has 1.")
 
 
 async def test_a_check_that_crashes_is_transient(binaries: Binaries, source: Path,
@@ -259,3 +263,15 @@ async def test_a_cancelled_check_leaves_no_child_running(binaries: Binaries, sou
 
     started = [int(p) for p in pids.read_text().split()]
     await eventually(lambda: not any(alive(p) for p in started), what="the children to exit")
+
+
+async def test_an_overlay_stage_that_blacks_out_the_picture_fails(
+    binaries: Binaries, source: Path, tmp_path: Path
+) -> None:
+    out = encode(binaries, source, tmp_path / "black.mp4", "-vf",
+                 "drawbox=c=black:t=fill:enable='between(t,0.5,2.5)'", "-c:a", "aac")
+    with pytest.raises(OutputCheckFailed) as info:
+        await check(binaries, out, source, "watermark")
+    black = failed_checks(info.value)["black"]
+    assert black["measured"]["output_s"] >= 1.5 and black["note"] == "the source has 0s"
+    assert "quality" not in {c["check"] for c in info.value.details["checks"]}
