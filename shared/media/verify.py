@@ -37,6 +37,7 @@ import msgspec
 
 from shared.errors import ErrorCode, PermanentError, TransientError
 from shared.media.binaries import Binaries, child_env
+from shared.media.runner import PROTOCOL_WHITELIST
 from shared.settings import Settings
 
 __all__ = ["PROMISES", "CheckResult", "OutputCheckFailed", "Promise", "verify_outputs"]
@@ -53,6 +54,8 @@ HDR_TRANSFERS = frozenset({"smpte2084", "arib-std-b67"})
 TONEMAP = ("zscale=t=linear:npl=100,format=gbrpf32le,zscale=p=bt709,tonemap=hable:desat=0,"
            "zscale=t=bt709:m=bt709:r=tv")
 """How an HDR source is shown as SDR for the comparison with an SDR output."""
+_UNTRUSTED = ("-protocol_whitelist", PROTOCOL_WHITELIST)
+"""Sources are uploads: as in every stage, an input may only be a local file."""
 COMPARE_WIDTH = 320
 """Quality is scored at this width (or the output's, if smaller): cheap, and enough to see a
 wrong frame, a shifted timeline or a broken encode."""
@@ -218,7 +221,7 @@ async def stream_span(binaries: Binaries, media: Media, kind: str,
     """
     entries = ("packet=pts_time,duration_time,flags" if kind == "v"
                else "frame=pts_time,duration_time")
-    argv = [binaries.ffprobe, "-v", "error", "-select_streams", f"{kind}:0",
+    argv = [binaries.ffprobe, "-v", "error", *_UNTRUSTED, "-select_streams", f"{kind}:0",
             "-show_entries", entries, "-of", "csv=p=0"]
     if media.duration_s > SPAN_WHOLE_MAX_S:
         tail = media.duration_s - SPAN_TAIL_S
@@ -248,7 +251,8 @@ async def stream_span(binaries: Binaries, media: Media, kind: str,
 
 
 async def probe_media(binaries: Binaries, path: Path, timeout_s: float = 60.0) -> Media:
-    code, out, _ = await _run([binaries.ffprobe, "-v", "error", "-print_format", "json",
+    code, out, _ = await _run([binaries.ffprobe, "-v", "error", *_UNTRUSTED,
+                               "-print_format", "json",
                                "-show_format", "-show_streams", str(path)], binaries, timeout_s)
     info = json.loads(out or "{}") if code == 0 else {}
     streams = info.get("streams", [])
@@ -313,8 +317,8 @@ def _picture(stderr: str, window_lengths: list[float]) -> Picture:
 def _inputs(path: Path, spans: list[tuple[float, float]], *options: str) -> list[str]:
     argv: list[str] = []
     for start, length in spans:
-        argv += [*options, "-ss", f"{max(start, 0.0):.3f}", "-t", f"{length:.3f}", "-i",
-                 str(path)]
+        argv += [*options, *_UNTRUSTED, "-ss", f"{max(start, 0.0):.3f}",
+                 "-t", f"{length:.3f}", "-i", str(path)]
     return argv
 
 
