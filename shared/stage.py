@@ -388,7 +388,9 @@ async def _execute(name: str, handler: StageHandler[P], task: StageTask, service
         await _download_inputs(services, task.inputs, workdir, sctx)
         try:
             result = await handler(task, sctx)
-            # Part of the contract: an output is checked before the step may finish.
+            # Part of the contract: an output is checked before the step may finish (but
+            # not by a delivery whose result will be discarded anyway).
+            await lease.confirm()
             checks = check_summary(await verify_outputs(
                 binaries, services.settings, name, result.files, sctx.inputs, sctx.meta))
         except Cancelled:
