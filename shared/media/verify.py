@@ -395,6 +395,14 @@ async def _compare(binaries: Binaries, out: Media, src: Media,
     return _picture(err, [s[1] for s in spans]), scores
 
 
+async def _none() -> None:
+    return None
+
+
+async def _given(value: Span | None) -> Span | None:
+    return value
+
+
 @functools.cache
 def has_filter(binaries: Binaries, name: str) -> bool:
     """Whether this ffmpeg build has filter ``name`` (asked once per process and build)."""
@@ -444,7 +452,10 @@ async def verify_output(binaries: Binaries, settings: Settings, stage: str, name
     """Every check of one output of ``stage`` (see the module docstring)."""
     promise = PROMISES[stage]
     timeout = settings.output_check_timeout_s
-    out = await probe_media(binaries, path)
+    # Every ffprobe listing the checks need is independent of the others: all at once.
+    out, src = await asyncio.gather(
+        probe_media(binaries, path),
+        probe_media(binaries, source) if source and promise.source else _none())
     results: list[CheckResult] = []
 
     def add(check: str, passed: bool, measured: dict[str, Any] | None = None,
@@ -463,26 +474,40 @@ async def verify_output(binaries: Binaries, settings: Settings, stage: str, name
     out_video = (await stream_span(binaries, out, "v")
                  if out.video is not None and not out.still else None)
     spans = windows(out.duration_s, settings, out_video.keyframes if out_video else ())
-    src = await probe_media(binaries, source) if source and promise.source else None
     if src is not None and rotation is not None:
         src = dataclasses.replace(src, rotation=rotation)
     real_video = (src is not None and src.video is not None and out.video is not None
                   and not src.still and not out.still)
     metric = metric if promise.quality else None
     slack = max(settings.output_check_picture_slack_s, 0.0)
-    compared: tuple[Picture, list[float]] | None = None
-    if src is not None and real_video and metric is not None:
-        # Decoding the output and comparing it with the source are independent: run them
-        # side by side (the check's wall time is what a step's time grows by).
-        (errors, picture), compared = await asyncio.gather(
-            _decode_output(binaries, out, spans, timeout),
-            _compare(binaries, out, src, spans, metric, promise.picture, timeout))
-    else:
+
+    async def pictures() -> tuple[list[str], Picture, tuple[Picture, list[float]] | None]:
+        if src is not None and real_video and metric is not None:
+            # Decoding the output and comparing it with the source are independent: side
+            # by side (the check's wall time is what a step's time grows by).
+            (errors, picture), compared = await asyncio.gather(
+                _decode_output(binaries, out, spans, timeout),
+                _compare(binaries, out, src, spans, metric, promise.picture, timeout))
+            return errors, picture, compared
         errors, picture = await _decode_output(binaries, out, spans, timeout)
         if (src is not None and real_video and promise.picture
                 and max(picture.black_s, picture.frozen_s) > slack):
             # Only now does the source's own black or still picture matter.
-            compared = await _compare(binaries, out, src, spans, None, True, timeout)
+            return errors, picture, await _compare(binaries, out, src, spans, None, True,
+                                                   timeout)
+        return errors, picture, None
+
+    timed: list[CheckResult] = []
+
+    def add_timed(check: str, passed: bool, measured: dict[str, Any] | None = None,
+                  expected: dict[str, Any] | None = None, note: str = "") -> None:
+        timed.append(CheckResult(output=name, check=check, passed=passed,
+                                 measured=measured or {}, expected=expected or {}, note=note))
+
+    (errors, picture, compared), _ = await asyncio.gather(
+        pictures(),
+        _durations(binaries, add_timed, out, src, out_video)
+        if src is not None and promise.duration else _none())
     add("decode", not errors, {"errors": len(errors), "windows": len(spans)}, {"errors": 0},
         errors[0][:200] if errors else "")
     if src is not None:
@@ -493,8 +518,7 @@ async def verify_output(binaries: Binaries, settings: Settings, stage: str, name
         if want_audio is not None:
             want["audio"] = want_audio
         add("streams", all(got[k] == v for k, v in want.items()), got, want)
-    if src is not None and promise.duration:
-        await _durations(binaries, add, out, src, out_video)
+    results += timed
     if not (src is not None and real_video):
         return results
     src_pic, scores = compared if compared is not None else (Picture(), [])
@@ -527,8 +551,9 @@ async def _durations(binaries: Binaries, add: Any, out: Media, src: Media,
     for kind, letter, o, s, tolerance in pairs:
         if o is None or s is None or (kind == "video" and (src.still or out.still)):
             continue
-        got_span = out_video if kind == "video" else await stream_span(binaries, out, letter)
-        had_span = await stream_span(binaries, src, letter)
+        got_span, had_span = await asyncio.gather(
+            _given(out_video) if kind == "video" else stream_span(binaries, out, letter),
+            stream_span(binaries, src, letter))
         got = got_span.length if got_span else None
         had = had_span.length if had_span else None
         if got is None or had is None:
