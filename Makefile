@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser tools run test test-fast lint bench chaos schema clean
+.PHONY: install browser tools run test test-fast lint bench chaos matrix schema clean
 
 install: $(STAMP)
 
@@ -63,6 +63,11 @@ bench: install
 
 chaos: install
 	$(PY) -m loadtests.chaos
+
+# Every recipe x every corpus item (tests/support/matrix.py), as real jobs; `make test` runs
+# only the cells each property matters for (tests/test_matrix.py). Writes the committed table.
+matrix: install
+	$(PY) -m tests.support.matrix --report loadtests/reports/matrix.md
 
 schema: install
 	$(VENV)/bin/jetcut schema

@@ -56,6 +56,7 @@ class ErrorCode(StrEnum):
     INPUT_TOO_LARGE = "input_too_large"
     INVALID_CALLBACK = "invalid_callback"
     HANDED_BACK = "handed_back"
+    OUTPUT_CHECK_FAILED = "output_check_failed"
 
 
 class JetcutError(Exception):

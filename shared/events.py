@@ -131,6 +131,9 @@ class StageComplete(Event, tag="stage.complete", kw_only=True, frozen=True):
     """Set (to the reason) when the stage decided the step does not apply to this job."""
     elapsed_s: float = 0.0
     from_checkpoint: bool = False
+    checks: list[dict[str, Any]] = []
+    """Output checks the stage ran on its outputs, all passed (``shared/media/verify.py``:
+    ``{output, check, passed, measured, expected, note}`` each)."""
     delivery: int = 0
     """Delivery number of the task message this result came from (0: unknown). A result
     from a delivery older than the one holding the step's lease is discarded."""

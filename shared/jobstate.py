@@ -68,6 +68,8 @@ class PartState(msgspec.Struct, kw_only=True):
     """The latest transient failure of this attempt (it is being retried)."""
     outputs: dict[str, str] = {}
     meta: dict[str, Any] = {}
+    checks: list[dict[str, Any]] = []
+    """Output checks of this part (see ``StageComplete.checks``)."""
     error: ErrorInfo | None = None
     progress: float = 0.0
     from_checkpoint: bool = False
@@ -90,6 +92,9 @@ class StepState(msgspec.Struct, kw_only=True):
     parts: list[PartState] = []
     outputs: dict[str, str] = {}
     meta: dict[str, Any] = {}
+    checks: list[dict[str, Any]] = []
+    """Output checks of the step's outputs (an expanded step: every part's, each with its
+    ``part`` index), all passed; a failed check fails the step instead."""
     error: ErrorInfo | None = None
     skipped: str | None = None
     progress: float = 0.0
@@ -513,6 +518,7 @@ def apply_complete(record: JobRecord, done: StageComplete) -> bool:
         unit.status = StepStatus.DONE
         unit.outputs = dict(done.outputs)
         unit.meta = dict(done.meta)
+        unit.checks = list(done.checks)
         unit.progress = 1.0
         unit.from_checkpoint = done.from_checkpoint
         if done.part is not None and all(p.status == StepStatus.DONE for p in state.parts):
@@ -534,6 +540,8 @@ def _join(state: StepState, now: float) -> None:
         for i, part in enumerate(state.parts) for name, key in sorted(part.outputs.items())
     }
     state.meta = {"parts": [part.meta for part in state.parts]}
+    state.checks = [{"part": i, **check} for i, part in enumerate(state.parts)
+                    for check in part.checks]
     state.from_checkpoint = all(p.from_checkpoint for p in state.parts)
 
 

@@ -161,6 +161,27 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     timeout_max_s: Positive = 6 * 3600.0
     timeout_per_media_s: Positive = 10.0
     """A step may take this many seconds per second of input media (times the stage cost)."""
+    output_checks: bool = True
+    """Verify every media output before its step may finish (shared/media/verify.py)."""
+    output_check_metric: Literal["auto", "vmaf", "ssim", "off"] = "auto"
+    """Quality score of video encodes against the source: ``auto`` is VMAF where the
+    ffmpeg build has libvmaf, otherwise SSIM; ``off`` scores nothing."""
+    output_check_min_vmaf: Annotated[float, msgspec.Meta(ge=0, le=100)] = 15.0
+    """Floor of the VMAF score (0..100) in every compared window; below it the step fails
+    with ``output_check_failed``. Low on purpose: it catches broken encodes (wrong frames,
+    shifted timing, garbage), it does not grade them."""
+    output_check_min_ssim: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.5
+    """Floor of the SSIM (0..1) in every compared window, where SSIM is the metric."""
+    output_check_whole_max_s: Positive = 10.0
+    """Outputs up to this long are decoded and compared whole; longer ones in windows."""
+    output_check_windows: PositiveInt = 3
+    """How many evenly spread windows of a longer output are decoded and compared."""
+    output_check_window_s: Positive = 1.0
+    """Length of each window."""
+    output_check_picture_slack_s: NonNegativeFloat = 0.5
+    """Black or frozen picture an output may have beyond what the source has there."""
+    output_check_timeout_s: Positive = 300.0
+    """A check that runs longer is treated as crashed: the step is retried."""
 
     # --- HTTP job API: batches, listings, live events, queue/status, presigned URLs --------
     max_batch: PositiveInt = 100

@@ -52,6 +52,8 @@ from shared.jobstate import (
 from shared.jobstore import JobNotFound
 from shared.media import MediaInfo, ProbeLimits, web_mp4_args
 from shared.media import probe as ffprobe
+from shared.media.verify import summary as check_summary
+from shared.media.verify import verify_outputs
 from shared.params.base import Params
 from shared.recipes import decode_params
 
@@ -78,6 +80,8 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     sizes: dict[str, int] = {}
     etags: dict[str, str] = {}
     meta: dict[str, Any] = {}
+    checks: list[dict[str, Any]] = []
+    """Output checks run on the outputs before this manifest was written (all passed)."""
     elapsed_s: float = 0.0
     created_at: float = msgspec.field(default_factory=time.time)
 
@@ -235,6 +239,7 @@ async def report(
     services: Services, task: StageTask, *, outputs: dict[str, str] | None = None,
     meta: dict[str, Any] | None = None, error: ErrorInfo | None = None, elapsed_s: float = 0.0,
     from_checkpoint: bool = False, skipped: str | None = None, delivery: int = 0,
+    checks: list[dict[str, Any]] | None = None,
 ) -> None:
     """Publish the task's result. The message id carries the delivery, so a superseded
     delivery's (refused) result can never shadow the current one's through deduplication."""
@@ -242,7 +247,7 @@ async def report(
         job_id=task.job_id, tenant=task.tenant, step=task.step, attempt=task.attempt,
         part=task.part, outputs=outputs or {}, meta=meta or {}, error=error,
         skipped=skipped, elapsed_s=elapsed_s, from_checkpoint=from_checkpoint,
-        delivery=delivery,
+        delivery=delivery, checks=checks or [],
     )
     await services.bus.publish(services.names.stage_complete, done,
                                msg_id=msgids.completion(task.task_id, delivery))
@@ -271,7 +276,8 @@ async def run_task(name: str, handler: StageHandler[P], task: StageTask, ctx: Co
         log_.info("%s done before (checkpoint); not re-running", task.task_id)
         await report(services, task, outputs=checkpoint.outputs, meta=checkpoint.meta,
                      elapsed_s=checkpoint.elapsed_s, from_checkpoint=True,
-                     skipped=checkpoint.skipped, delivery=delivery)
+                     skipped=checkpoint.skipped, delivery=delivery,
+                     checks=checkpoint.checks)
         return
 
     was = record.status
@@ -414,7 +420,7 @@ class Lease:
 
 async def _execute(name: str, handler: StageHandler[P], task: StageTask, services: Services,
                    params: Params, cancelled: asyncio.Event, lease: Lease) -> None:
-    _, runner = services.media()
+    binaries, runner = services.media()
     started = time.monotonic()
     async with runner.workdir(services.settings.work_dir) as workdir:
         sctx: StageContext[Any] = StageContext(
@@ -424,6 +430,11 @@ async def _execute(name: str, handler: StageHandler[P], task: StageTask, service
         await _download_inputs(services, task.inputs, workdir, sctx)
         try:
             result = await handler(task, sctx)
+            # Part of the contract: an output is checked before the step may finish (but
+            # not by a delivery whose result will be discarded anyway).
+            await lease.confirm()
+            checks = check_summary(await verify_outputs(
+                binaries, services.settings, name, result.files, sctx.inputs, sctx.meta))
         except Cancelled:
             raise lease.error() from None
         except JetcutError as exc:
@@ -440,12 +451,13 @@ async def _execute(name: str, handler: StageHandler[P], task: StageTask, service
     elapsed = time.monotonic() - started
     manifest = Manifest(job_id=task.job_id, step=task.step, stage=name, attempt=task.attempt,
                         part=task.part, outputs=outputs, sizes=sizes, etags=etags,
-                        meta=result.meta, skipped=result.skipped, elapsed_s=round(elapsed, 3))
+                        meta=result.meta, skipped=result.skipped, elapsed_s=round(elapsed, 3),
+                        checks=checks)
     await services.store.put_bytes(manifest_key(task.job_id, task.step, task.part),
                                    msgspec.json.encode(manifest), "application/json")
     services.telemetry.step_seconds.labels(name).observe(elapsed)
     await report(services, task, outputs=outputs, meta=result.meta, skipped=result.skipped,
-                 elapsed_s=round(elapsed, 3), delivery=lease.delivery)
+                 elapsed_s=round(elapsed, 3), delivery=lease.delivery, checks=checks)
 
 
 def _redact(exc: JetcutError, prefix: str) -> None:

@@ -291,6 +291,11 @@ def _submit_through_the_page(driver: Any, base_url: str, key: str, clip: Path,
     wait.until(lambda d: {tr.get_attribute("data-step") for tr in d.find_elements(
         By.CSS_SELECTOR, '#steps-body tr[data-status="done"]')} == steps)
     assert driver.find_element(By.ID, "detail-percent").text == "100.0%"
+    # Each image output was decoded by the output check; probe writes no media to check.
+    checks = {tr.get_attribute("data-step"): tr.find_element(By.CSS_SELECTOR, "td.checks").text
+              for tr in driver.find_elements(By.CSS_SELECTOR, "#steps-body tr")}
+    assert checks["poster"] == "1/1 passed" and checks["probe"] == ""
+    assert checks["frames"] == "4/4 passed", checks
     nodes = driver.find_elements(By.CSS_SELECTOR, "#dag svg g.dag-node")
     assert len(nodes) == 1 + len(steps)
     assert len(driver.find_elements(By.CSS_SELECTOR, "#dag svg g.dag-node.s-done")) == 4

@@ -54,6 +54,9 @@ class StepView(msgspec.Struct):
     """Run time: finished - started, or now - started while it runs."""
     waited_s: float | None = None
     """Time queued before a worker took it: started (or now) - ready."""
+    checks: list[dict[str, Any]] = []
+    """Output checks of the step's outputs (docs/media.md#output-checks): each
+    ``{output, check, passed, measured, expected, note}``, with ``part`` for a part's."""
 
 
 class QueueSpot(msgspec.Struct):
@@ -153,7 +156,8 @@ def view(record: JobRecord, base: str) -> JobView:
                            last_error=s.last_error, ready_at=s.ready_at,
                            elapsed_s=_span(s.started_at, s.finished_at, now),
                            waited_s=_span(s.ready_at, s.started_at, now)
-                           if s.started_at is not None or s.status == "ready" else None)
+                           if s.started_at is not None or s.status == "ready" else None,
+                           checks=s.checks)
             for name, s in record.steps.items()
         },
         links={"self": f"{base}/v1/jobs/{record.job_id}",

@@ -380,6 +380,24 @@ function errorText(error) {
   return error ? `${error.code}: ${error.message}` : "";
 }
 
+// Output checks (shared/media/verify.py) of a step (an expanded step: of every part):
+// "6/6 passed · VMAF 95.2" (the mean quality score, and the worst one when there are several).
+function checksText(s) {
+  const all = s.checks || [];
+  if (!all.length) return "";
+  let text = `${all.filter((c) => c.passed).length}/${all.length} passed`;
+  const scored = all.filter((c) => c.check === "quality" && c.measured && typeof c.measured.score === "number");
+  if (scored.length) {
+    const metric = String(scored[0].measured.metric || "").toUpperCase();
+    const digits = metric === "SSIM" ? 3 : 1;
+    const mean = scored.reduce((sum, c) => sum + c.measured.score, 0) / scored.length;
+    const worst = Math.min(...scored.map((c) => c.measured.worst_window ?? c.measured.score));
+    text += ` · ${metric} ${mean.toFixed(digits)}`;
+    if (scored.length > 1) text += ` (worst ${worst.toFixed(digits)})`;
+  }
+  return text;
+}
+
 function renderJob(job) {
   $("detail-title").textContent = `Job ${job.job_id}`;
   const facts = [
@@ -414,6 +432,7 @@ function renderJob(job) {
     h("td", { text: seconds(s.waited_s) }),
     h("td", { text: seconds(s.elapsed_s) }),
     h("td", {}, progressBar(s.status === "done" ? 100 : s.progress * 100, `Progress of step ${name}`)),
+    h("td", { class: "checks", text: checksText(s) }),
     s.error || s.last_error
       ? h("td", { class: "error", text: s.error ? errorText(s.error) : `retrying after ${errorText(s.last_error)}` })
       : h("td", { class: "note", text: s.skipped ? `skipped: ${s.skipped}` : "" })));
