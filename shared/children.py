@@ -25,6 +25,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
 
@@ -57,3 +58,22 @@ def die_with_parent_hook() -> Callable[[], None]:
             os._exit(1)
 
     return hook
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (a zombie holds no port, file or dir).
+
+    A pid we may not signal belongs to a live process of another user: it counts as alive,
+    so a caller errs on the side of leaving that process's things alone.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return not Path("/proc").is_dir()
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

@@ -25,7 +25,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.children import die_with_parent_hook
+from shared.children import die_with_parent_hook, pid_alive
 
 READY_TIMEOUT_S = 20.0
 
@@ -185,11 +185,11 @@ class NatsServer:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
             deadline = time.monotonic() + timeout
-            while _alive(pid) and time.monotonic() < deadline:
+            while pid_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if _alive(pid):
+            if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
-                while _alive(pid):
+                while pid_alive(pid):
                     time.sleep(0.05)
         self.pid_path.unlink(missing_ok=True)
         return pid
@@ -258,24 +258,11 @@ class NatsServer:
         self.stop()
 
 
-def _alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie (a zombie holds no port or file)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return not Path("/proc").is_dir()
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _is_our_server(pid: int, config_path: Path) -> bool:
     """Does ``pid`` run nats-server with ``config_path``? (No /proc: trust the pid file.)"""
-    if not _alive(pid):
+    if not pid_alive(pid):
         return False
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")

@@ -20,6 +20,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from shared.children import pid_alive
+
 TEMP_DIR_NAME = re.compile(r"^jetcut-(\d+)-")
 """How ``shared.media.runner`` names step dirs; names without a pid are never touched."""
 
@@ -31,21 +33,6 @@ def owner_pid(name: str) -> int | None:
         return None
     pid = int(match.group(1))
     return pid if pid > 0 else None
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this host (signal 0 checks, sends nothing).
-
-    A pid we may not signal belongs to a live process of another user; a zombie counts as
-    alive. Both err on the side of keeping the dir.
-    """
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_orphan_dirs(
