@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +20,11 @@ from functions.registry import FUNCTIONS
 from shared.jobstate import JobRecord
 from shared.media import Binaries
 from shared.runtime import Runtime
-from tests.support.media import ffprobe_json
+from tests.support.media import MakeFile, ffprobe_json, file_maker
 from tests.support.nats import fetch_output, running, submit_job, wait_for_job
 
 pytestmark = pytest.mark.timeout(180)
 
-Make = Callable[[str, list[str]], Path]
 SDR = {"color_space": "bt709", "color_transfer": "bt709", "color_primaries": "bt709",
        "color_range": "tv"}
 GREY = 170
@@ -36,20 +34,9 @@ WHITE = 185
 
 
 @pytest.fixture(scope="module")
-def make(binaries: Binaries, tmp_path_factory: pytest.TempPathFactory) -> Make:
+def make(binaries: Binaries, tmp_path_factory: pytest.TempPathFactory) -> MakeFile:
     """``make(name, ffmpeg_args)`` -> the file ffmpeg wrote (args end before the output)."""
-    root = tmp_path_factory.mktemp("picture")
-
-    def run(name: str, args: list[str]) -> Path:
-        out = root / name
-        if not out.exists():
-            proc = subprocess.run([binaries.ffmpeg, "-hide_banner", "-nostdin", "-v", "error",
-                                   "-y", *args, "-threads", "2", str(out)],
-                                  capture_output=True, timeout=120)
-            assert proc.returncode == 0, proc.stderr.decode(errors="replace")
-        return out
-
-    return run
+    return file_maker(binaries, tmp_path_factory.mktemp("picture"))
 
 
 @pytest.fixture
@@ -109,7 +96,7 @@ X264 = ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p"]
 
 
 @pytest.fixture(scope="module")
-def anamorphic(make: Make, binaries: Binaries) -> Path:
+def anamorphic(make: MakeFile, binaries: Binaries) -> Path:
     """320x180 coded, pixels 4:3 wide: shown as 427x180 (DVD-style anamorphic)."""
     path = make("anamorphic.mp4", [*SRC, "-t", "2", "-vf", "setsar=4/3", *X264])
     assert video_of(ffprobe_json(binaries, path))["sample_aspect_ratio"] == "4:3"
@@ -117,7 +104,7 @@ def anamorphic(make: Make, binaries: Binaries) -> Path:
 
 
 @pytest.fixture(scope="module")
-def interlaced(make: Make, binaries: Binaries) -> Path:
+def interlaced(make: MakeFile, binaries: Binaries) -> Path:
     """Really interlaced: a white bar racing across black, 50 fields a second woven into
     25 frames (every edge combed), coded as interlaced H.264, top field first. idet reads
     such a picture without doubt, unlike busy test patterns."""
@@ -134,7 +121,7 @@ def interlaced(make: Make, binaries: Binaries) -> Path:
     return path
 
 
-def hdr_source(make: Make, binaries: Binaries, transfer: str) -> Path:
+def hdr_source(make: MakeFile, binaries: Binaries, transfer: str) -> Path:
     """A white picture (SDR white, 100 nits) coded as 10-bit HEVC HDR: PQ or HLG values,
     BT.2020 tags. Shown without tone mapping it is a dull grey, not white."""
     path = make(f"hdr-{transfer}.mp4", [
@@ -153,7 +140,7 @@ def hdr_source(make: Make, binaries: Binaries, transfer: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def still_jpeg(make: Make, binaries: Binaries) -> Path:
+def still_jpeg(make: MakeFile, binaries: Binaries) -> Path:
     path = make("still.jpg", ["-f", "lavfi", "-i", "testsrc2=size=320x240", "-frames:v", "1"])
     info = ffprobe_json(binaries, path)
     assert info["format"]["format_name"] == "image2"

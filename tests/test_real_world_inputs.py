@@ -11,7 +11,6 @@ import itertools
 import math
 import struct
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +23,11 @@ from functions.transcode import function as transcode
 from shared.jobstate import JobRecord
 from shared.media import Binaries
 from shared.runtime import Runtime
-from tests.support.media import MakeClip, ffprobe_json
+from tests.support.media import MakeClip, MakeFile, ffprobe_json, file_maker
 from tests.support.nats import fetch_output, running, submit_job, wait_for_job
 
 pytestmark = pytest.mark.timeout(120)
 
-Make = Callable[[str, list[str]], Path]
 
 
 @pytest.fixture
@@ -39,19 +37,9 @@ async def runtime(make_settings):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
-def make(binaries: Binaries, tmp_path_factory: pytest.TempPathFactory) -> Make:
+def make(binaries: Binaries, tmp_path_factory: pytest.TempPathFactory) -> MakeFile:
     """``make(name, ffmpeg_args)`` -> the file ffmpeg wrote (args end before the output)."""
-    root = tmp_path_factory.mktemp("real-world")
-
-    def run(name: str, args: list[str]) -> Path:
-        out = root / name
-        proc = subprocess.run([binaries.ffmpeg, "-hide_banner", "-nostdin", "-v", "error",
-                               "-y", *args, "-threads", "2", str(out)],
-                              capture_output=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr.decode(errors="replace")
-        return out
-
-    return run
+    return file_maker(binaries, tmp_path_factory.mktemp("real-world"))
 
 
 SOURCE = ["-f", "lavfi", "-i", "testsrc2=size=640x360:rate=25",
@@ -172,7 +160,7 @@ async def test_video_without_audio_gives_video_only(  # type: ignore[no-untyped-
 
 
 @pytest.fixture(scope="session")
-def vfr_clip(make: Make, binaries: Binaries) -> Path:
+def vfr_clip(make: MakeFile, binaries: Binaries) -> Path:
     """One second at 30 fps, then one second at 10 fps, timestamps kept as they are."""
     src = make("vfr.mp4", [
         "-f", "lavfi", "-i", "testsrc2=size=320x180:rate=30",
@@ -300,7 +288,7 @@ async def test_container_duration_that_lies(  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
-def ts_readable(make: Make) -> Path:
+def ts_readable(make: MakeFile) -> Path:
     """An MPEG-TS file (no duration field). The bundled static ffprobe used to crash on
     these (shared.media.child_env): this input must now go through like any other."""
     return make("no-duration.ts", [*SOURCE, "-t", "2", *X264, "-c:a", "aac"])

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -74,6 +75,22 @@ def _ffmpeg(binaries: Binaries, *args: str) -> None:
             f"clip generation failed ({proc.returncode}): {' '.join(args)}\n"
             + proc.stderr.decode(errors="replace")
         )
+
+
+MakeFile = Callable[[str, list[str]], Path]
+"""``make(name, ffmpeg_args)`` -> the file ffmpeg wrote (args end before the output)."""
+
+
+def file_maker(binaries: Binaries, root: Path) -> MakeFile:
+    """A :data:`MakeFile` writing under ``root``; a name already made is not made again."""
+
+    def make(name: str, args: list[str]) -> Path:
+        out = root / name
+        if not out.exists():
+            _ffmpeg(binaries, *args, "-threads", "2", str(out))
+        return out
+
+    return make
 
 
 @pytest.fixture(scope="session")
