@@ -12,7 +12,7 @@ from openapi_spec_validator import validate
 
 from functions.registry import FUNCTIONS
 from shared.keys import KeyStore
-from tests.support.nats import running, until_http_up
+from tests.support.nats import running, serving_http, until_http_up, upload
 from tests.support.s3 import unique_bucket
 from tests.support.waiting import eventually
 
@@ -26,16 +26,10 @@ OPEN = {"allow_anonymous": True, "rate_limit_key_per_s": 0, "rate_limit_address_
 async def gateway(make_settings, http_port):  # type: ignore[no-untyped-def]
     """Just the gateway: nothing consumes jobs.submit, so accepted jobs stay queued."""
     settings = make_settings(http_port=http_port, max_batch=5, **OPEN)
-    async with running(settings, [FUNCTIONS["gateway"]]) as runtime:
-        async with httpx.AsyncClient(base_url=settings.base_url, timeout=30) as client:
-            await until_http_up(client)
-            yield runtime, client
+    async with serving_http(settings, [FUNCTIONS["gateway"]]) as (runtime, client):
+        yield runtime, client
 
 
-async def _upload(client: httpx.AsyncClient, data: bytes = b"x" * 100) -> str:
-    r = await client.post("/v1/uploads", params={"filename": "a.bin"}, content=data)
-    assert r.status_code == 201, r.text
-    return str(r.json()["upload_id"])
 
 
 async def _submits(runtime: Any) -> int:
@@ -86,8 +80,8 @@ async def test_every_served_route_is_in_the_openapi_document(gateway):  # type: 
 
 async def test_batch_queues_every_job_in_order(gateway):  # type: ignore[no-untyped-def]
     runtime, client = gateway
-    upload = await _upload(client)
-    body = {"jobs": [{"steps": NOOP, "input": upload} for _ in range(3)]}
+    upload_id = await upload(client)
+    body = {"jobs": [{"steps": NOOP, "input": upload_id} for _ in range(3)]}
     r = await client.post("/v1/jobs:batch", json=body)
     assert r.status_code == 202, r.text
     jobs = r.json()["jobs"]
@@ -100,11 +94,11 @@ async def test_batch_queues_every_job_in_order(gateway):  # type: ignore[no-unty
 
 async def test_one_bad_item_rejects_the_batch_and_queues_nothing(gateway):  # type: ignore[no-untyped-def]
     runtime, client = gateway
-    upload = await _upload(client)
+    upload_id = await upload(client)
     body = {"jobs": [
-        {"steps": NOOP, "input": upload},
-        {"recipe": "nope", "input": upload},
-        {"steps": NOOP, "input": upload, "colour": "red"},
+        {"steps": NOOP, "input": upload_id},
+        {"recipe": "nope", "input": upload_id},
+        {"steps": NOOP, "input": upload_id, "colour": "red"},
         {"steps": NOOP, "input": "u" + "a" * 26},
     ]}
     r = await client.post("/v1/jobs:batch", json=body)
@@ -134,9 +128,9 @@ async def test_malformed_batches_get_specific_errors(gateway, body, status):  # 
 
 async def test_batch_idempotency_by_header_and_per_item(gateway):  # type: ignore[no-untyped-def]
     runtime, client = gateway
-    upload = await _upload(client)
-    body = {"jobs": [{"steps": NOOP, "input": upload},
-                     {"steps": NOOP, "input": upload, "idempotency_key": "item-b"}]}
+    upload_id = await upload(client)
+    body = {"jobs": [{"steps": NOOP, "input": upload_id},
+                     {"steps": NOOP, "input": upload_id, "idempotency_key": "item-b"}]}
     first = await client.post("/v1/jobs:batch", json=body, headers={"Idempotency-Key": "b1"})
     again = await client.post("/v1/jobs:batch", json=body, headers={"Idempotency-Key": "b1"})
     assert first.status_code == again.status_code == 202, again.text
@@ -144,14 +138,14 @@ async def test_batch_idempotency_by_header_and_per_item(gateway):  # type: ignor
     assert [j["job_id"] for j in again.json()["jobs"]] == ids
     assert await _submits(runtime) == 2  # the repeat re-published; the stream deduplicated
     # A single submit with the item's key names the same job.
-    single = await client.post("/v1/jobs", json={"steps": NOOP, "input": upload},
+    single = await client.post("/v1/jobs", json={"steps": NOOP, "input": upload_id},
                                headers={"Idempotency-Key": "item-b"})
     assert single.json()["job_id"] == ids[1]
     # The same key for a different batch is a conflict, item by item, and queues nothing.
-    other = {"jobs": [{"steps": NOOP, "input": upload, "params": {"x": 1}}]}
+    other = {"jobs": [{"steps": NOOP, "input": upload_id, "params": {"x": 1}}]}
     r = await client.post("/v1/jobs:batch", json=other, headers={"Idempotency-Key": "b1"})
     assert r.status_code == 409 and r.json()["error"]["details"]["items"][0]["code"] == "conflict"
-    dup = {"jobs": [{"steps": NOOP, "input": upload, "idempotency_key": "k"}] * 2}
+    dup = {"jobs": [{"steps": NOOP, "input": upload_id, "idempotency_key": "k"}] * 2}
     r = await client.post("/v1/jobs:batch", json=dup)
     assert r.status_code == 409, r.text
     assert await _submits(runtime) == 2
@@ -159,11 +153,11 @@ async def test_batch_idempotency_by_header_and_per_item(gateway):  # type: ignor
 
 async def test_list_filters_and_pages_without_gaps_or_repeats(gateway):  # type: ignore[no-untyped-def]
     runtime, client = gateway
-    upload = await _upload(client)
+    upload_id = await upload(client)
     made = []
     for i in range(7):
-        body = {"recipe": "web", "input": upload} if i % 3 == 0 else \
-            {"steps": NOOP, "input": upload}
+        body = {"recipe": "web", "input": upload_id} if i % 3 == 0 else \
+            {"steps": NOOP, "input": upload_id}
         made.append((await client.post("/v1/jobs", json=body)).json())
     # Another tenant's job never shows.
     await runtime.services.jobs.create(msgspec.convert(
@@ -183,7 +177,7 @@ async def test_list_filters_and_pages_without_gaps_or_repeats(gateway):  # type:
         if cursor is None:
             break
         # A job made between pages is newer: it never shifts the pages being read.
-        await client.post("/v1/jobs", json={"steps": NOOP, "input": upload})
+        await client.post("/v1/jobs", json={"steps": NOOP, "input": upload_id})
     assert seen == newest_first
 
     web = (await client.get("/v1/jobs", params={"recipe": "web"})).json()["jobs"]
@@ -239,8 +233,8 @@ async def test_queued_job_shows_its_place_and_step_timings(make_settings, http_p
     async with running(settings, [FUNCTIONS["gateway"], FUNCTIONS["conductor"]]) as runtime:
         async with httpx.AsyncClient(base_url=settings.base_url, timeout=30) as client:
             await until_http_up(client)
-            upload = await _upload(client)
-            ids = [(await client.post("/v1/jobs", json={"steps": NOOP, "input": upload}))
+            upload_id = await upload(client)
+            ids = [(await client.post("/v1/jobs", json={"steps": NOOP, "input": upload_id}))
                    .json()["job_id"] for _ in range(3)]
 
             async def planned() -> bool:
@@ -263,8 +257,8 @@ async def test_a_finished_job_has_timings_and_no_queue(make_settings, http_port)
     async with running(settings, functions):
         async with httpx.AsyncClient(base_url=settings.base_url, timeout=30) as client:
             await until_http_up(client)
-            upload = await _upload(client)
-            job_id = (await client.post("/v1/jobs", json={"steps": NOOP, "input": upload})
+            upload_id = await upload(client)
+            job_id = (await client.post("/v1/jobs", json={"steps": NOOP, "input": upload_id})
                       ).json()["job_id"]
 
             async def done() -> bool:

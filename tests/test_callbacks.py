@@ -24,7 +24,7 @@ from shared.events import InputRef, JobSubmit, StepSpec
 from shared.ids import new_job_id, new_upload_id
 from shared.runtime import Runtime
 from shared.settings import Settings
-from tests.support.nats import consumer_settled, running, until_http_up
+from tests.support.nats import consumer_settled, running, serving_http, until_http_up
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.timeout(90)
@@ -96,10 +96,8 @@ async def stack(make_settings: Callable[..., Settings],
                 http_port: int) -> AsyncIterator[tuple[Runtime, httpx.AsyncClient]]:
     settings = _settings(make_settings, http_port)
     functions = [FUNCTIONS[n] for n in ("gateway", "conductor", "noop", "notify")]
-    async with running(settings, functions) as runtime:
-        async with httpx.AsyncClient(base_url=settings.base_url, timeout=30) as client:
-            await until_http_up(client)
-            yield runtime, client
+    async with serving_http(settings, functions) as (runtime, client):
+        yield runtime, client
 
 
 async def _submit(client: httpx.AsyncClient, **fields: Any) -> httpx.Response:

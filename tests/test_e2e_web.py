@@ -13,9 +13,8 @@ from shared.events import DeadLetter, decode
 from tests.support.media import ffprobe_json
 from tests.support.nats import (
     consumer_settled,
-    running,
+    serving_http,
     submit_job,
-    until_http_up,
     wait_for_job,
 )
 
@@ -25,10 +24,8 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture
 async def stack(make_settings, http_port):  # type: ignore[no-untyped-def]
     settings = make_settings(http_port=http_port)
-    async with running(settings, list(FUNCTIONS.values())) as runtime:
-        async with httpx.AsyncClient(base_url=settings.base_url, timeout=30) as client:
-            await until_http_up(client)
-            yield runtime, client
+    async with serving_http(settings, list(FUNCTIONS.values())) as (runtime, client):
+        yield runtime, client
 
 
 async def _upload(client: httpx.AsyncClient, path: Path) -> dict:

@@ -9,7 +9,7 @@ import nats.errors
 import pytest
 
 from functions.registry import FUNCTIONS
-from tests.support.nats import running, until_http_up, wait_for_job
+from tests.support.nats import running, serving_http, until_http_up, upload, wait_for_job
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -18,16 +18,12 @@ pytestmark = pytest.mark.timeout(90)
 async def gateway_only(make_settings, http_port):  # type: ignore[no-untyped-def]
     """Just the gateway: nothing consumes jobs.submit, so accepted jobs stay queued."""
     settings = make_settings(http_port=http_port, max_upload_bytes=1000)
-    async with running(settings, [FUNCTIONS["gateway"]]) as runtime:
-        async with httpx.AsyncClient(base_url=settings.base_url, timeout=30) as client:
-            await until_http_up(client)
-            yield runtime, client
+    async with serving_http(settings, [FUNCTIONS["gateway"]]) as (runtime, client):
+        yield runtime, client
 
 
 async def _upload(client: httpx.AsyncClient, data: bytes = b"x" * 100) -> str:
-    r = await client.post("/v1/uploads", params={"filename": "a.mp4"}, content=data)
-    assert r.status_code == 201, r.text
-    return str(r.json()["upload_id"])
+    return await upload(client, data, "a.mp4")
 
 
 async def test_repeat_with_same_key_and_body_is_the_same_job(gateway_only):  # type: ignore[no-untyped-def]
@@ -209,7 +205,7 @@ def test_every_error_code_has_an_http_status() -> None:
     missing = set(ErrorCode) - set(STATUS) - {ErrorCode.CANCELLED, ErrorCode.LEASE_LOST,
                                               ErrorCode.TIMEOUT, ErrorCode.FFMPEG_FAILED,
                                               ErrorCode.RETRIES_EXHAUSTED, ErrorCode.DISK_FULL,
-                                              ErrorCode.HANDED_BACK}
+                                              ErrorCode.HANDED_BACK, ErrorCode.OUTPUT_CHECK_FAILED}
     assert not missing, missing
     assert status_of(MalformedRequest("x")) == 400
     assert status_of(PermanentError(ErrorCode.INVALID_REQUEST, "x")) == 422

@@ -12,7 +12,7 @@ import pytest
 from functions.gateway.ratelimit import TokenBuckets, tighter
 from functions.registry import FUNCTIONS
 from shared.keys import KeyStore
-from tests.support.nats import running, until_http_up, wait_for_job
+from tests.support.nats import running, until_http_up, upload, wait_for_job
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.timeout(90)
@@ -111,10 +111,6 @@ async def test_an_address_is_limited_with_or_without_a_key(limited) -> None:  # 
     assert all([(await client.get("/healthz")).status_code == 200 for _ in range(20)])
 
 
-async def _upload(client: httpx.AsyncClient) -> str:
-    r = await client.post("/v1/uploads", params={"filename": "a.bin"}, content=b"x" * 10)
-    assert r.status_code == 201, r.text
-    return str(r.json()["upload_id"])
 
 
 async def test_per_tenant_cap_on_active_jobs(make_settings, http_port) -> None:  # type: ignore[no-untyped-def]
@@ -125,7 +121,7 @@ async def test_per_tenant_cap_on_active_jobs(make_settings, http_port) -> None: 
     async with running(settings, fns) as runtime:
         async with httpx.AsyncClient(base_url=settings.base_url, timeout=30) as client:
             await until_http_up(client)
-            body = {**NOOP_JOB, "input": await _upload(client)}
+            body = {**NOOP_JOB, "input": await upload(client, b"x" * 10)}
             first = await client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "a"})
             second = await client.post("/v1/jobs", json=body)
             assert first.status_code == second.status_code == 202
@@ -166,7 +162,7 @@ async def test_backpressure_refuses_submissions_while_a_stage_is_behind(
     async with running(settings, fns) as runtime:
         async with httpx.AsyncClient(base_url=settings.base_url, timeout=30) as client:
             await until_http_up(client)
-            body = {**NOOP_JOB, "input": await _upload(client)}
+            body = {**NOOP_JOB, "input": await upload(client, b"x" * 10)}
             for _ in range(2):
                 assert (await client.post("/v1/jobs", json=body)).status_code == 202
             accepted, refused = 2, []
@@ -208,7 +204,7 @@ async def test_a_full_stream_refuses_a_submit_at_once(make_settings, http_port) 
         assert info.config.max_msgs == 2 and info.config.discard == "new"
         async with httpx.AsyncClient(base_url=settings.base_url, timeout=30) as client:
             await until_http_up(client)
-            body = {**NOOP_JOB, "input": await _upload(client)}
+            body = {**NOOP_JOB, "input": await upload(client, b"x" * 10)}
             assert [(await client.post("/v1/jobs", json=body)).status_code
                     for _ in range(2)] == [202, 202]
             r = await client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "late"})
@@ -225,7 +221,7 @@ async def test_a_retried_job_counts_against_the_cap_again(make_settings, http_po
     async with running(settings, fns) as runtime:
         async with httpx.AsyncClient(base_url=settings.base_url, timeout=30) as client:
             await until_http_up(client)
-            body = {**NOOP_JOB, "input": await _upload(client)}
+            body = {**NOOP_JOB, "input": await upload(client, b"x" * 10)}
             first = (await client.post("/v1/jobs", json=body)).json()["job_id"]
             await wait_for_job(runtime.services, first, until=lambda r: r.planned)
             assert (await client.delete(f"/v1/jobs/{first}")).status_code == 202

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from shared.function import Function, Services
@@ -76,6 +77,25 @@ async def running(
         yield runtime
     finally:
         await runtime.stop()
+
+
+@contextlib.asynccontextmanager
+async def serving_http(
+    settings: Settings, functions: list[Function], **kwargs: Any
+) -> AsyncIterator[tuple[Runtime, httpx.AsyncClient]]:
+    """:func:`running`, plus an HTTP client on the gateway once it answers."""
+    async with running(settings, functions, **kwargs) as runtime:
+        async with httpx.AsyncClient(base_url=settings.base_url, timeout=30) as client:
+            await until_http_up(client)
+            yield runtime, client
+
+
+async def upload(client: httpx.AsyncClient, data: bytes = b"x" * 100,
+                 filename: str = "a.bin") -> str:
+    """Upload ``data`` through the gateway; the upload id."""
+    r = await client.post("/v1/uploads", params={"filename": filename}, content=data)
+    assert r.status_code == 201, r.text
+    return str(r.json()["upload_id"])
 
 
 async def wait_for_job(
