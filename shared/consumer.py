@@ -39,6 +39,7 @@ from shared.admission import Headroom, StoreBreaker
 from shared.errors import ErrorCode, StoreUnavailable
 from shared.events import DeadLetter, ErrorInfo, decode
 from shared.function import Context, Delivery, Subscription
+from shared.k8s_podcost import TasksInHand
 from shared.retry import TRANSIENT_NATS_OR_CLOSED, policy_for, settle
 
 log = logging.getLogger(__name__)
@@ -49,9 +50,10 @@ class ConsumerLoop:
     def __init__(
         self, sub: Subscription[Any], ctx: Context, *, stream: str, subject: str,
         ensure_consumer: Any, headroom: Headroom | None = None,
-        breaker: StoreBreaker | None = None,
+        breaker: StoreBreaker | None = None, in_hand: TasksInHand | None = None,
     ) -> None:
         self.sub = sub
+        self.in_hand = in_hand
         self.ctx = ctx
         self.stream = stream
         self.subject = subject
@@ -93,6 +95,9 @@ class ConsumerLoop:
                     task = asyncio.create_task(self._handle(msg))
                     self.inflight[task] = msg
                     task.add_done_callback(self.inflight.pop)
+                    if self.in_hand is not None:
+                        self.in_hand.changed(+1)
+                        task.add_done_callback(self.in_hand.settled)
         finally:
             await self._drain()
             if self.psub is not None:

@@ -11,11 +11,10 @@ The annotation is a hint, not a guarantee (the ReplicaSet also weighs readiness 
 spreading), and every change is an API write, so this writes only when the number changes.
 A failed write is logged and never fails a task: the drain on SIGTERM still keeps the work.
 
-Hook point (for the runtime, which this module does not import): build one
-``PodDeletionCost`` per process with ``pod_from_environment(os.environ)`` (``None`` outside
-a pod that mounts an API token: then do nothing), and call ``await cost.update(n)`` whenever
-the number of tasks in hand changes (after fetching a task and after settling one).
-infra/k8s/rbac.yaml gives the stage pods the right to do so.
+The runtime wires it: a process that serves stage subscriptions makes one
+:class:`TasksInHand` from ``pod_from_environment(os.environ)`` (``None`` outside a pod that
+mounts an API token: then it only counts), and every stage consumer loop reports each task it
+takes and each it settles. infra/k8s/rbac.yaml gives the stage pods the right to do so.
 """
 
 from __future__ import annotations
@@ -147,3 +146,37 @@ def client_for(pod: PodRef, timeout_s: float = 5.0) -> httpx.AsyncClient:
     """An HTTP client that verifies the API server with the pod's CA bundle."""
     context = ssl.create_default_context(cafile=str(pod.ca_file) if pod.ca_file else None)
     return httpx.AsyncClient(verify=context, timeout=timeout_s)
+
+
+class TasksInHand:
+    """Counts the stage tasks this process holds and keeps its pod's deletion cost in step.
+
+    ``changed`` is called synchronously by the consumer loops (a task taken: +1, settled: -1);
+    the API write runs in the background, serialised by :class:`PodDeletionCost` (the last
+    count wins), so a slow or absent API server never delays a task.
+    """
+
+    def __init__(self, pod: PodRef | None) -> None:
+        self.count = 0
+        self._client = client_for(pod) if pod is not None else None
+        self._cost = (PodDeletionCost(pod, self._client)
+                      if pod is not None and self._client is not None else None)
+        self._writes: set[asyncio.Task[None]] = set()
+
+    def changed(self, delta: int) -> None:
+        self.count += delta
+        if self._cost is not None:
+            write = asyncio.create_task(self._cost.update(self.count))
+            self._writes.add(write)
+            write.add_done_callback(self._writes.discard)
+
+    def settled(self, _task: object = None) -> None:
+        """A task's done-callback: it is no longer in hand."""
+        self.changed(-1)
+
+    async def close(self) -> None:
+        """Let the last write land (it says 0 after a clean drain), then close the client."""
+        if self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
+        if self._client is not None:
+            await self._client.aclose()

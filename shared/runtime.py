@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Callable, Coroutine
 from functools import partial
@@ -23,6 +24,7 @@ from shared.cancellation import CancelWatch
 from shared.consumer import ConsumerLoop
 from shared.function import Context, Function, Services, Subscription
 from shared.jobstore import JobStore
+from shared.k8s_podcost import PodRef, TasksInHand, pod_from_environment
 from shared.media import Binaries, FFmpegRunner, find_binaries
 from shared.retry import policy_for
 from shared.settings import Settings
@@ -58,6 +60,7 @@ class Runtime:
     def __init__(
         self, settings: Settings, functions: list[Function], *, service_name: str,
         telemetry: Telemetry | None = None, store: ObjectStore | None = None,
+        pod: PodRef | None = None,
     ) -> None:
         self.settings = settings
         self.functions = functions
@@ -73,6 +76,9 @@ class Runtime:
         self.tasks: list[asyncio.Task[None]] = []
         self.loops: list[ConsumerLoop] = []
         self.crashed: list[str] = []
+        self._pod = pod
+        self.in_hand: TasksInHand | None = None
+        """Stage tasks held, kept as the pod's deletion cost in Kubernetes (k8s_podcost)."""
 
     def _stream_of(self, sub: Subscription[Any]) -> str:
         return self.names.stream(sub.family)
@@ -109,6 +115,8 @@ class Runtime:
             probe_interval_s=self.settings.store_probe_interval_s,
             gauge=self.telemetry.store_breaker_open,
         )
+        if any(sub.family == "stages" for _, sub in subs):
+            self.in_hand = TasksInHand(self._pod or pod_from_environment(os.environ))
         for fn in self.functions:
             ctx = Context(services=self.services, function=fn.name,
                           log=logging.getLogger(f"jetcut.{fn.name}"))
@@ -117,6 +125,7 @@ class Runtime:
                     sub, ctx, stream=self._stream_of(sub), subject=sub.subject(self.names),
                     ensure_consumer=partial(self._ensure_consumer, fn, sub),
                     headroom=headroom if sub.family == "stages" else None, breaker=breaker,
+                    in_hand=self.in_hand if sub.family == "stages" else None,
                 )
                 self.loops.append(loop)
                 self._spawn(loop.run(self.stop_event), f"{fn.name}:{sub.durable}")
@@ -148,6 +157,8 @@ class Runtime:
         self.stop_event.set()
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.in_hand is not None:
+            await self.in_hand.close()
         if self.services is not None:
             await self.services.cancels.stop()
         if self.nc is not None and not self.nc.is_closed:

@@ -159,3 +159,35 @@ async def test_rotated_token_is_used_and_an_unreachable_api_is_survived(
         with caplog.at_level(logging.WARNING, logger="shared.k8s_podcost"):
             await closed.update(1)
         assert "could not set" in caplog.text and closed.written is None
+
+
+async def test_a_stage_worker_marks_its_pod_busy_while_it_holds_a_task(
+    api: FakePodApi, tmp_path: Path, make_settings: Any
+) -> None:
+    """The runtime wires it: a real noop task through the bus makes the cost 1, then 0."""
+    from functions.registry import FUNCTIONS
+    from tests.support.nats import running, submit_job, wait_for_job
+
+    source = tmp_path / "in.bin"
+    source.write_bytes(b"x" * 10)
+    functions = [FUNCTIONS["conductor"], FUNCTIONS["noop"]]
+    async with running(make_settings(), functions, pod=pod(api, tmp_path)) as runtime:
+        assert runtime.services is not None
+        job_id = await submit_job(runtime, [source],
+                                  steps={"n": {"stage": "noop", "uses": [":input"]}})
+        record = await wait_for_job(runtime.services, job_id)
+        assert record.status == "succeeded"
+    # Stopped: every write has landed (close waits for them), and the pod is idle again.
+    written = [r["body"]["metadata"]["annotations"][ANNOTATION] for r in api.requests]
+    assert "1" in written, written
+    assert written[-1] == "0" and api.annotations == {ANNOTATION: "0"}
+
+
+async def test_a_worker_outside_kubernetes_only_counts(make_settings: Any, tmp_path: Path) -> None:
+    from functions.registry import FUNCTIONS
+    from tests.support.nats import running
+
+    async with running(make_settings(), [FUNCTIONS["noop"]]) as runtime:
+        assert runtime.in_hand is not None and runtime.in_hand.count == 0
+    async with running(make_settings(), [FUNCTIONS["conductor"]]) as runtime:
+        assert runtime.in_hand is None  # no stage subscriptions: nothing to count
