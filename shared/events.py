@@ -116,6 +116,21 @@ class StageTask(Event, tag="stage.task", kw_only=True, frozen=True):
         return msgids.task(self.job_id, self.step, self.part, self.attempt)
 
 
+class CheckResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One check of one output: what was measured, against what, and whether it passed."""
+
+    output: str
+    """Logical output name (``video``, ``poster``, ...)."""
+    check: str
+    """``decode``, ``streams``, ``duration``, ``black``, ``freeze`` or ``quality``."""
+    passed: bool
+    measured: dict[str, Any] = {}
+    expected: dict[str, Any] = {}
+    note: str = ""
+    part: int | None = None
+    """Which part of an expanded step it checked (only in the step's joined list)."""
+
+
 class StageComplete(Event, tag="stage.complete", kw_only=True, frozen=True):
     """A step attempt finished (``error`` set when it failed for good)."""
 
@@ -131,9 +146,8 @@ class StageComplete(Event, tag="stage.complete", kw_only=True, frozen=True):
     """Set (to the reason) when the stage decided the step does not apply to this job."""
     elapsed_s: float = 0.0
     from_checkpoint: bool = False
-    checks: list[dict[str, Any]] = []
-    """Output checks the stage ran on its outputs, all passed (``shared/media/verify.py``:
-    ``{output, check, passed, measured, expected, note}`` each)."""
+    checks: list[CheckResult] = []
+    """Output checks the stage ran on its outputs, all passed (``shared/media/verify.py``)."""
     delivery: int = 0
     """Delivery number of the task message this result came from (0: unknown). A result
     from a delivery older than the one holding the step's lease is discarded."""

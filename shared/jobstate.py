@@ -29,7 +29,7 @@ from typing import Any
 
 import msgspec
 
-from shared.events import ErrorInfo, InputRef, StageComplete, StepSpec
+from shared.events import CheckResult, ErrorInfo, InputRef, StageComplete, StepSpec
 
 
 class JobStatus(StrEnum):
@@ -68,7 +68,7 @@ class PartState(msgspec.Struct, kw_only=True):
     """The latest transient failure of this attempt (it is being retried)."""
     outputs: dict[str, str] = {}
     meta: dict[str, Any] = {}
-    checks: list[dict[str, Any]] = []
+    checks: list[CheckResult] = []
     """Output checks of this part (see ``StageComplete.checks``)."""
     error: ErrorInfo | None = None
     progress: float = 0.0
@@ -92,7 +92,7 @@ class StepState(msgspec.Struct, kw_only=True):
     parts: list[PartState] = []
     outputs: dict[str, str] = {}
     meta: dict[str, Any] = {}
-    checks: list[dict[str, Any]] = []
+    checks: list[CheckResult] = []
     """Output checks of the step's outputs (an expanded step: every part's, each with its
     ``part`` index), all passed; a failed check fails the step instead."""
     error: ErrorInfo | None = None
@@ -540,7 +540,7 @@ def _join(state: StepState, now: float) -> None:
         for i, part in enumerate(state.parts) for name, key in sorted(part.outputs.items())
     }
     state.meta = {"parts": [part.meta for part in state.parts]}
-    state.checks = [{"part": i, **check} for i, part in enumerate(state.parts)
+    state.checks = [msgspec.structs.replace(check, part=i) for i, part in enumerate(state.parts)
                     for check in part.checks]
     state.from_checkpoint = all(p.from_checkpoint for p in state.parts)
 

@@ -36,7 +36,7 @@ from shared.errors import (
     PermanentError,
     error_info,
 )
-from shared.events import ErrorInfo, JobEvent, StageComplete, StageTask, TaskInput
+from shared.events import CheckResult, ErrorInfo, JobEvent, StageComplete, StageTask, TaskInput
 from shared.function import Context, Function, Services
 from shared.jobstate import (
     JobRecord,
@@ -52,7 +52,6 @@ from shared.jobstate import (
 from shared.jobstore import JobNotFound
 from shared.media import MediaInfo, ProbeLimits, web_mp4_args
 from shared.media import probe as ffprobe
-from shared.media.verify import summary as check_summary
 from shared.media.verify import verify_outputs
 from shared.params.base import Params
 from shared.recipes import decode_params
@@ -80,7 +79,7 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     sizes: dict[str, int] = {}
     etags: dict[str, str] = {}
     meta: dict[str, Any] = {}
-    checks: list[dict[str, Any]] = []
+    checks: list[CheckResult] = []
     """Output checks run on the outputs before this manifest was written (all passed)."""
     elapsed_s: float = 0.0
     created_at: float = msgspec.field(default_factory=time.time)
@@ -239,7 +238,7 @@ async def report(
     services: Services, task: StageTask, *, outputs: dict[str, str] | None = None,
     meta: dict[str, Any] | None = None, error: ErrorInfo | None = None, elapsed_s: float = 0.0,
     from_checkpoint: bool = False, skipped: str | None = None, delivery: int = 0,
-    checks: list[dict[str, Any]] | None = None,
+    checks: list[CheckResult] | None = None,
 ) -> None:
     """Publish the task's result. The message id carries the delivery, so a superseded
     delivery's (refused) result can never shadow the current one's through deduplication."""
@@ -433,8 +432,8 @@ async def _execute(name: str, handler: StageHandler[P], task: StageTask, service
             # Part of the contract: an output is checked before the step may finish (but
             # not by a delivery whose result will be discarded anyway).
             await lease.confirm()
-            checks = check_summary(await verify_outputs(
-                binaries, services.settings, name, result.files, sctx.inputs, sctx.meta))
+            checks = await verify_outputs(
+                binaries, services.settings, name, result.files, sctx.inputs, sctx.meta)
         except Cancelled:
             raise lease.error() from None
         except JetcutError as exc:

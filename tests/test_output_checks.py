@@ -15,9 +15,9 @@ import pytest
 from functions.conductor import function as conductor
 from functions.probe import function as probe_fn
 from shared.errors import ErrorCode, TransientError
-from shared.events import StageTask
+from shared.events import CheckResult, StageTask
 from shared.media import Binaries
-from shared.media.verify import CheckResult, OutputCheckFailed, has_filter, verify_outputs
+from shared.media.verify import OutputCheckFailed, has_filter, verify_outputs
 from shared.params.video import TranscodeParams
 from shared.settings import Settings, load_settings
 from shared.stage import StageContext, StageResult, stage
@@ -211,11 +211,11 @@ async def test_checks_are_in_the_manifest_and_the_job_view(  # type: ignore[no-u
         manifest = await rt.services.store.get_bytes(f"jobs/{job_id}/transcode/manifest.json")
     assert record.status == "succeeded", record.error
     checks = record.steps["transcode"].checks
-    assert {c["check"] for c in checks} >= {"decode", "duration", "quality"}
-    assert all(c["passed"] for c in checks)
+    assert {c.check for c in checks} >= {"decode", "duration", "quality"}
+    assert all(c.passed for c in checks)
     assert b'"checks"' in manifest and b'"quality"' in manifest
     poster = record.steps["poster"].checks
-    assert [c["check"] for c in poster] == ["decode"]  # an image: it decodes, nothing more
+    assert [c.check for c in poster] == ["decode"]  # an image: it decodes, nothing more
     assert ffprobe_json(binaries, clip)["streams"]  # the source itself is untouched
 
 

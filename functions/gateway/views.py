@@ -16,7 +16,7 @@ from litestar.types import Scope
 
 from functions.gateway.errors import Unauthorized
 from shared.errors import ErrorCode, MalformedRequest, PermanentError
-from shared.events import ErrorInfo
+from shared.events import CheckResult, ErrorInfo
 from shared.function import Services
 from shared.jobstate import JobRecord
 from shared.jobstore import JobNotFound
@@ -54,9 +54,9 @@ class StepView(msgspec.Struct):
     """Run time: finished - started, or now - started while it runs."""
     waited_s: float | None = None
     """Time queued before a worker took it: started (or now) - ready."""
-    checks: list[dict[str, Any]] = []
-    """Output checks of the step's outputs (docs/media.md#output-checks): each
-    ``{output, check, passed, measured, expected, note}``, with ``part`` for a part's."""
+    checks: list[CheckResult] = []
+    """Output checks of the step's outputs (docs/media.md#output-checks), with ``part`` for
+    a part's."""
 
 
 class QueueSpot(msgspec.Struct):

@@ -36,11 +36,13 @@ from typing import Any, Literal
 import msgspec
 
 from shared.errors import ErrorCode, PermanentError, TransientError
+from shared.events import CheckResult
 from shared.media.binaries import Binaries, child_env
+from shared.media.probe import MediaInfo
 from shared.media.runner import PROTOCOL_WHITELIST
 from shared.settings import Settings
 
-__all__ = ["PROMISES", "CheckResult", "OutputCheckFailed", "Promise", "verify_outputs"]
+__all__ = ["PROMISES", "OutputCheckFailed", "Promise", "verify_outputs"]
 
 MEDIA_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".webm", ".mkv", ".ts", ".m4a", ".aac",
                             ".mp3", ".opus", ".ogg", ".oga", ".wav", ".flac", ".jpg", ".jpeg",
@@ -59,19 +61,6 @@ _UNTRUSTED = ("-protocol_whitelist", PROTOCOL_WHITELIST)
 COMPARE_WIDTH = 320
 """Quality is scored at this width (or the output's, if smaller): cheap, and enough to see a
 wrong frame, a shifted timeline or a broken encode."""
-
-
-class CheckResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """One check of one output: what was measured, against what, and whether it passed."""
-
-    output: str
-    """Logical output name (``video``, ``poster``, ...)."""
-    check: str
-    """``decode``, ``streams``, ``duration``, ``black``, ``freeze`` or ``quality``."""
-    passed: bool
-    measured: dict[str, Any] = {}
-    expected: dict[str, Any] = {}
-    note: str = ""
 
 
 class OutputCheckFailed(PermanentError):
@@ -611,15 +600,13 @@ def _source(promise: Promise, inputs: dict[str, dict[str, Path]]) -> Path | None
 
 
 def _probed_rotation(meta: dict[str, dict[str, Any]]) -> int:
-    """The source's display rotation, from a probe step's metadata (0 if none says)."""
+    """The source's display rotation, from a probe step's media info (0 if none says)."""
     for info in meta.values():
-        for stream in info.get("streams", ()) if isinstance(info, dict) else ():
-            if (isinstance(stream, dict) and stream.get("codec_type") == "video"
-                    and not stream.get("attached_pic")):
-                return int(stream.get("rotation") or 0) % 360
+        if isinstance(info, dict) and isinstance(info.get("streams"), list):
+            try:
+                video = msgspec.convert(info, MediaInfo).video
+            except msgspec.ValidationError:
+                continue
+            return video.rotation % 360 if video is not None else 0
     return 0
 
-
-def summary(results: list[CheckResult]) -> list[dict[str, Any]]:
-    """The results as plain data, for the manifest's and the job view's ``checks``."""
-    return [msgspec.to_builtins(r) for r in results]

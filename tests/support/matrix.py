@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from shared.media import Binaries, child_env, find_binaries
 from shared.natsserver import NatsServer
 from shared.runtime import Runtime
@@ -243,9 +245,9 @@ async def run_cell(runtime: Runtime, built: Built, cell: Cell, extra: dict[str, 
             if step.status not in ("done", "skipped"):
                 problems.append(f"step {name} ended {step.status}")
             for check in step.checks:
-                checks.append({"step": name, **check})
-                if not check.get("passed", False):
-                    problems.append(f"step {name}: check {check.get('check')} failed")
+                checks.append({"step": name, **msgspec.to_builtins(check)})
+                if not check.passed:
+                    problems.append(f"step {name}: check {check.check} failed")
         if not any(step.outputs for step in record.steps.values()):
             problems.append("succeeded without outputs")
     else:
