@@ -52,7 +52,7 @@ from shared.jobstate import (
 from shared.jobstore import JobNotFound
 from shared.media import MediaInfo, ProbeLimits, web_mp4_args
 from shared.media import probe as ffprobe
-from shared.media.verify import verify_outputs
+from shared.media.verify import checks_apply, verify_outputs
 from shared.params.base import Params
 from shared.recipes import decode_params
 
@@ -431,9 +431,11 @@ async def _execute(name: str, handler: StageHandler[P], task: StageTask, service
             result = await handler(task, sctx)
             # Part of the contract: an output is checked before the step may finish (but
             # not by a delivery whose result will be discarded anyway).
-            await lease.confirm()
-            checks = await verify_outputs(
-                binaries, services.settings, name, result.files, sctx.inputs, sctx.meta)
+            checks: list[CheckResult] = []
+            if checks_apply(name, services.settings):
+                await lease.confirm()
+                checks = await verify_outputs(
+                    binaries, services.settings, name, result.files, sctx.inputs, sctx.meta)
         except Cancelled:
             raise lease.error() from None
         except JetcutError as exc:

@@ -42,7 +42,7 @@ from shared.media.probe import MediaInfo
 from shared.media.runner import PROTOCOL_WHITELIST
 from shared.settings import Settings
 
-__all__ = ["PROMISES", "OutputCheckFailed", "Promise", "verify_outputs"]
+__all__ = ["PROMISES", "OutputCheckFailed", "Promise", "checks_apply", "verify_outputs"]
 
 MEDIA_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".webm", ".mkv", ".ts", ".m4a", ".aac",
                             ".mp3", ".opus", ".ogg", ".oga", ".wav", ".flac", ".jpg", ".jpeg",
@@ -553,6 +553,12 @@ async def _durations(binaries: Binaries, add: Any, out: Media, src: Media,
             {kind + "_s": round(had, 3), "tolerance_s": round(tolerance, 3)})
 
 
+def checks_apply(stage: str, settings: Settings) -> bool:
+    """Whether ``stage``'s outputs are checked (a stage without media outputs, or checks
+    turned off, costs nothing: not even the lease read before them)."""
+    return settings.output_checks and stage in PROMISES
+
+
 async def verify_outputs(binaries: Binaries, settings: Settings, stage: str,
                          files: dict[str, Path], inputs: dict[str, dict[str, Path]],
                          meta: dict[str, dict[str, Any]] | None = None) -> list[CheckResult]:
@@ -575,7 +581,7 @@ async def verify_outputs(binaries: Binaries, settings: Settings, stage: str,
         TransientError: a check could not run (crashed, timed out): retried.
     """
     promise = PROMISES.get(stage)
-    if promise is None or not settings.output_checks:
+    if promise is None or not checks_apply(stage, settings):
         return []
     source = _source(promise, inputs)
     metric = await quality_metric(binaries, settings) if promise.quality else None
