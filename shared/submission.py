@@ -66,6 +66,11 @@ def uploads_prefix(tenant: str) -> str:
     return f"uploads/{tenant}/"
 
 
+def upload_key(tenant: str, upload_id: str, filename: str) -> str:
+    """``uploads/<tenant>/<upload_id>/<filename>`` (the filename already sanitised)."""
+    return f"{uploads_prefix(tenant)}{upload_id}/{filename}"
+
+
 async def resolve_input(services: Services, tenant: str, ref: str, *,
                         ingest: bool = False) -> InputRef:
     """An upload id (``u...``) or a store key, as an ``InputRef`` of an existing object.

@@ -24,6 +24,7 @@ from functions.gateway.views import (
 from shared.errors import ErrorCode, MalformedRequest, PermanentError
 from shared.function import Services
 from shared.ids import new_upload_id
+from shared.submission import upload_key
 
 
 def safe_filename(name: str) -> str:
@@ -75,7 +76,7 @@ class PresignController(Controller):
         tenant = tenant_of(request)
         upload_id = new_upload_id()
         name = safe_filename(filename)
-        key = f"uploads/{tenant}/{upload_id}/{name}"
+        key = upload_key(tenant, upload_id, name)
         expiry = services.settings.presign_expiry_s
         url = await services.store.presign_put(key, expiry)  # NotSupported: 501
         return PresignedUpload(upload_id=upload_id, key=key, filename=name, method="PUT",
@@ -92,7 +93,7 @@ async def _receive(request: Request[Any, Any, Any], services: Services,
         raise PermanentError(ErrorCode.PAYLOAD_TOO_LARGE, f"uploads are limited to {limit} bytes")
     upload_id = new_upload_id()
     name = safe_filename(filename)
-    key = f"uploads/{tenant}/{upload_id}/{name}"
+    key = upload_key(tenant, upload_id, name)
     digest = hashlib.sha256()
     size = 0
     # Spool to disk, never to memory: multi-GB uploads use constant memory.
