@@ -118,16 +118,20 @@ class StageContext(Generic[P]):
 
         Returns:
             The file, and how the audio was handled (``copy``, ``aac`` or None).
+
+        Raises:
+            PermanentError: ``invalid_input`` when not one frame of the source decoded.
         """
         out_path = self.workdir / name
         args, audio = web_mp4_args(video, source, media, out_path, preset=preset, crf=crf,
                                    audio_bitrate_k=audio_bitrate_k, tags=tags,
                                    threads=self.services.settings.ffmpeg_threads)
         _, runner = self.services.media()
-        await runner.run(args, duration_s=self.task.media_duration_s,
-                         timeout_s=self.task.timeout_s,
-                         on_progress=lambda pr: self.progress(pr.fraction or 0.0),
-                         cancel=self.cancel, cwd=str(cwd) if cwd else None)
+        result = await runner.run(args, duration_s=self.task.media_duration_s,
+                                  timeout_s=self.task.timeout_s,
+                                  on_progress=lambda pr: self.progress(pr.fraction or 0.0),
+                                  cancel=self.cancel, cwd=str(cwd) if cwd else None)
+        result.require_frames()
         return out_path, audio
 
     def probe(self, ref: str = "probe") -> MediaInfo:

@@ -11,7 +11,7 @@ from typing import Any
 import ffmpeg
 import pytest
 
-from shared.errors import Cancelled, ErrorCode, FFmpegError
+from shared.errors import Cancelled, ErrorCode, FFmpegError, PermanentError
 from shared.media import (
     PROTOCOL_WHITELIST,
     Binaries,
@@ -231,6 +231,36 @@ async def test_text_file_is_invalid_input(
     assert info.value.code == ErrorCode.INVALID_INPUT
     assert info.value.non_retryable is True
     assert "Invalid data found" in info.value.stderr_tail
+
+
+PUBLIC = Path(__file__).parent / "fixtures" / "public"
+
+
+async def test_a_run_reports_the_video_frames_it_wrote(
+    runner: FFmpegRunner, clip_3s: Path, tmp_path: Path
+) -> None:
+    args = ffmpeg.input(str(clip_3s)).output(str(tmp_path / "o.mp4"), vframes=7).get_args()
+    result = await runner.run(args, timeout_s=60)
+    assert result.frames == 7
+    result.require_frames()  # frames were written: nothing to refuse
+
+
+async def test_an_overlay_on_an_undecodable_picture_is_invalid_input(
+    runner: FFmpegRunner, tmp_path: Path
+) -> None:
+    """ffmpeg exits 0 when a picture that never decodes meets a second input in the graph
+    (a watermark's logo): the run's frame count is what tells, and it is the input's fault."""
+    logo = ffmpeg.input("color=red:size=16x16", f="lavfi", t=1)
+    broken = ffmpeg.input(str(PUBLIC / "webp.webp"))
+    args = ffmpeg.overlay(broken.video, logo, eof_action="repeat").output(
+        str(tmp_path / "o.mp4"), vcodec="libx264").get_args()
+    result = await runner.run(args, timeout_s=60)
+    assert result.returncode == 0 and result.frames == 0
+    with pytest.raises(PermanentError) as info:
+        result.require_frames("the input")
+    assert info.value.code == ErrorCode.INVALID_INPUT
+    assert "no video frame could be decoded from the input" in info.value.message
+    assert "Invalid data" in info.value.message
 
 
 @pytest.mark.parametrize("url", ["concat:{clip}|{clip}", "http://127.0.0.1:9/clip.mp4"])

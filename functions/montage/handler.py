@@ -110,8 +110,10 @@ async def handle(task: StageTask, ctx: StageContext[MontageParams]) -> StageResu
     source_s = sum(info.duration_s for info in infos)
     timeout = max(task.timeout_s,
                   step_timeout(ctx.services.settings, source_s, STAGES["montage"].cost))
-    await runner.run(args, duration_s=duration, timeout_s=timeout,
-                     on_progress=lambda pr: ctx.progress(pr.fraction or 0.0), cancel=ctx.cancel)
+    result = await runner.run(args, duration_s=duration, timeout_s=timeout,
+                              on_progress=lambda pr: ctx.progress(pr.fraction or 0.0),
+                              cancel=ctx.cancel)
+    result.require_frames("the clips")
     return StageResult(files={"video": out_path}, meta={
         "width": p.width, "height": p.height, "fps": float(fps), "frames": total,
         "duration_s": round(duration, 3), "clips": len(paths),

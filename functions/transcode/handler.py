@@ -26,7 +26,14 @@ import ffmpeg
 from shared.errors import ErrorCode, PermanentError
 from shared.events import StageTask
 from shared.geometry import fit
-from shared.media import STRIP_METADATA, MediaInfo, VideoStream, picture, step_timeout
+from shared.media import (
+    STRIP_METADATA,
+    MediaInfo,
+    VideoStream,
+    encoder_time_base,
+    picture,
+    step_timeout,
+)
 from shared.media.runner import Progress
 from shared.params.video import TranscodeParams
 from shared.stage import StageContext, StageResult, stage
@@ -156,9 +163,8 @@ def build(p: TranscodeParams, media: MediaInfo, src: Path, dst: Path, *,
         out["t"] = f"{p.still_s:g}"
     elif rate is None:
         # VFR kept exact: the encoder counts in the source stream's time base, not 1/fps
-        # (its default, which would round a phone's jittery timestamps onto a grid). Named
-        # explicitly: "-1" (the input's) does not reach through a filter_complex graph.
-        out["enc_time_base:v"] = _time_base(video)
+        # (see encoder_time_base).
+        out["enc_time_base:v"] = encoder_time_base(video)
     if threads:
         out["threads"] = threads
     args = ffmpeg.output(*streams, str(dst), f=p.container,
@@ -168,15 +174,6 @@ def build(p: TranscodeParams, media: MediaInfo, src: Path, dst: Path, *,
             "hdr": "kept" if keep_hdr else "tone-mapped" if video.hdr else None,
             "deinterlaced": video.interlaced, "still": media.still}
     return args, meta
-
-
-def _time_base(video: VideoStream) -> str:
-    """The source stream's time base as ffmpeg's option reads it (``1:90000``); the
-    millisecond grid of WebM/Matroska when the probe did not say."""
-    num, _, den = (video.time_base or "").partition("/")
-    if num.isdigit() and den.isdigit() and int(num) > 0 and int(den) > 0:
-        return f"{int(num)}:{int(den)}"
-    return "1:1000"
 
 
 def _hdr_tags(video: VideoStream) -> dict[str, str]:

@@ -17,7 +17,7 @@ from shared.media.allowlist import (
     STRIP_METADATA_ARGS,
 )
 from shared.media.binaries import Binaries, BinaryNotFoundError, child_env, find_binaries
-from shared.media.encode import audio_plan, web_mp4_args
+from shared.media.encode import audio_plan, encoder_time_base, web_mp4_args
 from shared.media.probe import (
     REFUSED_FORMATS,
     AudioStream,
@@ -59,6 +59,7 @@ __all__ = [
     "audio_plan",
     "child_env",
     "classify_failure",
+    "encoder_time_base",
     "find_binaries",
     "picture",
     "probe",

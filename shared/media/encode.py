@@ -13,9 +13,25 @@ from typing import Any
 import ffmpeg
 
 from shared.media.allowlist import STRIP_METADATA
-from shared.media.probe import MediaInfo
+from shared.media.probe import MediaInfo, VideoStream
 
-__all__ = ["audio_plan", "web_mp4_args"]
+__all__ = ["audio_plan", "encoder_time_base", "web_mp4_args"]
+
+
+def encoder_time_base(video: VideoStream | None) -> str:
+    """The source stream's time base as ffmpeg's ``-enc_time_base`` reads it (``1:90000``);
+    the millisecond grid of WebM/Matroska when the probe did not say.
+
+    With ``-fps_mode vfr`` every frame keeps its own time, but the encoder still counts in
+    its own time base, 1/frame-rate by default: a phone's or a browser's jittery
+    timestamps would be rounded onto that grid and frames that land on the same tick are
+    dropped. Named explicitly because ``-1`` (the input's) does not reach through a
+    ``-filter_complex`` graph.
+    """
+    num, _, den = ((video.time_base if video else None) or "").partition("/")
+    if num.isdigit() and den.isdigit() and int(num) > 0 and int(den) > 0:
+        return f"{int(num)}:{int(den)}"
+    return "1:1000"
 
 
 def audio_plan(media: MediaInfo, bitrate_k: int) -> tuple[dict[str, Any], str | None]:
@@ -41,6 +57,11 @@ def web_mp4_args(video: Any, source: Any, media: MediaInfo, out_path: Path, *, p
     """The ffmpeg arguments that write a filtered picture (and the source's first audio
     track) as a web MP4: H.264 High, faststart, metadata stripped, ``threads`` as an output
     option (after the last output it would be ignored), colour ``tags`` as output options.
+    Every frame keeps the source's timestamp (``fps_mode vfr`` in the source stream's time
+    base, :func:`encoder_time_base`): MP4's default would force the nominal constant rate
+    and duplicate frames of a variable-rate upload (a browser recording grew by 100 ms
+    under a watermark that way), and a filter graph with a second input (the watermark's
+    picture) would otherwise decide the output's rate.
 
     Args:
         video: the filtered ffmpeg-python video node.
@@ -61,6 +82,8 @@ def web_mp4_args(video: Any, source: Any, media: MediaInfo, out_path: Path, *, p
         audio and media.audio is not None) else [video]
     out = ffmpeg.output(*streams, str(out_path), vcodec="libx264", preset=preset, crf=crf,
                         profile="high", movflags="+faststart", **STRIP_METADATA,
+                        fps_mode="vfr",
+                        **{"enc_time_base:v": encoder_time_base(media.video)},
                         **audio_opts, **(tags or {}),
                         **({"threads": threads} if threads else {}))
     return out.get_args(), audio

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from shared.children import die_with_parent_hook
-from shared.errors import Cancelled, ErrorCode, FFmpegError
+from shared.errors import Cancelled, ErrorCode, FFmpegError, PermanentError
 from shared.media.allowlist import FORMAT_WHITELIST, refused_format
 from shared.media.binaries import Binaries, child_env, find_binaries
 
@@ -94,6 +94,28 @@ class RunResult(msgspec.Struct, frozen=True):
     returncode: int
     elapsed_s: float
     stderr_tail: str
+    frames: int | None = None
+    """Video frames written, from ffmpeg's last progress report (0 for an output without
+    video; None when ffmpeg reported no progress)."""
+
+    def require_frames(self, what: str = "the input") -> None:
+        """Refuse a run that wrote no video frame: its input had none to decode.
+
+        ffmpeg exits 0 when every packet of a picture fails to decode inside a filter graph
+        with a second input (an overlay's logo, a montage's silence), leaving an output
+        without a single frame. That is the input's fault, known now: ``invalid_input``
+        with the decoder's own complaint, not an output check failing later.
+
+        Raises:
+            PermanentError: ``invalid_input`` when no frame was written.
+        """
+        if self.frames != 0:
+            return
+        complaint = next((line.strip() for line in reversed(self.stderr_tail.splitlines())
+                          if "rror while decoding" in line or "Invalid data" in line), "")
+        raise PermanentError(ErrorCode.INVALID_INPUT,
+                             f"no video frame could be decoded from {what}"
+                             + (f" ({_clip(complaint)[:200]})" if complaint else ""))
 
 
 ProgressCallback = Callable[[Progress], Awaitable[None]]
@@ -331,7 +353,8 @@ class FFmpegRunner:
         assert returncode is not None
         if returncode != 0:
             raise classify_failure(returncode, stderr_text, _input_urls(argv))
-        return RunResult(returncode=returncode, elapsed_s=elapsed, stderr_tail=stderr_text)
+        return RunResult(returncode=returncode, elapsed_s=elapsed, stderr_tail=stderr_text,
+                         frames=reporter.frames)
 
     def workdir(self, parent: str | None = None) -> contextlib.AbstractAsyncContextManager[Path]:
         """A private (0700) temp directory, removed on exit, error and cancellation alike.
@@ -585,6 +608,8 @@ class _Reporter:
         self._last_emit = -math.inf
         self._fraction = 0.0
         self.closed = False
+        self.frames: int | None = None
+        """The frame count of the latest complete progress report."""
 
     async def line(self, line: str) -> None:
         key, sep, value = line.partition("=")
@@ -596,6 +621,9 @@ class _Reporter:
             return
         fields, self._fields = self._fields, {}
         end = value == "end"
+        frame = _number(fields.get("frame", ""))
+        if frame is not None:
+            self.frames = int(frame)
         now = self._loop.time()
         if self._callback is None or self.closed:
             return

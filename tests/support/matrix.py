@@ -60,16 +60,12 @@ GAPS: dict[tuple[str, str], str] = {
     ("mpeg2-ts", "hls"): BAD,       # the splitter meets TS packets without timestamps
     ("edit-list", "hls"): "ffmpeg_failed",  # parts ignore the edit list: frame counts differ
     ("animated-gif", "hls"): "ffmpeg_failed",  # a GIF's part encodes to one frame
-    ("vfr-webm", "watermark"): "output_check_failed",  # overlays lose VFR timing (+100 ms)
-    ("vfr-webm", "subtitles"): "output_check_failed",
     ("public-webp", "hls"): NS,     # probed as a still, though nothing decodes it
-    ("public-webp", "montage"): OK,  # should be invalid_input: nothing decodable
-    ("public-webp", "watermark"): "output_check_failed",
 }
 """Known gaps (issue 9 stays open for them): what a user gets TODAY where the right answer is
-``ok`` (or ``invalid_input`` for ``public-webp``). Each is a segment-parallel or overlay bug,
-caught by the frame-count check or the output checks before anything broken is shipped. The
-table states them so that ``make test`` proves the rest and shows the day one is fixed."""
+``ok`` (or ``invalid_input``). Each is a segment-parallel bug, caught by the frame-count check
+or the output checks before anything broken is shipped. The table states them so that
+``make test`` proves the rest and shows the day one is fixed."""
 _BROKEN = (BAD,) * 9
 
 EXPECTED: dict[str, tuple[str, ...]] = {
@@ -131,8 +127,10 @@ _TIMING = ("web", "hls")
 _AUDIO_LAYOUT = ("web", "hls", "audio")
 MATTERS: dict[str, tuple[str, ...]] = {
     "h264-aac": RECIPES,
-    **{n: _TIMING for n in ("vfr-webm", "vfr-phone", "dropped-frames", "mpeg2-ts", "edit-list",
+    **{n: _TIMING for n in ("vfr-phone", "dropped-frames", "mpeg2-ts", "edit-list",
                              "open-gop", "fps-23.976", "fps-59.94", "fps-15", "one-frame")},
+    # Overlays redraw every frame: they must keep a browser recording's own timestamps.
+    "vfr-webm": (*_TIMING, "watermark", "subtitles"),
     **{n: _PICTURE for n in ("rotate-90", "rotate-180", "rotate-270", "sar", "interlaced-tff",
                               "interlaced-bff", "hdr-pq", "hdr-hlg", "odd-dims")},
     **{n: ("web",) for n in ("hevc-8bit", "vp9-opus", "av1", "prores")},
@@ -142,7 +140,10 @@ MATTERS: dict[str, tuple[str, ...]] = {
     **{n: ("web", "thumbnails", "hls") for n in ("still-jpeg", "still-png", "still-webp",
                                                  "animated-gif", "public-gif")},
     **{n: ("web", "audio") for n in ("public-mpeg4", "public-flv", "public-png-truncated",
-                                     "public-jpeg", "public-webp", "public-pdf")},
+                                     "public-jpeg", "public-pdf")},
+    # Probed as a picture that nothing decodes: the graphs with a second input (a logo, a
+    # montage's silence) must still refuse it rather than write an empty file.
+    "public-webp": ("web", "audio", "montage", "watermark"),
 }
 """The recipes each property matters for: what ``make test`` runs (``make matrix`` runs all)."""
 
