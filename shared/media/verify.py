@@ -334,54 +334,102 @@ async def _decode_output(binaries: Binaries, media: Media, spans: list[tuple[flo
         argv += ["-filter_complex", ";".join(graph)]
     argv += [*maps, "-f", "null", "-"]
     code, _, err = await _run(argv, binaries, timeout_s)
-    # Decoder and demuxer errors only: the null muxer's own timestamp complaints are about
-    # this check's output, not the file's.
-    errors = [line for line in err.splitlines()
-              if _ERROR.search(line) and "[null @" not in line]
-    if code != 0 and not errors:
-        errors = [err.strip().splitlines()[-1] if err.strip() else f"exit status {code}"]
-    return errors, _picture(err, [s[1] for s in spans])
+    return _decode_errors(code, err), _picture(err, [s[1] for s in spans])
 
 
-async def _compare(binaries: Binaries, out: Media, src: Media,
-                   spans: list[tuple[float, float]], metric: str | None, picture: bool,
-                   timeout_s: float) -> tuple[Picture, list[float]]:
-    """Source windows: black / frozen picture, and each window's score against the output."""
+def _fit(out: Media, src: Media) -> tuple[str, str]:
+    """The filters that bring an output window and a source window to the same small
+    picture for scoring: at most :data:`COMPARE_WIDTH` wide, square pixels, 8-bit 4:2:0;
+    the source turned by its rotation and, when the output is SDR, tone-mapped."""
     width = min(COMPARE_WIDTH, int((out.video or {}).get("width") or COMPARE_WIDTH))
     height = int((out.video or {}).get("height") or 180) * width // max(
         int((out.video or {}).get("width") or width), 1)
     width, height = max(width // 2 * 2, 2), max(height // 2 * 2, 2)
-    fit = f"setpts=PTS-STARTPTS,scale={width}:{height},setsar=1,format=yuv420p"
+    # Area averaging: the proper filter for a large reduction (no aliasing to score), and
+    # a third of bicubic's cost at 720p -> 320 px.
+    fit = f"setpts=PTS-STARTPTS,scale={width}:{height}:flags=area,setsar=1,format=yuv420p"
     # The source is turned explicitly (a part may have lost its display matrix; the whole
     # source's rotation is what the output must show).
     src_fit = _ROTATE.get(src.rotation, "") + (
         f"{TONEMAP},{fit}" if src.hdr and not out.hdr else fit)
+    return fit, src_fit
+
+
+def _decode_errors(code: int, stderr: str) -> list[str]:
+    """Decoder and demuxer errors only: the null muxer's own timestamp complaints are about
+    the check's output, not the file's."""
+    errors = [line for line in stderr.splitlines()
+              if _ERROR.search(line) and "[null @" not in line]
+    if code != 0 and not errors:
+        errors = [stderr.strip().splitlines()[-1] if stderr.strip() else f"exit status {code}"]
+    return errors
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What one decode of an output's windows found."""
+
+    errors: list[str]
+    picture: Picture
+    scores: list[float]
+
+
+async def _measure(binaries: Binaries, out: Media, src: Media,
+                   spans: list[tuple[float, float]], metric: str,
+                   timeout_s: float) -> Measured:
+    """Every windowed measurement of a video encode in ONE ffmpeg pass: each output window
+    is decoded once (picture and sound) and feeds both the black / freeze detection and
+    the score against the same source window. Decoding the output twice (once to check
+    it, once to score it) was most of what the checks cost.
+
+    Decoder complaints in this pass may come from the source as well as the output (a log
+    line does not say which input's decoder wrote it): when there are any, the output is
+    decoded again alone (:func:`_decode_output`) and only that counts. A damaged upload
+    costs that second pass; a clean one does not.
+    """
+    fit, src_fit = _fit(out, src)
     n = len(spans)
-    argv = [binaries.ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "info",
+    argv = [binaries.ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "level+info",
             *_inputs(src.path, spans, "-noautorotate"), *_inputs(out.path, spans)]
+    # VMAF on every other frame: half the cost, and a broken encode is broken on both.
+    score = "libvmaf=n_threads=2:n_subsample=2" if metric == "vmaf" else "ssim"
     graph, maps = [], []
     for i in range(n):
-        if metric is None:
-            graph.append(f"[{i}:v:0]{_DETECT}[p{i}]")
-            maps += ["-map", f"[p{i}]"]
-            continue
-        # VMAF on every other frame: half the cost, and a broken encode is broken on both.
-        score = "libvmaf=n_threads=2:n_subsample=2" if metric == "vmaf" else "ssim"
-        if picture:
-            graph.append(f"[{i}:v:0]{_DETECT},{src_fit}[s{i}]")
-        else:
-            graph.append(f"[{i}:v:0]{src_fit}[s{i}]")
-        graph.append(f"[{n + i}:v:0]{fit}[o{i}]")
+        graph.append(f"[{i}:v:0]{src_fit}[s{i}]")
+        graph.append(f"[{n + i}:v:0]{_DETECT},{fit}[o{i}]")
         graph.append(f"[o{i}][s{i}]{score}[q{i}]")
         maps += ["-map", f"[q{i}]"]
+        if out.audio is not None:
+            maps += ["-map", f"{n + i}:a:0"]
+    argv += ["-filter_complex", ";".join(graph), *maps, "-f", "null", "-"]
+    code, _, err = await _run(argv, binaries, timeout_s)
+    errors = _decode_errors(code, err)
+    picture = _picture(err, [s[1] for s in spans])
+    if errors:
+        errors, picture = await _decode_output(binaries, out, spans, timeout_s)
+        if code != 0 and not errors:
+            raise TransientError(f"output check: comparing with the source failed (exit "
+                                 f"{code}): " + (err.strip().splitlines() or [""])[-1][:300])
+    pattern = _VMAF if metric == "vmaf" else _SSIM
+    return Measured(errors, picture, [float(x) for x in pattern.findall(err)])
+
+
+async def _source_picture(binaries: Binaries, src: Media, spans: list[tuple[float, float]],
+                          timeout_s: float) -> Picture:
+    """Black and frozen picture in the source's windows: asked only when the output shows
+    more than the slack, since only then can the source's own fade or still shot explain
+    it."""
+    n = len(spans)
+    argv = [binaries.ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "info",
+            *_inputs(src.path, spans, "-noautorotate")]
+    graph = [f"[{i}:v:0]{_DETECT}[p{i}]" for i in range(n)]
+    maps = [arg for i in range(n) for arg in ("-map", f"[p{i}]")]
     argv += ["-filter_complex", ";".join(graph), *maps, "-f", "null", "-"]
     code, _, err = await _run(argv, binaries, timeout_s)
     if code != 0:
-        raise TransientError(f"output check: comparing with the source failed (exit {code}): "
+        raise TransientError(f"output check: measuring the source failed (exit {code}): "
                              + (err.strip().splitlines() or [""])[-1][:300])
-    pattern = _VMAF if metric == "vmaf" else _SSIM
-    scores = [float(x) for x in pattern.findall(err)] if metric else []
-    return _picture(err, [s[1] for s in spans]), scores
+    return _picture(err, [s[1] for s in spans])
 
 
 async def _none() -> None:
@@ -470,21 +518,18 @@ async def verify_output(binaries: Binaries, settings: Settings, stage: str, name
     metric = metric if promise.quality else None
     slack = max(settings.output_check_picture_slack_s, 0.0)
 
-    async def pictures() -> tuple[list[str], Picture, tuple[Picture, list[float]] | None]:
+    async def pictures() -> tuple[Measured, Picture | None]:
         if src is not None and real_video and metric is not None:
-            # Decoding the output and comparing it with the source are independent: side
-            # by side (the check's wall time is what a step's time grows by).
-            (errors, picture), compared = await asyncio.gather(
-                _decode_output(binaries, out, spans, timeout),
-                _compare(binaries, out, src, spans, metric, promise.picture, timeout))
-            return errors, picture, compared
-        errors, picture = await _decode_output(binaries, out, spans, timeout)
+            measured = await _measure(binaries, out, src, spans, metric, timeout)
+        else:
+            errors, picture = await _decode_output(binaries, out, spans, timeout)
+            measured = Measured(errors, picture, [])
+        seen = measured.picture
         if (src is not None and real_video and promise.picture
-                and max(picture.black_s, picture.frozen_s) > slack):
+                and max(seen.black_s, seen.frozen_s) > slack):
             # Only now does the source's own black or still picture matter.
-            return errors, picture, await _compare(binaries, out, src, spans, None, True,
-                                                   timeout)
-        return errors, picture, None
+            return measured, await _source_picture(binaries, src, spans, timeout)
+        return measured, None
 
     timed: list[CheckResult] = []
 
@@ -493,10 +538,11 @@ async def verify_output(binaries: Binaries, settings: Settings, stage: str, name
         timed.append(CheckResult(output=name, check=check, passed=passed,
                                  measured=measured or {}, expected=expected or {}, note=note))
 
-    (errors, picture, compared), _ = await asyncio.gather(
+    (measured, src_pic), _ = await asyncio.gather(
         pictures(),
         _durations(binaries, add_timed, out, src, out_video)
         if src is not None and promise.duration else _none())
+    errors, picture, scores = measured.errors, measured.picture, measured.scores
     add("decode", not errors, {"errors": len(errors), "windows": len(spans)}, {"errors": 0},
         errors[0][:200] if errors else "")
     if src is not None:
@@ -510,13 +556,13 @@ async def verify_output(binaries: Binaries, settings: Settings, stage: str, name
     results += timed
     if not (src is not None and real_video):
         return results
-    src_pic, scores = compared if compared is not None else (Picture(), [])
     if promise.picture:
-        for check, got_s, had_s in (("black", picture.black_s, src_pic.black_s),
-                                    ("freeze", picture.frozen_s, src_pic.frozen_s)):
+        had = src_pic or Picture()
+        for check, got_s, had_s in (("black", picture.black_s, had.black_s),
+                                    ("freeze", picture.frozen_s, had.frozen_s)):
             add(check, got_s <= had_s + slack, {"output_s": got_s},
                 {"at_most_s": round(had_s + slack, 3)},
-                f"the source has {had_s:g}s" if compared is not None
+                f"the source has {had_s:g}s" if src_pic is not None
                 else "within the slack: the source was not measured")
     if metric is not None:
         floor = (settings.output_check_min_vmaf if metric == "vmaf"
