@@ -6,6 +6,7 @@ on small generated clips, and their outputs are decoded again to check what a vi
 
 from __future__ import annotations
 
+import itertools
 import re
 import struct
 import subprocess
@@ -368,6 +369,65 @@ async def test_previews_of_a_single_frame_clip(make_settings, binaries, make_cli
     assert _count_frames(binaries, out["mp4"]) == 1
     webp = webp_animation(out["webp"])
     assert webp.get("still") or len(webp["durations_ms"]) == 1, webp
+
+
+async def test_overlays_keep_a_browser_recordings_frame_times(make_settings, binaries, logo,  # type: ignore[no-untyped-def]
+                                                              tmp_path):
+    """A MediaRecorder-style WebM (millisecond timestamps jittering around 30 fps): the
+    watermark and the burnt-in subtitles keep every frame at its own time. MP4's default
+    constant rate duplicated frames (the video grew by 100 ms) and an encoder counting in
+    1/30 s would round the times onto that grid, dropping frames that meet on one tick."""
+    src = tmp_path / "recording.webm"
+    _ffmpeg(binaries, "-f", "lavfi", "-i", "testsrc2=size=160x90:rate=30", "-t", "1.5",
+            "-vf", "settb=1/1000,setpts='(N/30+0.006*sin(N*1.7))/TB'",
+            "-fps_mode", "passthrough", "-enc_time_base:v", "1:1000", "-c:v", "libvpx",
+            "-b:v", "200k", str(src))
+    times = _frame_times(binaries, src)
+    gaps = {round(b - a, 3) for a, b in itertools.pairwise(times)}
+    assert len(gaps) > 3  # really jittery
+    subs = _files(tmp_path, subs_srt=SRT)
+    steps: dict[str, Any] = {
+        "probe": {"stage": "probe", "uses": [":input"]},
+        "wm": {"stage": "watermark", "uses": [":input", ":input/1", "probe"],
+               "params": {"preset": "ultrafast"}},
+        "srt": {"stage": "subtitles", "uses": [":input", ":input/2", "probe"],
+                "params": {"preset": "ultrafast"}},
+    }
+    async with running(make_settings(), list(FUNCTIONS.values())) as rt:
+        job_id = await submit_job(rt, [src, logo, subs["subs_srt"]], steps=steps)
+        record = await wait_for_job(rt.services, job_id, timeout=90)
+        assert record.status == "succeeded", (record.error, {
+            n: s.error for n, s in record.steps.items()})
+        for step in ("wm", "srt"):
+            out = await fetch_output(rt, record, step, "video", tmp_path / f"{step}.mp4")
+            got = _frame_times(binaries, out)
+            assert len(got) == len(times), step
+            assert max(abs((a - times[0]) - (b - got[0]))
+                       for a, b in zip(times, got, strict=True)) < 0.0015, step
+
+
+async def test_overlays_on_a_picture_that_never_decodes_are_invalid_input(  # type: ignore[no-untyped-def]
+        make_settings, logo, tmp_path):
+    """A WebP that probes as a picture but that no decoder gets a frame out of: ffmpeg itself
+    exits 0 once a logo is overlaid on nothing; the step must refuse the input at once."""
+    broken = Path(__file__).parent / "fixtures" / "public" / "webp.webp"
+    async with running(make_settings(), list(FUNCTIONS.values())) as rt:
+        job_id = await submit_job(rt, [broken, logo], recipe="watermark")
+        record = await wait_for_job(rt.services, job_id, timeout=30)
+    assert record.status == "failed"
+    assert record.error is not None and record.error.code == "invalid_input", record.error
+    assert "no video frame could be decoded" in record.error.message
+    step = record.steps["watermark"]
+    assert step.status == "failed" and step.attempt == 1  # never retried
+
+
+def _frame_times(binaries: Binaries, path: Path) -> list[float]:
+    """Presentation times of the video frames, in display order."""
+    out = subprocess.run(
+        [binaries.ffprobe, "-v", "error", "-select_streams", "v:0", "-show_entries",
+         "packet=pts_time", "-of", "csv=p=0", str(path)],
+        capture_output=True, timeout=60, check=True)
+    return sorted(float(line.split(",")[0]) for line in out.stdout.decode().split())
 
 
 def _count_frames(binaries: Binaries, path: Path) -> int:
