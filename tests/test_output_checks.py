@@ -5,11 +5,13 @@ fails the step through the real bus with ``output_check_failed``, never retried.
 from __future__ import annotations
 
 import os
+import random
 import stat
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from functions.conductor import function as conductor
@@ -121,6 +123,35 @@ async def test_a_corrupt_output_fails_decode(binaries: Binaries, source: Path,
         await check(binaries, bad, source)
     assert "decode" in failed_checks(info.value)
     assert failed_checks(info.value)["decode"]["measured"]["errors"] > 0
+
+
+def _complaints(binaries: Binaries, path: Path) -> str:
+    """What ffmpeg's decoders say (errors only) about decoding ``path`` whole."""
+    return subprocess.run(
+        [binaries.ffmpeg, "-hide_banner", "-nostdin", "-v", "error", "-i", str(path),
+         "-f", "null", "-"], capture_output=True, timeout=60).stderr.decode().strip()
+
+
+async def test_a_damaged_source_does_not_fail_a_clean_outputs_decode(
+    binaries: Binaries, source: Path, tmp_path: Path
+) -> None:
+    """The output and the source are decoded in one pass, whose log does not say which
+    input a decoder complaint came from: the source's own damage must not count against a
+    clean output (the output is then decoded alone to tell)."""
+    data = bytearray(source.read_bytes())  # media data first, its index (moov) at the end
+    scribble = random.Random(1)  # seeded: the same damage every run (some damage crashes
+    for at in range(len(data) // 3, len(data) // 2, 2000):  # the bundled ffmpeg outright)
+        data[at:at + 50] = scribble.randbytes(50)
+    damaged = tmp_path / "damaged.mp4"
+    damaged.write_bytes(bytes(data))
+    assert _complaints(binaries, damaged), "the damaged source must make its decoder complain"
+    out = encode(binaries, damaged, tmp_path / "clean.mp4", "-c:a", "aac")
+    try:
+        results = [msgspec.to_builtins(r) for r in await check(binaries, out, damaged)]
+    except OutputCheckFailed as exc:  # damage may shift other figures; decode is the point
+        results = exc.details["checks"]
+    decode = next(c for c in results if c["check"] == "decode")
+    assert decode["passed"] and decode["measured"]["errors"] == 0, decode
 
 
 async def test_long_outputs_are_decoded_in_windows(binaries: Binaries, source: Path,
