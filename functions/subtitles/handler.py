@@ -12,7 +12,8 @@ Does:     parses the subtitle file itself (UTF-8 by default, ``encoding`` otherw
           Video: H.264 (yuv420p) at the source's displayed size, evened, drawn as
           ``shared.media.picture`` says (deinterlaced, HDR tone-mapped, square pixels,
           tagged BT.709); audio: AAC copied, anything else encoded to AAC; +faststart,
-          metadata stripped.
+          metadata stripped. Every frame keeps its source time (variable frame rate kept);
+          a video whose picture never decodes is ``invalid_input``.
 Emits:    jobs.stage.complete with outputs {video: jobs/<id>/<step>/subtitled.mp4},
           meta {width, height, cues, font, audio: copy|aac|null, first_cue_s, last_cue_s}
 """

@@ -10,6 +10,8 @@ Does:     checks that the image is a PNG or JPEG (magic bytes, then ffprobe must
           (yuv420p) at the source's displayed size, evened, drawn as ``shared.media.picture``
           says (deinterlaced, HDR tone-mapped, square pixels, tagged BT.709); audio: AAC
           copied untouched, anything else encoded to AAC; +faststart, metadata stripped.
+          Every frame keeps its source time (variable frame rate kept). A video whose
+          picture never decodes is ``invalid_input`` (``shared.media.web_mp4_args``).
 Emits:    jobs.stage.complete with outputs {video: jobs/<id>/<step>/watermarked.mp4},
           meta {width, height, overlay: {x, y, width, height}, audio: copy|aac|null}
 """
