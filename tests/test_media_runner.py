@@ -263,6 +263,27 @@ async def test_an_overlay_on_an_undecodable_picture_is_invalid_input(
     assert "Invalid data" in info.value.message
 
 
+async def test_verbose_statistics_name_the_input_whose_picture_never_decoded(
+    runner: FFmpegRunner, clip_3s: Path, tmp_path: Path
+) -> None:
+    """A good clip, and a picture that never decodes under a logo: ffmpeg exits 0; its
+    closing per-input statistics (verbose) say which input gave no frame."""
+    logo = ffmpeg.input("color=red:size=16x16", f="lavfi", t=1)
+    good = ffmpeg.input(str(clip_3s)).video.filter("scale", 64, 64)
+    broken = ffmpeg.input(str(PUBLIC / "webp.webp"))
+    marked = ffmpeg.overlay(broken.video, logo, eof_action="repeat").filter("scale", 64, 64)
+    out = ffmpeg.merge_outputs(
+        ffmpeg.output(good, str(tmp_path / "good.mp4"), vcodec="libx264"),
+        ffmpeg.output(marked, str(tmp_path / "o.mp4"), vcodec="libx264"))
+    args = out.get_args()
+    inputs = [args[k + 1] for k, arg in enumerate(args[:-1]) if arg == "-i"]
+    result = await runner.run(["-loglevel", "verbose", *args], timeout_s=60)
+    assert result.returncode == 0
+    assert result.undecoded_video_inputs() == [inputs.index(str(PUBLIC / "webp.webp"))]
+    quiet = await runner.run(args, timeout_s=60)
+    assert quiet.undecoded_video_inputs() == []  # only verbose runs print the statistics
+
+
 @pytest.mark.parametrize("url", ["concat:{clip}|{clip}", "http://127.0.0.1:9/clip.mp4"])
 async def test_inputs_outside_the_whitelist_are_refused(
     runner: FFmpegRunner, clip_3s: Path, tmp_path: Path, url: str

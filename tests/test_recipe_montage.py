@@ -184,6 +184,22 @@ async def test_clip_without_video_fails_with_no_video_stream(  # type: ignore[no
     assert record.steps["montage"].attempt == 1
 
 
+async def test_a_clip_whose_picture_never_decodes_is_invalid_input(  # type: ignore[no-untyped-def]
+    make_settings, clips
+):
+    """A WebP that probes as a picture but that no decoder gets a frame out of, between two
+    good clips: ffmpeg exits 0 and would write a montage without it; the step refuses the
+    input instead of shipping a video short of a clip."""
+    broken = Path(__file__).parent / "fixtures" / "public" / "webp.webp"
+    async with running(make_settings(), list(FUNCTIONS.values())) as rt:
+        job_id = await submit_job(rt, [clips[0], broken, clips[1]], recipe="montage",
+                                  params={"clips": 3, **SIZE})
+        record = await wait_for_job(rt.services, job_id, timeout=60)
+    assert record.status == "failed", record.steps["montage"].meta
+    assert record.error is not None and record.error.code == "invalid_input", record.error
+    assert record.steps["montage"].attempt == 1
+
+
 def test_recipe_names_one_input_per_clip_and_the_music_last() -> None:
     steps = resolve("montage", None, {"clips": 3, "music": True, "title": "Hi"}, n_inputs=4)
     assert list(steps) == ["montage"]

@@ -104,7 +104,8 @@ async def handle(task: StageTask, ctx: StageContext[MontageParams]) -> StageResu
         ar=SAMPLE_RATE, ac=2, movflags="+faststart", **STRIP_METADATA, **picture.SDR_TAGS,
         **({"threads": threads} if threads else {}),
     )
-    args = out.get_args()
+    # verbose: ffmpeg's closing per-input statistics say which clip gave no frame.
+    args = ["-loglevel", "verbose", *out.get_args()]
     # The conductor knows no duration for a montage (no probe step precedes it), so the
     # deadline is taken from what the clips add up to, never below what the task allows.
     source_s = sum(info.duration_s for info in infos)
@@ -114,6 +115,13 @@ async def handle(task: StageTask, ctx: StageContext[MontageParams]) -> StageResu
                               on_progress=lambda pr: ctx.progress(pr.fraction or 0.0),
                               cancel=ctx.cancel)
     result.require_frames("the clips")
+    # ffmpeg exits 0 when one clip's picture never decodes and pads its place in the
+    # timeline; its closing statistics (verbose) name the input.
+    clip_of = {_input_index(args, path): i for i, path in enumerate(paths)}
+    broken = [clip_of[k] + 1 for k in result.undecoded_video_inputs() if k in clip_of]
+    if broken:
+        raise PermanentError(ErrorCode.INVALID_INPUT,
+                             f"no video frame could be decoded from clip {broken[0]}")
     return StageResult(files={"video": out_path}, meta={
         "width": p.width, "height": p.height, "fps": float(fps), "frames": total,
         "duration_s": round(duration, 3), "clips": len(paths),
@@ -121,6 +129,12 @@ async def handle(task: StageTask, ctx: StageContext[MontageParams]) -> StageResu
         "title": p.title is not None, "title_s": p.title_s if p.title is not None else 0.0,
         "music": music_path is not None,
     })
+
+
+def _input_index(args: list[str], path: Path) -> int:
+    """Which ``-i`` of ``args`` reads ``path`` (-1: none)."""
+    inputs = [args[i + 1] for i, arg in enumerate(args[:-1]) if arg == "-i"]
+    return inputs.index(str(path)) if str(path) in inputs else -1
 
 
 def frame_rate(fps: float) -> Fraction:

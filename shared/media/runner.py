@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import math
 import os
+import re
 import resource
 import shutil
 import signal
@@ -116,6 +117,13 @@ class RunResult(msgspec.Struct, frozen=True):
         raise PermanentError(ErrorCode.INVALID_INPUT,
                              f"no video frame could be decoded from {what}"
                              + (f" ({_clip(complaint)[:200]})" if complaint else ""))
+
+    def undecoded_video_inputs(self) -> list[int]:
+        """The inputs (``-i`` order, from 0) with a video stream that had packets but gave
+        not one frame: a picture that never decodes, which ffmpeg papers over when other
+        inputs feed the same graph. Read from ffmpeg's closing per-stream statistics,
+        which it prints only at ``-loglevel verbose`` (``[]`` otherwise)."""
+        return sorted({int(m.group(1)) for m in _UNDECODED.finditer(self.stderr_tail)})
 
 
 ProgressCallback = Callable[[Progress], Awaitable[None]]
@@ -486,6 +494,8 @@ _INVALID_INPUT_MARKERS = (
     "not on whitelist",
 )
 _GENERIC_LAST_LINES = frozenset({"Conversion failed!"})
+_UNDECODED = re.compile(r"Input stream #(\d+):\d+ \(video\): [1-9]\d* packets read "
+                        r"\(\d+ bytes\); 0 frames decoded")
 
 
 def _whitelist_inputs(args: Sequence[str]) -> list[str]:
