@@ -13,7 +13,8 @@ Does:     probes every clip; draws each as ``shared.media.picture`` says (uprigh
           mixes a looped, faded music bed under the clips' audio; H.264 + AAC MP4.
 Emits:    jobs.stage.complete with outputs {video: jobs/<id>/<step>/video.mp4} and meta
           {width, height, fps, duration_s, clips, crossfade_s, title, music, ...}.
-          A clip without video fails with ``no_video_stream``, a music bed without audio
+          A clip without video fails with ``no_video_stream``, a clip whose picture never
+          decodes with ``invalid_input`` (naming the clip), a music bed without audio
           with ``no_audio_stream``; no clip at all is ``invalid_recipe``.
 """
 
