@@ -350,6 +350,13 @@ def test_classify_failure(
 def test_classify_failure_names_the_real_reason() -> None:
     error = classify_failure(1, "Unknown encoder 'nope'\nConversion failed!\n")
     assert "Unknown encoder 'nope'" in error.message
+    # A verbose run (montage) ends with statistics after the reason: they are skipped.
+    verbose = ("[mjpeg @ 0x1] No JPEG data found in image\nConversion failed!\n"
+               "Input file #1 (in/1/media.jpg):\n"
+               "  Input stream #1:0 (video): 1 packets read (9 bytes); 0 frames decoded;\n"
+               "  Total: 1 packets (9 bytes) demuxed\n"
+               "[AVIOContext @ 0x2b4ca580] Statistics: 9 bytes read, 0 seeks\n")
+    assert "No JPEG data found in image" in classify_failure(1, verbose).message
 
 
 async def test_workdir_is_private_and_removed(runner: FFmpegRunner, tmp_path: Path) -> None:

@@ -494,6 +494,8 @@ _INVALID_INPUT_MARKERS = (
     "not on whitelist",
 )
 _GENERIC_LAST_LINES = frozenset({"Conversion failed!"})
+_STATISTICS = re.compile(r"\[AVIOContext @ [^\]]*\] Statistics:|(Input|Output) (file|stream) #"
+                        r"|Total: \d+ packets")
 _UNDECODED = re.compile(r"Input stream #(\d+):\d+ \(video\): [1-9]\d* packets read "
                         r"\(\d+ bytes\); 0 frames decoded")
 
@@ -688,7 +690,8 @@ def _number(text: str) -> float | None:
 def _last_line(text: str) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     for line in reversed(lines):
-        if line not in _GENERIC_LAST_LINES:
+        # A verbose run ends with byte counts and per-stream statistics: not a reason.
+        if line not in _GENERIC_LAST_LINES and not _STATISTICS.match(line):
             return line
     return lines[-1] if lines else "(no stderr)"
 
