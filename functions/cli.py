@@ -306,6 +306,10 @@ def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
             if page["next_after"] is not None:
                 print(f"more: jetcut dlq list --after {page['next_after']}")
             return 0
+        if args.dlq_command == "groups":
+            return _dlq_groups(client)
+        if args.dlq_command == "replay" and not args.seq.isdigit():
+            return _dlq_replay_group(client, args.seq)
         if args.dlq_command == "show":
             r = client.get(f"/v1/dlq/{args.seq}")
         elif args.dlq_command == "replay":
@@ -328,6 +332,37 @@ def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
             print(body["message"])
         else:
             print(f"purged {body['purged']} entr{'y' if body['purged'] == 1 else 'ies'}")
+    return 0
+
+
+def _dlq_groups(client: Any) -> int:
+    """One line per group (largest first), then its shape and example, indented."""
+    r = client.get("/v1/dlq/groups")
+    if r.status_code != 200:
+        return _fail(r)
+    body = r.json()
+    for g in body["groups"]:
+        print(f"{g['group']:48} x{g['count']:<5} jobs {g['jobs']:<5} "
+              f"{_when(g['first_seen'])} .. {_when(g['last_seen'])}")
+        print(f"    {g['shape']}")
+        example = g["example"]
+        print(f"    e.g. seq {example['seq']}  {example['job_id'] or '-'}  "
+              f"{example['subject']}")
+    if not body["groups"]:
+        print("the DLQ is empty")
+    return 0
+
+
+def _dlq_replay_group(client: Any, group: str) -> int:
+    r = client.post(f"/v1/dlq/groups/{group}:replay")
+    if r.status_code != 200:
+        return _fail(r)
+    body = r.json()
+    print(f"group {body['group']}: replayed {body['replayed']}, covered {body['covered']} "
+          f"(same job), kept {body['kept']}")
+    for item in body["items"]:
+        if item["outcome"] == "conflict":
+            print(f"  kept seq {item['seq']}: {item['message']}")
     return 0
 
 
@@ -417,12 +452,16 @@ def parser() -> argparse.ArgumentParser:
     dlq_show.add_argument("seq", type=int)
     dlq_replay = dlq_sub.add_parser("replay", help="retry the entry's job (stage tasks) or "
                                                    "re-publish it, and remove it")
-    dlq_replay.add_argument("seq", type=int)
+    dlq_replay.add_argument("seq", metavar="SEQ|GROUP",
+                            help="an entry's seq, or a group id (jetcut dlq groups): "
+                                 "every entry of the group")
+    dlq_groups = dlq_sub.add_parser("groups", help="entries grouped by function, error "
+                                    "code and message shape, largest group first")
     dlq_purge = dlq_sub.add_parser("purge", help="delete one entry, a function's, or all")
     dlq_purge.add_argument("seq", type=int, nargs="?")
     dlq_purge.add_argument("--function")
     dlq_purge.add_argument("--all", action="store_true", help="every entry")
-    for command in (dlq_list, dlq_show, dlq_replay, dlq_purge):
+    for command in (dlq_list, dlq_show, dlq_replay, dlq_purge, dlq_groups):
         command.add_argument("--url")
     keys = sub.add_parser("keys", help="create, list or revoke API keys (talks to NATS "
                                        "directly: an operator tool)")
