@@ -272,14 +272,45 @@ def cmd_cancel(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
     """Run a failed or cancelled job again from its checkpoints."""
+    try:
+        changes = _retry_changes(args)
+    except ValueError as exc:
+        print(f"jetcut retry: {exc}", file=sys.stderr)
+        return 2
     with _client(args, settings) as client:
-        r = client.post(f"/v1/jobs/{args.job_id}:retry")
+        r = client.post(f"/v1/jobs/{args.job_id}:retry", json=changes)
         if r.status_code != 202:
             return _fail(r)
         print(f"job {args.job_id} retrying (it was {r.json()['status']})", flush=True)
         if not args.wait:
             return 0
         return _wait(client, args.job_id, args.timeout, superseded=r.json()["finished_at"])
+
+
+def _retry_changes(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The retry's body from ``--params`` / ``--recipe`` / ``--steps`` (None: no change).
+
+    Raises:
+        ValueError: a value that is not the JSON object it should be.
+    """
+    changes: dict[str, Any] = {}
+    if args.params is not None:
+        changes["params"] = _json_object(args.params, "--params")
+    if args.recipe is not None:
+        changes["recipe"] = args.recipe
+    if args.steps is not None:
+        changes["steps"] = _json_object(Path(args.steps).read_text(), "--steps")
+    return changes or None
+
+
+def _json_object(text: str, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{what} is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a JSON object")
+    return value
 
 
 def _when(at: float) -> str:
@@ -441,6 +472,10 @@ def parser() -> argparse.ArgumentParser:
     retry.add_argument("job_id")
     retry.add_argument("--wait", action="store_true", help="show progress until done")
     retry.add_argument("--timeout", type=float, default=3600.0)
+    retry.add_argument("--params", help="re-plan with these params (a JSON object that "
+                                        "replaces the job's)")
+    retry.add_argument("--recipe", help="re-plan with this recipe")
+    retry.add_argument("--steps", help="re-plan with the inline steps in this JSON file")
     retry.add_argument("--url")
     dlq = sub.add_parser("dlq", help="list, show, replay or purge dead letters (admin)")
     dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
