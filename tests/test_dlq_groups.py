@@ -173,3 +173,49 @@ async def test_an_empty_dlq_has_no_groups(gateway) -> None:  # type: ignore[no-u
     r = await client.get("/v1/dlq/groups")
     assert r.status_code == 200
     assert r.json() == {"groups": [], "entries": 0}
+
+
+async def test_the_dead_tasks_of_one_job_are_one_retry(make_settings, http_port) -> None:  # type: ignore[no-untyped-def]
+    """Two dead tasks of one cancelled job, in one group: the first entry retries the job,
+    the second is removed as covered by it (one retry, not two)."""
+    from shared import msgids
+    from shared.events import DeadLetter, ErrorInfo, StageTask, encode
+
+    settings = make_settings(http_port=http_port)
+    async with running(settings, [FUNCTIONS["gateway"], FUNCTIONS["conductor"]]) as rt:
+        services = rt.services
+        assert services is not None
+        async with httpx.AsyncClient(base_url=settings.base_url, timeout=10) as client:
+            await until_http_up(client)
+            upload = (await client.post("/v1/uploads", params={"filename": "a.bin"},
+                                        content=b"x" * 64)).json()
+            steps = {name: {"stage": "noop", "uses": [":input"]} for name in ("a", "b")}
+            r = await client.post("/v1/jobs", json={"steps": steps,
+                                                    "input": upload["upload_id"]})
+            job_id = r.json()["job_id"]
+            await wait_for_job(services, job_id, until=lambda rec: rec.planned)
+            assert (await client.delete(f"/v1/jobs/{job_id}")).status_code == 202
+            await wait_for_job(services, job_id, until=lambda rec: rec.status == "cancelled")
+            for seq, step in enumerate(("a", "b"), start=1):
+                task = StageTask(job_id=job_id, tenant="default", step=step, stage="noop",
+                                 attempt=1)
+                await services.bus.publish(services.names.dlq("noop"), DeadLetter(
+                    function="noop", subject="stages.noop", data=encode(task),
+                    error=ErrorInfo(code="retries_exhausted",
+                                    message=f"gave up on job {job_id} step '{step}'"),
+                    stream_seq=seq), msg_id=msgids.dlq_entry(services.names.stages_stream, seq))
+
+            async def two_in_one_group() -> bool:
+                listed = await groups(client)
+                return [(g["count"], g["jobs"]) for g in listed] == [(2, 1)]
+
+            await eventually(two_in_one_group, what="one group of two entries of one job")
+            (group,) = await groups(client)
+            r = await client.post(f"/v1/dlq/groups/{group['group']}:replay")
+            assert r.status_code == 200, r.text
+            result = r.json()
+            assert (result["replayed"], result["covered"], result["kept"]) == (1, 1, 0)
+            assert [i["outcome"] for i in result["items"]] == ["replayed", "covered"]
+            record = await wait_for_job(services, job_id, until=lambda rec: not rec.terminal)
+            assert {s.attempt for s in record.steps.values()} == {2}  # one retry: attempt 2
+            assert await groups(client) == []
