@@ -162,8 +162,9 @@ class JobCancel(Event, tag="job.cancel", kw_only=True, frozen=True):
 RetryMode = Literal["failed", "stuck"]
 
 
-class RetryChanges(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """What a retry changes before the job runs again (user input: unknown fields refused).
+class RetryChanges(msgspec.Struct, frozen=True, kw_only=True):
+    """What a retry changes before the job runs again (on the bus, unknown fields are
+    ignored; the gateway reads the user's body with ``RetryRequest``, which refuses them).
 
     ``recipe`` or ``steps`` replaces how the job is planned (one of them, or neither);
     ``params``, when given, replaces the job's params as a whole. The job is planned again
@@ -174,6 +175,11 @@ class RetryChanges(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     recipe: str | None = None
     steps: dict[str, StepSpec] | None = None
     params: dict[str, Any] | None = None
+
+
+class RetryRequest(RetryChanges, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``RetryChanges`` as a user writes them (``POST /v1/jobs/{id}:retry``): a misspelt
+    field is an error, not a silent no-op."""
 
 
 class JobRetry(Event, tag="job.retry", kw_only=True, frozen=True):

@@ -44,7 +44,7 @@ from shared.errors import (
     PermanentError,
     TransientError,
 )
-from shared.events import JobCancel, JobRetry, RetryChanges
+from shared.events import JobCancel, JobRetry, RetryChanges, RetryRequest
 from shared.function import Services
 from shared.jobrequest import JobRequest
 from shared.jobstate import JobRecord
@@ -137,7 +137,7 @@ class JobController(Controller):
 
     @post("/{job_id:str}", status_code=202, responses=errors(400, 404, 409, 422, 429, 503),
           request_max_body_size=MAX_JOB_BODY_BYTES,
-          opt=request_body(RetryChanges, required=False))
+          opt=request_body(RetryRequest, required=False))
     async def retry_job(self, request: Request[Any, Any, Any], services: ServicesDep,
                         admission: AdmissionDep, job_id: FromPath[str],
                         reason: Annotated[str, REASON] = "retried on request",
@@ -261,14 +261,13 @@ def _changes(body: bytes) -> RetryChanges | None:
     if not body.strip():
         return None
     try:
-        changes = msgspec.json.decode(body, type=RetryChanges)
+        request = msgspec.json.decode(body, type=RetryRequest)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise MalformedRequest(f"bad retry body: {exc}") from exc
-    if changes.recipe is not None and changes.steps is not None:
+    if request.recipe is not None and request.steps is not None:
         raise MalformedRequest("give 'recipe' or 'steps' to re-plan the job, not both")
-    if changes == RetryChanges():
-        return None
-    return changes
+    changes = RetryChanges(recipe=request.recipe, steps=request.steps, params=request.params)
+    return None if changes == RetryChanges() else changes
 
 
 async def _retry(request: Request[Any, Any, Any], services: Services, admission: Admission,
