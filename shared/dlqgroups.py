@@ -153,18 +153,6 @@ def check_group_id(value: str) -> str:
     return value
 
 
-async def _all_entries(services: Services, function: str | None) -> list[dlq.Summary]:
-    entries: list[dlq.Summary] = []
-    after = 0
-    while True:
-        page = await dlq.list_entries(services, function=function, after=after,
-                                      limit=dlq.MAX_PAGE)
-        entries.extend(page.entries)
-        if page.next_after is None:
-            return entries
-        after = page.next_after
-
-
 def _of(summary: dlq.Summary) -> str:
     return group_id(summary.function, summary.error.code, summary.error.message)
 
@@ -172,10 +160,10 @@ def _of(summary: dlq.Summary) -> str:
 async def list_groups(services: Services) -> GroupList:
     """Every group in the DLQ now, largest first.
 
-    One pass over the stream (``MAX_PAGE`` entries per page): fine for the thousands of
+    One streamed pass over the DLQ (``shared.dlq.scan``): fine for the thousands of
     entries a DLQ holds between triages; the stream's 30-day age limit bounds it.
     """
-    entries = await _all_entries(services, None)
+    entries = await dlq.scan(services)
     members: dict[str, list[dlq.Summary]] = {}
     for entry in entries:
         members.setdefault(_of(entry), []).append(entry)
@@ -201,7 +189,7 @@ async def members_of(services: Services, group: str) -> list[dlq.Summary]:
     """
     check_group_id(group)
     function = GROUP_ID.fullmatch(group)["function"]  # type: ignore[index]
-    found = [e for e in await _all_entries(services, function) if _of(e) == group]
+    found = [e for e in await dlq.scan(services, function=function) if _of(e) == group]
     if not found:
         raise GroupNotFound(group)
     return found

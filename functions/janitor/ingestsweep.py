@@ -61,7 +61,10 @@ async def make_missing_jobs(services: Services, known: set[str], now: float) -> 
                         obj.key, exc)
             continue
         if claim.created:
-            log.warning("janitor: %s had no job (its notification was lost): made job %s",
-                        key, decision.job_id)
+            log.info("janitor: %s had no job (its notification was lost): made job %s",
+                     key, decision.job_id)
             made.append(decision.job_id)
+    if made:
+        log.warning("janitor: %d object(s) under %s had no job (notifications lost or off): "
+                    "made their jobs", len(made), settings.ingest_prefix)
     return made
