@@ -18,7 +18,15 @@ import pytest
 
 from functions.registry import FUNCTIONS
 from shared.events import RetryChanges, StepSpec
-from shared.jobstate import JobRecord, JobStatus, StepStatus, diff_plan, plan, replan_job
+from shared.jobstate import (
+    JobRecord,
+    JobStatus,
+    StepStatus,
+    advance,
+    diff_plan,
+    plan,
+    replan_job,
+)
 from tests.support.nats import running, until_http_up, wait_for_job
 
 pytestmark = pytest.mark.timeout(120)
@@ -76,6 +84,34 @@ def test_an_unchanged_plan_keeps_every_finished_step() -> None:
     record = failed_at_b()
     diff = diff_plan(record, chain({"columns": 1}))
     assert (diff.kept, diff.stale) == (["a", "d"], [])
+
+
+def test_a_replanned_expanded_steps_parts_get_attempts_above_the_old_ones() -> None:
+    """A part's task id and result id name its attempt: parts of the new plan must never
+    reuse an attempt number an old part used (the stream would drop them as duplicates)."""
+    def pipeline(crf: int) -> dict[str, StepSpec]:
+        return {
+            "seg": StepSpec(stage="segment", uses=[":input"]),
+            "enc": StepSpec(stage="encode-part", uses=["seg"], each="seg",
+                            params={"height": 360, "crf": crf}),
+        }
+
+    record = JobRecord(job_id="j2", tenant="default", pipeline=pipeline(60))
+    plan(record, pipeline(60))
+    seg = record.steps["seg"]
+    seg.status, seg.outputs = StepStatus.DONE, {"p0": "k0", "p1": "k1"}
+    advance(record)
+    enc = record.steps["enc"]
+    assert [p.attempt for p in enc.parts] == [1, 1]
+    enc.parts[0].status = StepStatus.DONE
+    enc.parts[1].status, enc.parts[1].attempt = StepStatus.FAILED, 3
+    enc.status = StepStatus.FAILED
+    record.status = JobStatus.FAILED
+
+    diff = replan_job(record, pipeline(23), RetryChanges(steps=pipeline(23)))
+    assert diff is not None and (diff.kept, diff.rerun) == (["seg"], ["enc"])
+    assert [p.attempt for p in record.steps["enc"].parts] == [4, 4]
+    assert record.steps["enc"].status == StepStatus.READY
 
 
 # --- against the real stack -----------------------------------------------------------------
