@@ -272,14 +272,45 @@ def cmd_cancel(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
     """Run a failed or cancelled job again from its checkpoints."""
+    try:
+        changes = _retry_changes(args)
+    except ValueError as exc:
+        print(f"jetcut retry: {exc}", file=sys.stderr)
+        return 2
     with _client(args, settings) as client:
-        r = client.post(f"/v1/jobs/{args.job_id}:retry")
+        r = client.post(f"/v1/jobs/{args.job_id}:retry", json=changes)
         if r.status_code != 202:
             return _fail(r)
         print(f"job {args.job_id} retrying (it was {r.json()['status']})", flush=True)
         if not args.wait:
             return 0
         return _wait(client, args.job_id, args.timeout, superseded=r.json()["finished_at"])
+
+
+def _retry_changes(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The retry's body from ``--params`` / ``--recipe`` / ``--steps`` (None: no change).
+
+    Raises:
+        ValueError: a value that is not the JSON object it should be.
+    """
+    changes: dict[str, Any] = {}
+    if args.params is not None:
+        changes["params"] = _json_object(args.params, "--params")
+    if args.recipe is not None:
+        changes["recipe"] = args.recipe
+    if args.steps is not None:
+        changes["steps"] = _json_object(Path(args.steps).read_text(), "--steps")
+    return changes or None
+
+
+def _json_object(text: str, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{what} is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a JSON object")
+    return value
 
 
 def _when(at: float) -> str:
@@ -306,6 +337,10 @@ def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
             if page["next_after"] is not None:
                 print(f"more: jetcut dlq list --after {page['next_after']}")
             return 0
+        if args.dlq_command == "groups":
+            return _dlq_groups(client)
+        if args.dlq_command == "replay" and not args.seq.isdigit():
+            return _dlq_replay_group(client, args.seq)
         if args.dlq_command == "show":
             r = client.get(f"/v1/dlq/{args.seq}")
         elif args.dlq_command == "replay":
@@ -328,6 +363,37 @@ def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
             print(body["message"])
         else:
             print(f"purged {body['purged']} entr{'y' if body['purged'] == 1 else 'ies'}")
+    return 0
+
+
+def _dlq_groups(client: Any) -> int:
+    """One line per group (largest first), then its shape and example, indented."""
+    r = client.get("/v1/dlq/groups")
+    if r.status_code != 200:
+        return _fail(r)
+    body = r.json()
+    for g in body["groups"]:
+        print(f"{g['group']:48} x{g['count']:<5} jobs {g['jobs']:<5} "
+              f"{_when(g['first_seen'])} .. {_when(g['last_seen'])}")
+        print(f"    {g['shape']}")
+        example = g["example"]
+        print(f"    e.g. seq {example['seq']}  {example['job_id'] or '-'}  "
+              f"{example['subject']}")
+    if not body["groups"]:
+        print("the DLQ is empty")
+    return 0
+
+
+def _dlq_replay_group(client: Any, group: str) -> int:
+    r = client.post(f"/v1/dlq/groups/{group}:replay")
+    if r.status_code != 200:
+        return _fail(r)
+    body = r.json()
+    print(f"group {body['group']}: replayed {body['replayed']}, covered {body['covered']} "
+          f"(same job), kept {body['kept']}")
+    for item in body["items"]:
+        if item["outcome"] == "conflict":
+            print(f"  kept seq {item['seq']}: {item['message']}")
     return 0
 
 
@@ -406,6 +472,10 @@ def parser() -> argparse.ArgumentParser:
     retry.add_argument("job_id")
     retry.add_argument("--wait", action="store_true", help="show progress until done")
     retry.add_argument("--timeout", type=float, default=3600.0)
+    retry.add_argument("--params", help="re-plan with these params (a JSON object that "
+                                        "replaces the job's)")
+    retry.add_argument("--recipe", help="re-plan with this recipe")
+    retry.add_argument("--steps", help="re-plan with the inline steps in this JSON file")
     retry.add_argument("--url")
     dlq = sub.add_parser("dlq", help="list, show, replay or purge dead letters (admin)")
     dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
@@ -417,12 +487,16 @@ def parser() -> argparse.ArgumentParser:
     dlq_show.add_argument("seq", type=int)
     dlq_replay = dlq_sub.add_parser("replay", help="retry the entry's job (stage tasks) or "
                                                    "re-publish it, and remove it")
-    dlq_replay.add_argument("seq", type=int)
+    dlq_replay.add_argument("seq", metavar="SEQ|GROUP",
+                            help="an entry's seq, or a group id (jetcut dlq groups): "
+                                 "every entry of the group")
+    dlq_groups = dlq_sub.add_parser("groups", help="entries grouped by function, error "
+                                    "code and message shape, largest group first")
     dlq_purge = dlq_sub.add_parser("purge", help="delete one entry, a function's, or all")
     dlq_purge.add_argument("seq", type=int, nargs="?")
     dlq_purge.add_argument("--function")
     dlq_purge.add_argument("--all", action="store_true", help="every entry")
-    for command in (dlq_list, dlq_show, dlq_replay, dlq_purge):
+    for command in (dlq_list, dlq_show, dlq_replay, dlq_purge, dlq_groups):
         command.add_argument("--url")
     keys = sub.add_parser("keys", help="create, list or revoke API keys (talks to NATS "
                                        "directly: an operator tool)")

@@ -162,6 +162,26 @@ class JobCancel(Event, tag="job.cancel", kw_only=True, frozen=True):
 RetryMode = Literal["failed", "stuck"]
 
 
+class RetryChanges(msgspec.Struct, frozen=True, kw_only=True):
+    """What a retry changes before the job runs again (on the bus, unknown fields are
+    ignored; the gateway reads the user's body with ``RetryRequest``, which refuses them).
+
+    ``recipe`` or ``steps`` replaces how the job is planned (one of them, or neither);
+    ``params``, when given, replaces the job's params as a whole. The job is planned again
+    from the result: finished steps whose spec (stage, params, uses) and upstream steps the
+    change does not touch keep their outputs; the others run again.
+    """
+
+    recipe: str | None = None
+    steps: dict[str, StepSpec] | None = None
+    params: dict[str, Any] | None = None
+
+
+class RetryRequest(RetryChanges, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``RetryChanges`` as a user writes them (``POST /v1/jobs/{id}:retry``): a misspelt
+    field is an error, not a silent no-op."""
+
+
 class JobRetry(Event, tag="job.retry", kw_only=True, frozen=True):
     """Run a job's unfinished work again, from its checkpoints.
 
@@ -177,6 +197,9 @@ class JobRetry(Event, tag="job.retry", kw_only=True, frozen=True):
     tenant: str = "default"
     mode: RetryMode = "failed"
     reason: str = ""
+    changes: RetryChanges | None = None
+    """``failed`` only: re-plan the job with these changes first (``jetcut retry --param``,
+    ``POST /v1/jobs/{id}:retry`` with a body)."""
 
 
 class JobCleanup(Event, tag="job.cleanup", kw_only=True, frozen=True):

@@ -29,7 +29,14 @@ from typing import Any
 
 import msgspec
 
-from shared.events import CheckResult, ErrorInfo, InputRef, StageComplete, StepSpec
+from shared.events import (
+    CheckResult,
+    ErrorInfo,
+    InputRef,
+    RetryChanges,
+    StageComplete,
+    StepSpec,
+)
 
 
 class JobStatus(StrEnum):
@@ -105,6 +112,10 @@ class StepState(msgspec.Struct, kw_only=True):
     cleaned_at: float | None = None
     """When the janitor deleted this step's objects as intermediates of a succeeded job
     (its ``outputs`` are then empty: the record never lists a deleted key)."""
+    first_part_attempt: int = 1
+    """Attempt the parts start from when the step expands: above every attempt of the
+    parts of an earlier plan of the step (``replan_job``), so their tasks and results get
+    new message ids."""
 
     @property
     def step_deps(self) -> list[str]:
@@ -237,7 +248,7 @@ def advance(record: JobRecord) -> list[tuple[str, int | None]]:
                 ready.append((name, None))
                 continue
             count = len(record.steps[step.each].outputs)
-            step.parts = [PartState() for _ in range(count)]
+            step.parts = [PartState(attempt=step.first_part_attempt) for _ in range(count)]
             if count == 0:
                 _join(step, now)
             ready.extend((name, i) for i in range(count))
@@ -589,6 +600,81 @@ def retry_job(record: JobRecord) -> bool:
     record.cancel_requested_at = None
     advance(record)
     return True
+
+
+class Replanned(msgspec.Struct, kw_only=True):
+    """How a new plan meets the old one (``diff_plan``)."""
+
+    kept: list[str]
+    """Finished steps that keep their outputs: same spec, and every step they use kept."""
+    rerun: list[str]
+    """Steps of the new plan that run (again)."""
+    stale: list[str]
+    """Steps of the old plan whose stored outputs no longer belong to the job (their spec
+    or an upstream step changed, or the new plan has no such step): deleted before any
+    task of the new plan runs, or a checkpoint of the old spec would pass for the new."""
+
+
+def diff_plan(record: JobRecord, steps: dict[str, StepSpec]) -> Replanned:
+    """Compare the job's current plan with ``steps`` (no change to the record)."""
+    same: dict[str, bool] = {}
+
+    def unchanged(name: str) -> bool:
+        if name not in same:
+            same[name] = False  # a cycle cannot plan; never true on the way round
+            old, spec = record.steps.get(name), steps[name]
+            same[name] = (
+                old is not None and old.stage == spec.stage and old.uses == list(spec.uses)
+                and old.params == dict(spec.params) and old.each == spec.each
+                and old.fan_in == spec.fan_in
+                and all(unchanged(d) for d in spec.uses if input_ref_index(d) is None)
+            )
+        return same[name]
+
+    kept = [n for n in steps if unchanged(n) and record.steps[n].status == StepStatus.DONE]
+    return Replanned(
+        kept=kept, rerun=[n for n in steps if n not in kept],
+        stale=[n for n in record.steps if n not in steps or not unchanged(n)],
+    )
+
+
+def replan_job(record: JobRecord, steps: dict[str, StepSpec],
+               changes: RetryChanges) -> Replanned | None:
+    """Transition: plan a failed or cancelled job again with ``changes`` (its recipe,
+    inline steps or params) into ``steps``, and run it from its checkpoints
+    (``JobRetry(changes=...)``).
+
+    Finished steps the change does not touch keep their state, attempt and outputs
+    (``diff_plan``); every other step starts over, with an attempt above its old one so
+    its tasks are new messages. None (no change) unless the job is failed or cancelled
+    and was planned.
+    """
+    if record.status not in (JobStatus.FAILED, JobStatus.CANCELLED) or not record.planned:
+        return None
+    diff = diff_plan(record, steps)
+    old_steps = record.steps
+    record.steps = {}
+    for name, spec in steps.items():
+        old = old_steps.get(name)
+        if name in diff.kept and old is not None:
+            record.steps[name] = old
+            continue
+        state = StepState(stage=spec.stage, uses=list(spec.uses), params=dict(spec.params),
+                          each=spec.each, fan_in=spec.fan_in)
+        if old is not None:
+            state.attempt = max([old.attempt, *(p.attempt for p in old.parts)])
+            state.first_part_attempt = state.attempt + 1
+        record.steps[name] = state
+    if changes.recipe is not None or changes.steps is not None:
+        record.recipe, record.pipeline = changes.recipe, changes.steps
+    if changes.params is not None:
+        record.params = dict(changes.params)
+    record.status = JobStatus.RUNNING if record.started_at else JobStatus.QUEUED
+    record.error = None
+    record.finished_at = None
+    record.cancel_requested_at = None
+    advance(record)
+    return diff
 
 
 def redrive(record: JobRecord, steps: dict[str, StepSpec] | None = None,

@@ -213,6 +213,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     ingest_prefix: Annotated[str, msgspec.Meta(pattern=r"^([A-Za-z0-9_-]+/)+$")] = "incoming/"
     """Only objects under this prefix of the store's bucket may start jobs or be named as
     job inputs besides uploads (ends in ``/``)."""
+    ingest_sweep_max_age_s: NonNegativeFloat = 86400.0
+    """The janitor's sweep makes the missing job of an object under the ingest prefix (its
+    notification was lost or disabled) up to this old; 0: no sweep. Never more than
+    ``retention_s``, so an object whose job has expired is not processed again."""
+    ingest_sweep_grace_s: NonNegativeFloat = 30.0
+    """An object younger than this is left to its notification (which is normally on its
+    way); the sweep would make the same job, only sooner than needed."""
 
     # --- observability ----------------------------------------------------------------
     metrics_port: Port = 0

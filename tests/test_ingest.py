@@ -109,11 +109,25 @@ def test_the_fixture_key_is_url_decoded_and_names_one_version() -> None:
     assert isinstance(first, Start)
     assert first.key == DROPPED_KEY and first.filename == "my video (1).mp4"
     assert decide(record, settings) == first  # a repeat is the same job
-    rewrite = msgspec.structs.replace(
-        record, s3=msgspec.structs.replace(record.s3, object=msgspec.structs.replace(
-            record.s3.object, sequencer="18669D4C3D6A2F41")))
-    second = decide(rewrite, settings)
-    assert isinstance(second, Start) and second.job_id != first.job_id  # an overwrite is new
+
+    def rewritten(**fields: str) -> Any:
+        return msgspec.structs.replace(
+            record, s3=msgspec.structs.replace(record.s3, object=msgspec.structs.replace(
+                record.s3.object, **fields)))
+
+    # An overwrite with new bytes (a new ETag) is a new version: a new job.
+    second = decide(rewritten(etag="0b5e0a4c2a9b8d7e6f5a4b3c2d1e0f9b",
+                              sequencer="18669D4C3D6A2F41"), settings)
+    assert isinstance(second, Start) and second.job_id != first.job_id
+    # The id is what a store listing shows too (bucket, key, ETag), so the janitor's sweep
+    # names the version the same way: the same bytes written again (only the sequencer
+    # differs, which no listing has) are the job that exists.
+    same_bytes = decide(rewritten(sequencer="18669D4C3D6A2F41"), settings)
+    assert isinstance(same_bytes, Start) and same_bytes.job_id == first.job_id
+    # A record with no ETag cannot name its version (the handler reads it from the store).
+    with pytest.raises(PermanentError) as caught:
+        decide(rewritten(etag=""), settings)
+    assert caught.value.code == "invalid_event"
 
 
 @pytest.mark.parametrize("key", ["incoming%2F..%2Fjobs%2Fx.mp4", "%2Fetc%2Fpasswd",
@@ -170,8 +184,9 @@ async def test_minio_notification_starts_one_job_that_succeeds(  # type: ignore[
                                       "ingest-minio") == (0, 0)
         assert ingest_count(services, "minio", "job") == 2
         assert await services.jobs.job_ids() == [job_id]
-        # The same key written again (a new sequencer) is a new version: a new job.
-        await publish_notification(services, notification(sequencer="18669D4C3D6A2F99"))
+        # The same key written again with new bytes (a new ETag) is a new version: a new job.
+        await publish_notification(services, notification(
+            sequencer="18669D4C3D6A2F99", eTag="0b5e0a4c2a9b8d7e6f5a4b3c2d1e0f9b"))
 
         async def two_jobs() -> bool:
             return len(await services.jobs.job_ids()) == 2

@@ -9,7 +9,9 @@ Consumes:
                                       remove unfinished steps' outputs
   jobs.retry           JobRetry       failed: run a failed/cancelled job again from its
                                       checkpoints; stuck: new attempts for a stuck job's tasks
-                                      (a stuck cancelling job: cancelled)
+                                      (a stuck cancelling job: cancelled); failed with
+                                      ``changes``: re-plan, delete what the change
+                                      invalidates, run from the checkpoints that hold
 Emits:
   stages.<stage>       StageTask      Nats-Msg-Id <job_id>:<step>:<attempt>
   events.<tenant>.<id> JobEvent       status changes (``shared.announce``; the first task to
@@ -32,6 +34,7 @@ from shared.events import (
     JobEvent,
     JobRetry,
     JobSubmit,
+    RetryChanges,
     StageComplete,
     StageTask,
     StepSpec,
@@ -48,9 +51,11 @@ from shared.jobstate import (
     attempt_of,
     cancel_job,
     complete,
+    diff_plan,
     input_ref_index,
     live_tasks,
     redrive,
+    replan_job,
     retry_job,
     start_job,
 )
@@ -170,6 +175,9 @@ async def _remove_unfinished(record: JobRecord, ctx: Context) -> None:
                     concurrency=8)
 async def on_retry(event: JobRetry, ctx: Context) -> None:
     services = ctx.services
+    if event.changes is not None and event.mode == "failed":
+        await _replan(event, event.changes, ctx)
+        return
     try:
         if event.mode == "failed":
             transition: Callable[[JobRecord], bool] = retry_job
@@ -189,6 +197,46 @@ async def on_retry(event: JobRetry, ctx: Context) -> None:
     ctx.log.info("job %s %s (%s)", event.job_id,
                  "re-driven" if event.mode == "stuck" else "retried", event.reason or "on request")
     await _remove_unfinished(record, ctx)
+    await _publish_ready(record, ctx)
+    await _announce(record, ctx, changed=True)
+
+
+async def _replan(event: JobRetry, changes: RetryChanges, ctx: Context) -> None:
+    """A retry with changes: plan the job again, delete the outputs of the steps the
+    change invalidates, then run it from the checkpoints that still hold.
+
+    The deletes come before the record is written: a crash in between leaves a failed job
+    whose redelivered retry deletes again (idempotent) and writes; the other order could
+    leave a running job whose changed steps find an old checkpoint and skip their work.
+    """
+    services = ctx.services
+    try:
+        record, revision = await services.jobs.get_with_revision(event.job_id)
+    except JobNotFound:
+        ctx.log.info("retry for unknown job %s ignored", event.job_id)
+        return
+    replaced = changes.recipe is not None or changes.steps is not None
+    recipe, pipeline = ((changes.recipe, changes.steps) if replaced
+                        else (record.recipe, record.pipeline))
+    params = changes.params if changes.params is not None else record.params
+    try:
+        steps = resolve(recipe, pipeline, params, len(record.inputs))
+    except JetcutError as exc:
+        raise PermanentError(ErrorCode.INVALID_RECIPE,
+                             f"retry of job {event.job_id} with changes: {exc.message}",
+                             details=exc.details) from None
+    if record.status in (JobStatus.FAILED, JobStatus.CANCELLED) and record.planned:
+        for name in diff_plan(record, steps).stale:
+            await services.store.delete_prefix(step_prefix(record.job_id, name))
+    record, diff = await services.jobs.apply(
+        event.job_id, partial(replan_job, steps=steps, changes=changes),
+        current=(record, revision))
+    if diff is None:
+        ctx.log.info("retry with changes of job %s in status %s: nothing to do",
+                     event.job_id, record.status)
+        return
+    ctx.log.info("job %s re-planned (%s): kept %s, running again %s", event.job_id,
+                 event.reason or "on request", diff.kept, diff.rerun)
     await _publish_ready(record, ctx)
     await _announce(record, ctx, changed=True)
 

@@ -16,7 +16,7 @@ from functions.gateway.auth import require_admin
 from functions.gateway.deps import ServicesDep
 from functions.gateway.openapi import errors
 from functions.gateway.views import MAX_SEQ, SEQ_PATTERN, stream_seq
-from shared import dlq
+from shared import dlq, dlqgroups
 from shared.errors import ErrorCode, MalformedRequest, PermanentError
 from shared.subjects import TOKEN_RE
 
@@ -24,6 +24,10 @@ SEQ = PathParameter(description="The entry's sequence in the DLQ stream (a posit
                     pattern=SEQ_PATTERN)
 ACTION = PathParameter(description="``<seq>:replay``: the entry's sequence and the action.",
                        pattern=SEQ_PATTERN.removesuffix("$") + ":[a-z]+$")
+GROUP_ACTION = PathParameter(
+    description="``<group>:replay``: a group id as ``GET /v1/dlq/groups`` lists it "
+                "(``<function>.<error code>.<12 hex digits>``) and the action.",
+    pattern=r"^[A-Za-z0-9_.-]{1,160}:[a-z]+$")
 FUNCTION = QueryParameter(description="Only this function's entries.",
                           pattern=TOKEN_RE.pattern)
 
@@ -58,6 +62,27 @@ class DeadLetterController(Controller):
                                           limit=limit)
         except ValueError as exc:
             raise MalformedRequest(str(exc)) from exc
+
+    @get("/groups", responses=errors(403, 503))
+    async def dlq_groups(self, services: ServicesDep) -> dlqgroups.GroupList:
+        """Dead letters grouped by function (stage), error code and the shape of the
+        message (ids, numbers, paths made uniform): one group per cause, largest first,
+        each with its count, first and last time seen, and its newest entry."""
+        return await dlqgroups.list_groups(services)
+
+    @post("/groups/{group:str}", status_code=200, responses=errors(400, 403, 404, 503))
+    async def dlq_replay_group(self, services: ServicesDep,
+                               group: Annotated[str, GROUP_ACTION],
+                               ) -> dlqgroups.GroupReplayResult:
+        """``POST /v1/dlq/groups/{group}:replay``: replay every entry of the group once
+        (the stage tasks of one job: one retry of it) and remove them from the DLQ; an
+        entry whose job is not failed or cancelled is kept (``kept``). Repeating the call
+        finds the group gone (404) unless the same cause dead-lettered more since."""
+        target, _, action = group.rpartition(":")
+        if action != "replay" or not target:
+            raise PermanentError(ErrorCode.NOT_FOUND, "no such resource; did you mean "
+                                 "POST /v1/dlq/groups/{group}:replay?")
+        return await dlqgroups.replay_group(services, target)
 
     @get("/{seq:str}", responses=errors(400, 403, 404, 503))
     async def dlq_show(self, services: ServicesDep, seq: Annotated[str, SEQ]) -> dlq.Entry:

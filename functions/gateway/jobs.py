@@ -44,9 +44,11 @@ from shared.errors import (
     PermanentError,
     TransientError,
 )
-from shared.events import JobCancel, JobRetry
+from shared.events import JobCancel, JobRetry, RetryChanges, RetryRequest
 from shared.function import Services
 from shared.jobrequest import JobRequest
+from shared.jobstate import JobRecord
+from shared.recipes import resolve
 
 MAX_JOB_BODY_BYTES = 1_000_000
 REASON = QueryParameter(description="Why (kept on the job's events; the first 200 characters).")
@@ -133,7 +135,9 @@ class JobController(Controller):
                                  details={"retry_after_s": 1}) from exc
         return CancelView(job_id=job_id, status="cancelling")
 
-    @post("/{job_id:str}", status_code=202, responses=errors(400, 404, 409, 429, 503))
+    @post("/{job_id:str}", status_code=202, responses=errors(400, 404, 409, 422, 429, 503),
+          request_max_body_size=MAX_JOB_BODY_BYTES,
+          opt=request_body(RetryRequest, required=False))
     async def retry_job(self, request: Request[Any, Any, Any], services: ServicesDep,
                         admission: AdmissionDep, job_id: FromPath[str],
                         reason: Annotated[str, REASON] = "retried on request",
@@ -142,13 +146,19 @@ class JobController(Controller):
         checkpoints: 202 with the job as it is now (the conductor sets it running within
         moments); anything else is 409.
 
+        An optional body (``RetryChanges``: ``recipe`` or ``steps``, and/or ``params``)
+        re-plans the job first: finished steps the change does not touch keep their
+        outputs, the others run again; a plan that does not validate is 422
+        ``invalid_recipe``.
+
         Litestar matches whole path segments only, so the segment is ``<id>:<action>`` and
         is split here (Google's custom-method style)."""
         target, _, action = job_id.rpartition(":")
         if action != "retry" or not target:
             raise PermanentError(ErrorCode.NOT_FOUND, "no such resource; did you mean "
                                  "POST /v1/jobs/{job_id}:retry?")
-        return await _retry(request, services, admission, target, reason)
+        changes = _changes(await request.body())
+        return await _retry(request, services, admission, target, reason, changes)
 
     @get("/{job_id:str}/outputs", responses=errors(400, 404, 503))
     async def list_outputs(self, request: Request[Any, Any, Any], services: ServicesDep,
@@ -246,8 +256,23 @@ async def _submit(request: Request[Any, Any, Any], services: Services,
                     headers={"Location": f"{base}/v1/jobs/{job.job_id}"} if queued else None)
 
 
+def _changes(body: bytes) -> RetryChanges | None:
+    """A retry's optional body; ``None`` for none (or ``{}``: nothing changes)."""
+    if not body.strip():
+        return None
+    try:
+        request = msgspec.json.decode(body, type=RetryRequest)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise MalformedRequest(f"bad retry body: {exc}") from exc
+    if request.recipe is not None and request.steps is not None:
+        raise MalformedRequest("give 'recipe' or 'steps' to re-plan the job, not both")
+    changes = RetryChanges(recipe=request.recipe, steps=request.steps, params=request.params)
+    return None if changes == RetryChanges() else changes
+
+
 async def _retry(request: Request[Any, Any, Any], services: Services, admission: Admission,
-                 job_id: str, reason: str) -> Response[JobView]:
+                 job_id: str, reason: str,
+                 changes: RetryChanges | None = None) -> Response[JobView]:
     """The message id is the record's revision: a double click, or a client retrying the
     request, is one retry; a retry of the job after it failed again is a new one."""
     record, revision = await load_job_revision(services, tenant_of(request), job_id)
@@ -261,10 +286,13 @@ async def _retry(request: Request[Any, Any, Any], services: Services, admission:
                              f"job {job_id} failed before it was planned ({code}): nothing "
                              "can resume; fix the request and submit again",
                              details={"status": status, "error_code": code})
+    if changes is not None:
+        _check_plan(record, changes)
     # A retried job is active again: it counts against its tenant's cap and waits behind
     # the same backpressure as a new one.
     await admission.admit(record, retried=True)
-    event = JobRetry(job_id=job_id, tenant=record.tenant, mode="failed", reason=reason[:200])
+    event = JobRetry(job_id=job_id, tenant=record.tenant, mode="failed", reason=reason[:200],
+                     changes=changes)
     try:
         await services.bus.publish(services.names.retry, event,
                                    msg_id=msgids.retry(job_id, revision))
@@ -274,3 +302,16 @@ async def _retry(request: Request[Any, Any, Any], services: Services, admission:
     base = services.settings.base_url
     return Response(view(record, base), status_code=202,
                     headers={"Location": f"{base}/v1/jobs/{job_id}"})
+
+
+def _check_plan(record: JobRecord, changes: RetryChanges) -> None:
+    """The changed job must plan before it is queued, as a new one must.
+
+    Raises:
+        PermanentError: ``invalid_recipe`` naming the step and field at fault.
+    """
+    replaced = changes.recipe is not None or changes.steps is not None
+    recipe, steps = (changes.recipe, changes.steps) if replaced else (record.recipe,
+                                                                      record.pipeline)
+    params = changes.params if changes.params is not None else record.params
+    resolve(recipe, steps, params, len(record.inputs))

@@ -75,9 +75,10 @@ BODY_OPT = "jetcut_request_body"
 error) declares that body for the document (see ``request_body``)."""
 
 
-def request_body(body: Any, media_type: str = "application/json") -> dict[str, Any]:
+def request_body(body: Any, media_type: str = "application/json", *,
+                 required: bool = True) -> dict[str, Any]:
     """A handler's ``opt`` declaring its request body (``None``: raw bytes)."""
-    return {BODY_OPT: (media_type, body)}
+    return {BODY_OPT: (media_type, body, required)}
 
 
 RESPONSE_OPT = "jetcut_response_media"
@@ -94,9 +95,9 @@ def _openapi_path(path: str) -> str:
     return re.sub(r"\{(\w+):\w+\}", r"{\1}", path)
 
 
-def _declared(app: Litestar, opt: str) -> dict[tuple[str, str], tuple[str, Any]]:
+def _declared(app: Litestar, opt: str) -> dict[tuple[str, str], tuple[Any, ...]]:
     """(path, method) -> what every handler declares under ``opt``."""
-    found: dict[tuple[str, str], tuple[str, Any]] = {}
+    found: dict[tuple[str, str], tuple[Any, ...]] = {}
     for route in app.routes:
         for handler in getattr(route, "route_handlers", ()):
             declared = handler.opt.get(opt)
@@ -112,7 +113,7 @@ def _complete(schema: dict[str, Any], app: Litestar) -> dict[str, Any]:
     bodies = _declared(app, BODY_OPT)
     media = _declared(app, RESPONSE_OPT)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    types = [*{b for _, b in bodies.values() if b is not None}, ErrorBody]
+    types = [*{b for _, b, _ in bodies.values() if b is not None}, ErrorBody]
     refs, defs = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
     for name, definition in defs.items():
         components[name] = definition
@@ -124,11 +125,12 @@ def _complete(schema: dict[str, Any], app: Litestar) -> dict[str, Any]:
                 continue
             found = bodies.get((path, method))
             if found is not None:
-                media_type, body = found
+                media_type, body, required = found
                 content = ({"schema": body_refs[body]} if body is not None
                            else {"schema": {"type": "string", "format": "binary",
                                             "minLength": 1}})  # an empty upload is a 400
-                operation["requestBody"] = {"required": True, "content": {media_type: content}}
+                operation["requestBody"] = {"required": required,
+                                            "content": {media_type: content}}
             for parameter in operation.get("parameters", ()):
                 parameter["schema"] = _not_null(parameter.get("schema", {}))
             responses = operation["responses"]

@@ -5,8 +5,9 @@ Consumes:
                   ``ingest-minio``)   an ObjectCreated record under ``JETCUT_INGEST_PREFIX``
                   that matches a rule of ``JETCUT_INGEST_RULES`` starts that rule's job; one
                   that matches none is acked and counted as ignored. The job id derives from
-                  (bucket, key, versionId or eTag+sequencer): a repeated notification is one
-                  job. A malformed notification is dead-lettered with ``invalid_event``.
+                  (bucket, key, eTag) (``shared.ingestrules``): a repeated notification, or
+                  one for an object the janitor's sweep made the job of, is one job. A
+                  malformed notification is dead-lettered with ``invalid_event``.
   ingest.request  JobSubmit or CloudEvent (structured or binary ``ce-*``), request/reply on
                   plain NATS (queue group ``ingest``)   checked as ``POST /v1/jobs`` checks a
                   job, then committed; the reply is ``{"job_id": ...}`` once the submit has
@@ -32,12 +33,12 @@ from prometheus_client import Counter
 
 from functions.ingest import minio, requests
 from shared import submission
-from shared.errors import ErrorCode, JetcutError, PermanentError, error_info
-from shared.events import StepSpec
+from shared.errors import ErrorCode, JetcutError, ObjectNotFound, PermanentError, error_info
 from shared.function import Context, Function, Services, Subscription
+from shared.ingestrules import rule_steps
 from shared.jobrequest import JobRequest
 from shared.recipes import resolve
-from shared.settings import IngestRule, Settings
+from shared.settings import Settings
 from shared.telemetry import Telemetry
 
 log = logging.getLogger("jetcut.ingest")
@@ -59,20 +60,6 @@ def counter(telemetry: Telemetry) -> Counter:
                         ("source", "outcome"), registry=telemetry.registry)
         _counters[telemetry] = found
     return found
-
-
-def rule_steps(rule: IngestRule) -> dict[str, StepSpec] | None:
-    """A rule's inline steps as the Structs a job carries.
-
-    Raises:
-        PermanentError: ``invalid_recipe`` when they do not decode.
-    """
-    if rule.steps is None:
-        return None
-    try:
-        return msgspec.convert(rule.steps, dict[str, StepSpec])
-    except msgspec.ValidationError as exc:
-        raise PermanentError(ErrorCode.INVALID_RECIPE, f"ingest rule steps: {exc}") from None
 
 
 def check_rules(settings: Settings) -> None:
@@ -110,20 +97,34 @@ async def _start_jobs(event: minio.MinioNotification, ctx: Context) -> None:
     if not event.records:
         raise PermanentError(ErrorCode.INVALID_EVENT, "the notification has no Records")
     for record in event.records:
+        if not record.s3.object.etag and record.event_name.startswith("s3:ObjectCreated:"):
+            record = minio.with_etag(record, await _stored_etag(services, record))
         decision = minio.decide(record, services.settings)
         if isinstance(decision, minio.Ignore):
             ctx.log.info("ignored MinIO notification: %s", decision.reason)
             count.labels("minio", "ignored").inc()
             continue
-        rule = decision.rule
-        request = JobRequest(recipe=rule.recipe, steps=rule_steps(rule),
-                             params=dict(rule.params), input=decision.key)
-        job = await submission.prepare(services, decision.tenant, request,
+        job = await submission.prepare(services, decision.tenant, decision.request(),
                                        idempotency_key=decision.idempotency_key,
                                        job_id=decision.job_id, ingest=True)
         await submission.commit(services, job)
         ctx.log.info("MinIO upload %s -> job %s", decision.key, job.job_id)
         count.labels("minio", "job").inc()
+
+
+async def _stored_etag(services: Services, record: minio.S3Record) -> str:
+    """The ETag of the object a record without one names (S3 always sends it; a foreign
+    publisher may not): the store's, as the janitor's sweep would see it.
+
+    Raises:
+        PermanentError: ``input_not_found`` when the object is gone.
+    """
+    key = minio.object_key(record)
+    try:
+        return (await services.store.stat(key)).etag
+    except ObjectNotFound:
+        raise PermanentError(ErrorCode.INPUT_NOT_FOUND, f"no object at {key!r}",
+                             details={"key": key}) from None
 
 
 NOTIFICATIONS: Subscription[Any] = Subscription(

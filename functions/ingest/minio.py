@@ -6,22 +6,24 @@ is URL-encoded the way S3 does it (``url.QueryEscape``: a space is ``+``, ``(`` 
 Only the records are trusted here; the key is decoded once, with ``unquote_plus``.
 
 Nothing in this module does I/O: ``decide`` turns one record into "start this job" or
-"ignore, because ...", so the rules are unit-testable and the handler stays small.
+"ignore, because ..." (``shared.ingestrules``), so the rules are unit-testable and the
+handler stays small. The job id names the object version by (bucket, key, ETag), as the
+janitor's reconciliation sweep does for objects whose notification was lost.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from typing import Any
 from urllib.parse import unquote_plus
 
 import msgspec
 
 from shared.errors import ErrorCode, InvalidKey, PermanentError
-from shared.ids import job_id_for
-from shared.settings import IngestRule, Settings
+from shared.ingestrules import Ignore, Start, plan_object
+from shared.settings import Settings
 from shared.store.base import validate_key
+
+__all__ = ["Ignore", "MinioNotification", "S3Record", "Start", "decide", "object_key",
+           "with_etag"]
 
 
 class S3Bucket(msgspec.Struct, frozen=True):
@@ -55,30 +57,6 @@ class MinioNotification(msgspec.Struct, frozen=True):
     key: str = msgspec.field(default="", name="Key")
 
 
-@dataclass(frozen=True)
-class Ignore:
-    """Acknowledge and drop: not an error, just nothing jetcut was asked to do."""
-
-    reason: str
-
-
-@dataclass(frozen=True)
-class Start:
-    """Start one job for an uploaded object version."""
-
-    job_id: str
-    idempotency_key: str
-    tenant: str
-    key: str
-    filename: str
-    size: int | None
-    rule: IngestRule
-
-    @property
-    def steps(self) -> dict[str, Any] | None:
-        return self.rule.steps
-
-
 def object_key(record: S3Record) -> str:
     """The record's object key, URL-decoded and checked like every store key.
 
@@ -97,52 +75,21 @@ def object_key(record: S3Record) -> str:
     return key
 
 
-def version_of(record: S3Record) -> str:
-    """What names this version of the object: MinIO's ``versionId`` on a versioned bucket,
-    else ``eTag`` + ``sequencer`` (which changes with every write, so an overwrite with the
-    same bytes is a new job while a repeated notification is not).
-
-    Raises:
-        PermanentError: ``invalid_event`` when the record carries none of them.
-    """
-    obj = record.s3.object
-    if obj.version_id and obj.version_id != "null":
-        return f"v:{obj.version_id}"
-    if obj.etag or obj.sequencer:
-        return f"e:{obj.etag}:{obj.sequencer}"
-    raise PermanentError(ErrorCode.INVALID_EVENT,
-                         "the record has no versionId, eTag or sequencer to tell versions apart")
-
-
-def match(rules: list[IngestRule], bucket: str, key: str) -> IngestRule | None:
-    """The first rule whose bucket (if set) and prefix match."""
-    for rule in rules:
-        if (rule.bucket is None or rule.bucket == bucket) and key.startswith(rule.prefix):
-            return rule
-    return None
-
-
 def decide(record: S3Record, settings: Settings) -> Start | Ignore:
-    """What one notification record asks for, under ``settings``' rules.
+    """What one notification record asks for, under ``settings``' rules
+    (``shared.ingestrules``: the janitor's sweep names the same object version the same way).
 
     Raises:
-        PermanentError: ``invalid_event`` for a record no rule could make sense of.
+        PermanentError: ``invalid_event`` for a record no rule could make sense of, or one
+            without an ETag (``with_etag`` fills one in from the store first).
     """
     if not record.event_name.startswith("s3:ObjectCreated:"):
         return Ignore(f"event {record.event_name!r} is not an ObjectCreated event")
-    bucket = record.s3.bucket.name
-    key = object_key(record)
-    if bucket != settings.bucket:
-        return Ignore(f"bucket {bucket!r} is not the store's bucket {settings.bucket!r}")
-    if not key.startswith(settings.ingest_prefix):
-        return Ignore(f"key {key!r} is outside the ingest prefix {settings.ingest_prefix!r}")
-    rule = match(settings.ingest_rules, bucket, key)
-    if rule is None:
-        return Ignore(f"no ingest rule matches {bucket}/{key}")
-    tenant = rule.tenant or settings.default_tenant
-    # JSON keeps the parts apart: no bucket/key/version can be spelled two ways.
-    idem = "minio:" + json.dumps([bucket, key, version_of(record)], separators=(",", ":"))
-    return Start(
-        job_id=job_id_for(tenant, idem), idempotency_key=idem, tenant=tenant, key=key,
-        filename=key.rsplit("/", 1)[-1], size=record.s3.object.size or None, rule=rule,
-    )
+    return plan_object(settings, record.s3.bucket.name, object_key(record),
+                       record.s3.object.etag, record.s3.object.size or None)
+
+
+def with_etag(record: S3Record, etag: str) -> S3Record:
+    """The record with the ETag it lacked (read from the store)."""
+    obj = msgspec.structs.replace(record.s3.object, etag=etag)
+    return msgspec.structs.replace(record, s3=msgspec.structs.replace(record.s3, object=obj))

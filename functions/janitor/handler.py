@@ -14,7 +14,11 @@ Does, every JETCUT_SWEEP_INTERVAL_S (sweep.py):
   - uploads older than JETCUT_UPLOAD_RETENTION_S that no job record references: deleted;
   - jetcut-<pid>-* step dirs in this host's work dir whose process is gone and that are
     older than JETCUT_ORPHAN_AFTER_S: removed (tempdirs.py).
+  - objects under JETCUT_INGEST_PREFIX that a rule matches and that have no job (their
+    notification was lost): their job, under the id the notification would have given it,
+    so exactly one per object version (ingestsweep.py).
 Emits:
+  jobs.submit    JobSubmit    an unannounced ingest object's job (Nats-Msg-Id = job id)
   jobs.retry     JobRetry     mode="stuck"
   jobs.cleanup   JobCleanup   keep_outputs=False
 Counts every action in jetcut_janitor_actions_total{action}.

@@ -1,4 +1,5 @@
-"""One janitor sweep: re-drive stuck jobs, expire old ones, drop stale uploads and temp dirs.
+"""One janitor sweep: re-drive stuck jobs, expire old ones, drop stale uploads and temp dirs,
+make the jobs of ingest objects whose notification was lost (``ingestsweep``).
 
 JetStream is the transport, not the record: a task message can be lost (a purged stream, a
 replica lost with its data) while the job record still says the step is ready. The sweep
@@ -31,6 +32,7 @@ from functools import partial
 import msgspec
 from nats.js.errors import NotFoundError
 
+from functions.janitor.ingestsweep import make_missing_jobs
 from functions.janitor.tempdirs import remove_orphan_dirs
 from shared import msgids
 from shared.events import JobCleanup, JobRetry
@@ -53,12 +55,14 @@ class SweepReport(msgspec.Struct, kw_only=True):
     expired: list[str] = []
     uploads_deleted: list[str] = []
     temp_dirs_removed: list[str] = []
+    ingest_jobs: list[str] = []
+    """Jobs made for objects under the ingest prefix that had none (``ingestsweep``)."""
     errors: list[str] = []
 
     @property
     def acted(self) -> bool:
         return bool(self.redriven or self.expired or self.uploads_deleted
-                    or self.temp_dirs_removed or self.errors)
+                    or self.temp_dirs_removed or self.ingest_jobs or self.errors)
 
 
 def is_stuck(record: JobRecord, now: float, after: float) -> bool:
@@ -141,6 +145,14 @@ async def sweep(services: Services, *, now: float | None = None) -> SweepReport:
         except Exception:
             log.exception("janitor: deleting stale uploads failed")
             report.errors.append("uploads")
+    if records is not None:
+        try:
+            report.ingest_jobs = await make_missing_jobs(
+                services, {record.job_id for record in records}, now)
+            count.labels("ingest_missing").inc(len(report.ingest_jobs))
+        except Exception:
+            log.exception("janitor: making the jobs of unannounced ingest objects failed")
+            report.errors.append("ingest")
     try:
         removed = await asyncio.to_thread(
             remove_orphan_dirs, settings.work_dir or tempfile.gettempdir(), now=now,

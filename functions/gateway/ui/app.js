@@ -9,6 +9,7 @@ import {
   upload,
 } from "./api.js";
 import { renderDag } from "./dag.js";
+import { refreshDlqGroups } from "./dlq.js";
 
 const LIST_EVERY_MS = 3000;
 const QUEUE_EVERY_MS = 5000;
@@ -709,7 +710,10 @@ const dlqPoller = poller(async () => {
         } }))));
   $("dlq-body").replaceChildren(...rows);
   if (!rows.length) $("dlq-note").textContent = "No dead letters.";
+  await refreshDlqGroups();
 }, DLQ_EVERY_MS);
+
+document.addEventListener("jetcut:dlq-changed", () => dlqPoller.kick());
 
 $("dlq-refresh").addEventListener("click", () => {
   dlqForbidden = false;

@@ -112,7 +112,8 @@ USERS: tuple[User, ...] = (
          subscribe=("ingest.request",),
          consumers=(("INGEST", "ingest-minio"),), kv=("jobs",), responds=True),
     User(name="janitor",
-         publish=("jobs.retry", "jobs.cleanup", "events.>", "dlq.janitor",
+         # jobs.submit: the jobs of ingest objects whose notification was lost.
+         publish=("jobs.submit", "jobs.retry", "jobs.cleanup", "events.>", "dlq.janitor",
                   "$JS.API.STREAM.INFO.>", "$JS.API.CONSUMER.INFO.>"),
          consumers=(("JOBS", "janitor-cleanup"),), kv=("jobs",)),
     User(name="deadletter",
