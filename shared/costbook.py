@@ -1,0 +1,140 @@
+"""The cost model's coefficients in KV (bucket ``costs``): read with a cache, updated by CAS.
+
+One key per (stage, parameter class), ``<stage>.<class>``, holding a ``CostEntry``
+(``shared.costmodel``). ``calibrate`` is the only writer (``observe``); the conductor (step
+deadlines), the gateway (ETA, admission) and the benchmarks read (``predict``). A reader keeps
+each entry for ``cost_cache_s``, so the conductor's hot path pays one KV read per (stage,
+class) per cache period, not one per task.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import msgspec
+from nats.js import JetStreamContext, api
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from shared.costmodel import (
+    CostEntry,
+    Work,
+    job_probe,
+    observe,
+    predict,
+    remaining_s,
+    step_work,
+)
+from shared.jobstate import ACTIVE_JOB, JobRecord
+from shared.retry import ride_out
+from shared.settings import Settings
+from shared.subjects import Names
+
+__all__ = ["CostBook", "job_eta", "task_prediction"]
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(CostEntry)
+MAX_CAS_ATTEMPTS = 32
+
+
+class CostBook:
+    """Cached reads and compare-and-set writes of the ``costs`` bucket."""
+
+    def __init__(self, kv: KeyValue, *, cache_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.kv = kv
+        self.cache_s = cache_s
+        self._clock = clock
+        self._cache: dict[str, tuple[float, CostEntry | None]] = {}
+
+    @classmethod
+    async def open(cls, js: JetStreamContext, names: Names, settings: Settings) -> CostBook:
+        """Open the bucket, creating it the first time (like the jobs bucket)."""
+        try:
+            kv = await js.key_value(names.costs_bucket)
+        except BucketNotFoundError:
+            kv = await js.create_key_value(api.KeyValueConfig(
+                bucket=names.costs_bucket, history=1, storage=api.StorageType.FILE,
+                replicas=settings.replicas, description="jetcut cost-model coefficients",
+            ))
+        return cls(kv, cache_s=settings.cost_cache_s)
+
+    async def _read(self, key: str) -> tuple[CostEntry | None, int | None]:
+        try:
+            got = await ride_out(lambda: self.kv.get(key))
+        except KeyNotFoundError:
+            return None, None
+        if got.value is None:
+            return None, None
+        return _decoder.decode(got.value), got.revision
+
+    async def entry(self, key: str) -> CostEntry | None:
+        """The entry for ``key``, at most ``cache_s`` old (None: nothing measured yet)."""
+        now = self._clock()
+        cached = self._cache.get(key)
+        if cached is not None and now - cached[0] < self.cache_s:
+            return cached[1]
+        entry, _ = await self._read(key)
+        self._cache[key] = (now, entry)
+        return entry
+
+    async def predict(self, work: Work) -> float:
+        """Predicted compute-seconds of ``work`` from the (cached) calibrated entry."""
+        return predict(work, await self.entry(work.key))
+
+    async def observe(self, work: Work, seconds: float, sample_id: str = "") -> CostEntry:
+        """Add one measured step to its entry (compare-and-set; a lost race re-applies).
+        A ``sample_id`` the entry has already counted changes nothing."""
+        for _ in range(MAX_CAS_ATTEMPTS):
+            entry, revision = await self._read(work.key)
+            updated = observe(entry, work, seconds, sample_id)
+            if entry is not None and updated is entry:
+                return entry
+            data = _encoder.encode(updated)
+            try:
+                if revision is None:
+                    await self.kv.create(work.key, data)
+                else:
+                    await self.kv.update(work.key, data, last=revision)
+            except KeyWrongLastSequenceError:
+                continue
+            self._cache[work.key] = (self._clock(), updated)
+            return updated
+        raise RuntimeError(f"cost entry {work.key!r}: too many concurrent writers")
+
+    async def entries(self) -> dict[str, CostEntry]:
+        """Every entry now (uncached): for reports and the benchmark."""
+        try:
+            keys = await self.kv.keys()
+        except Exception as exc:  # nats-py raises NoKeysError for an empty bucket
+            if type(exc).__name__ != "NoKeysError":
+                raise
+            return {}
+        found = {}
+        for key in keys:
+            entry, _ = await self._read(key)
+            if entry is not None:
+                found[key] = entry
+        return found
+
+
+async def task_prediction(book: CostBook | None, record: JobRecord, step: str,
+                          part: int | None) -> float:
+    """Predicted compute-seconds of one task of ``record`` (priors when ``book`` is None)."""
+    work = step_work(record, step, part, job_probe(record))
+    return await book.predict(work) if book is not None else predict(work, None)
+
+
+async def job_eta(book: CostBook | None, record: JobRecord, now: float) -> float | None:
+    """Predicted seconds until ``record`` finishes (None once it has: no ETA to give)."""
+    if record.status not in ACTIVE_JOB:
+        return None
+    entries: dict[str, CostEntry | None] = {}
+    info = job_probe(record)
+    for name, step in record.steps.items():
+        for part in ([None] if not step.parts else range(len(step.parts))):
+            key = step_work(record, name, part, info).key
+            if key not in entries:
+                entries[key] = await book.entry(key) if book is not None else None
+    return remaining_s(record, lambda work: predict(work, entries.get(work.key)), now)

@@ -1,0 +1,219 @@
+"""The cost model: its maths (pure), calibration on real jobs, and what the prediction
+drives (a task's deadline, the job view's ETA)."""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from functions.registry import FUNCTIONS
+from shared.costbook import CostBook, job_eta
+from shared.costmodel import (
+    PRIORS,
+    Coefficients,
+    CostEntry,
+    Work,
+    fit,
+    job_probe,
+    observe,
+    predict,
+    remaining_s,
+    step_work,
+    timeout_for,
+    work_of,
+)
+from shared.events import StageTask
+from shared.jobstate import JobRecord, JobStatus, StepState, StepStatus
+from shared.media.probe import MediaInfo
+from tests.support.nats import running, serving_http, submit_job, wait_for_job
+from tests.support.waiting import eventually
+
+pytestmark = pytest.mark.timeout(120)
+
+PROBE_720P = {"format_name": "mov,mp4", "duration_s": 60.0, "streams": [
+    {"codec_type": "video", "codec_name": "h264", "width": 1280, "height": 720, "fps": 30.0},
+    {"codec_type": "audio", "codec_name": "aac"}]}
+
+
+def info() -> MediaInfo:
+    return msgspec.convert(PROBE_720P, MediaInfo)
+
+
+# --- pure maths ---------------------------------------------------------------------
+
+def test_work_grows_with_duration_pixels_and_fps_and_parts_split_it() -> None:
+    whole = work_of("transcode", {"max_height": 720}, info())
+    smaller = work_of("transcode", {"max_height": 360}, info())
+    part = work_of("encode-part", {"height": 720}, info(), (0, 15))
+    assert whole.units == pytest.approx(60 * 1280 * 720 / 1e6)
+    assert smaller.units == pytest.approx(whole.units / 4)
+    assert part.units == pytest.approx(whole.units / 15)
+    assert work_of("segment", {}, info()).units == 60.0  # not pixel-bound: media seconds
+    assert whole.key == "transcode.h264-none"
+    assert work_of("encode-part", {"height": 720, "preset": "slow"}, info()).key \
+        == "encode-part.h264-slow"
+
+
+def test_cold_start_uses_the_stage_prior_and_a_slower_preset_costs_more() -> None:
+    fast = work_of("encode-part", {"height": 720, "preset": "veryfast"}, info())
+    slow = work_of("encode-part", {"height": 720, "preset": "slow"}, info())
+    prior = PRIORS["encode-part"]
+    assert predict(fast, None) == pytest.approx(prior.overhead_s + prior.rate_s * fast.units,
+                                                abs=1e-3)
+    assert predict(slow, None) > 2 * predict(fast, None)
+
+
+def test_fit_recovers_a_linear_law_despite_outliers() -> None:
+    rng = random.Random(7)
+    truth = Coefficients(overhead_s=1.5, rate_s=0.4)
+    samples = [(u, truth.seconds(u) * rng.uniform(0.95, 1.05))
+               for u in (rng.uniform(1, 100) for _ in range(24))]
+    samples += [(50.0, 400.0), (10.0, 300.0)]  # two steps stalled by a noisy neighbour
+    got = fit(samples, Coefficients(overhead_s=0.1, rate_s=5.0))
+    assert got.rate_s == pytest.approx(0.4, rel=0.1)
+    for units in (5.0, 50.0, 90.0):
+        assert got.seconds(units) == pytest.approx(truth.seconds(units), rel=0.1)
+
+
+def test_repeated_work_of_one_size_converges_on_its_median_time() -> None:
+    work = Work(stage="transcode", cls="h264-none", units=10.0)
+    entry: CostEntry | None = None
+    measured = [4.1, 3.9, 4.0, 9.0, 4.2]  # one outlier
+    for i, seconds in enumerate(measured):
+        entry = observe(entry, work, seconds, f"t{i}")
+    assert predict(work, entry) == pytest.approx(statistics.median(measured), rel=1e-3)
+    assert entry is not None and entry.count == 5 and len(entry.errors) == 5
+    assert observe(entry, work, 100.0, "t4") is entry  # a redelivered sample counts once
+
+
+def test_timeout_is_a_multiple_of_the_prediction_within_the_bounds() -> None:
+    assert timeout_for(10.0, 6.0, 60.0, 3600.0) == 60.0
+    assert timeout_for(100.0, 6.0, 60.0, 3600.0) == 600.0
+    assert timeout_for(1000.0, 6.0, 60.0, 3600.0) == 3600.0
+
+
+def test_eta_follows_the_longest_chain_and_counts_what_is_left() -> None:
+    now = time.time()
+    record = JobRecord(job_id="j", tenant="t", status=JobStatus.RUNNING, steps={
+        "probe": StepState(stage="probe", status=StepStatus.DONE, meta=PROBE_720P),
+        "a": StepState(stage="transcode", uses=["probe"], status=StepStatus.RUNNING,
+                       started_at=now - 4.0),
+        "b": StepState(stage="thumbnail", uses=["probe"], status=StepStatus.READY),
+        "c": StepState(stage="concat", uses=["a", "b"]),
+    })
+    seconds = {"transcode": 10.0, "thumbnail": 2.0, "concat": 3.0, "probe": 1.0}
+    eta = remaining_s(record, lambda w: seconds[w.stage], now)
+    assert eta == pytest.approx((10.0 - 4.0) + 3.0, abs=0.2)
+    record.status = JobStatus.SUCCEEDED
+    assert remaining_s(record, lambda w: seconds[w.stage], now) == 0.0
+    assert job_probe(record) == info()
+    assert step_work(record, "a", None, info()).units > 0
+
+
+# --- with a real server and real ffmpeg ---------------------------------------------
+
+async def test_calibration_converges_on_real_jobs(make_settings: Any, clip_3s: Path) -> None:
+    settings = make_settings(ffmpeg_threads=1, output_checks=False)
+    fns = [FUNCTIONS[f] for f in ("conductor", "probe", "transcode", "calibrate")]
+    async with running(settings, fns) as runtime:
+        services = runtime.services
+        assert services is not None and services.costs is not None
+        steps = {"probe": {"stage": "probe", "uses": [":input"]},
+                 "encode": {"stage": "transcode", "uses": [":input", "probe"]}}
+        measured: list[float] = []
+        work: Work | None = None
+        for n in range(1, 4):
+            job_id = await submit_job(runtime, [clip_3s], steps=steps)
+            record = await wait_for_job(services, job_id)
+            assert record.status == JobStatus.SUCCEEDED, record.error
+            encode = record.steps["encode"]
+            assert encode.started_at is not None and encode.finished_at is not None
+            work = step_work(record, "encode", None, job_probe(record))
+            book = services.costs
+            await eventually(partial(_counted, book, work, n), timeout=30,
+                             what=f"calibration to count job {n}")
+            entry = await book.entry(work.key)
+            assert entry is not None
+            measured.append(entry.samples[-1][1])
+        assert work is not None
+        entry = await CostBook(services.costs.kv, cache_s=0).entry(work.key)
+        assert entry is not None and [s for _, s in entry.samples] == measured
+        # One size of work, measured three times: the model predicts their median.
+        assert predict(work, entry) == pytest.approx(statistics.median(measured), rel=0.01)
+        # The sample is the step's measured time as the stage reported it.
+        assert all(0 < s < 60 for s in measured)
+
+
+async def _counted(book: CostBook, work: Work, n: int) -> bool:
+    entry = await CostBook(book.kv, cache_s=0).entry(work.key)
+    return entry is not None and entry.count >= n
+
+
+async def test_the_prediction_sets_the_task_deadline(make_settings: Any, clip_3s: Path) -> None:
+    # Only the conductor and probe run: the transcode task stays in its stream to be read.
+    settings = make_settings(timeout_predicted_factor=6.0, timeout_min_s=1.0,
+                             timeout_max_s=10_000.0)
+    async with running(settings, [FUNCTIONS[f] for f in ("conductor", "probe")]) as runtime:
+        services = runtime.services
+        assert services is not None and services.costs is not None
+        steps = {"probe": {"stage": "probe", "uses": [":input"]},
+                 "encode": {"stage": "transcode", "uses": [":input", "probe"]}}
+        first = await submit_job(runtime, [clip_3s], steps=steps)
+        record = await wait_for_job(services, first, until=_encode_ready)
+        work = step_work(record, "encode", None, job_probe(record))
+        # Calibrated: this class of work has measured 100 s each time (far from the prior).
+        for i in range(3):
+            await services.costs.observe(work, 100.0, f"seed{i}")
+        second = await submit_job(runtime, [clip_3s], steps=steps)
+        await wait_for_job(services, second, until=_encode_ready)
+        tasks = await _stage_tasks(services, "transcode", 2)
+        by_job = {t.job_id: t for t in tasks}
+        assert by_job[second].predicted_s == pytest.approx(100.0, rel=0.01)
+        assert by_job[second].timeout_s == pytest.approx(600.0, rel=0.01)
+        prior = predict(work, None)
+        assert by_job[first].predicted_s == pytest.approx(prior, rel=0.01)
+        assert by_job[first].timeout_s == pytest.approx(max(1.0, 6 * prior), rel=0.01)
+
+
+def _encode_ready(record: JobRecord) -> bool:
+    step = record.steps.get("encode")
+    return step is not None and step.status == StepStatus.READY
+
+
+async def _stage_tasks(services: Any, stage: str, n: int) -> list[StageTask]:
+    # A work-queue stream allows only explicit-ack pull consumers; these tasks are never
+    # acked, so they stay where they are.
+    sub = await services.bus.js.pull_subscribe(services.names.stage(stage), durable=None,
+                                               stream=services.names.stages_stream)
+    try:
+        found: list[StageTask] = []
+        while len(found) < n:
+            for msg in await sub.fetch(n - len(found), timeout=10):
+                found.append(msgspec.json.decode(msg.data, type=StageTask))
+        return found
+    finally:
+        await sub.unsubscribe()
+
+
+async def test_the_job_view_gives_an_eta_while_the_job_runs(
+        make_settings: Any, http_port: int, clip_3s: Path) -> None:
+    settings = make_settings(http_port=http_port)
+    fns = [FUNCTIONS[f] for f in ("gateway", "conductor", "probe")]
+    async with serving_http(settings, fns) as (runtime, client):
+        services = runtime.services
+        assert services is not None
+        steps = {"probe": {"stage": "probe", "uses": [":input"]},
+                 "encode": {"stage": "transcode", "uses": [":input", "probe"]}}
+        job_id = await submit_job(runtime, [clip_3s], steps=steps)
+        record = await wait_for_job(services, job_id, until=_encode_ready)
+        body = (await client.get(f"/v1/jobs/{job_id}")).json()
+        expected = await job_eta(services.costs, record, time.time())
+        assert expected is not None and expected > 0
+        assert body["eta_s"] == pytest.approx(expected, abs=1.0)
