@@ -10,7 +10,7 @@ class) per cache period, not one per task.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import msgspec
 from nats.js import JetStreamContext, api
@@ -23,15 +23,19 @@ from shared.costmodel import (
     job_probe,
     observe,
     predict,
+    remaining_compute_s,
     remaining_s,
     step_work,
+    work_of,
 )
+from shared.errors import JetcutError
 from shared.jobstate import ACTIVE_JOB, JobRecord
+from shared.recipes import resolve
 from shared.retry import ride_out
 from shared.settings import Settings
 from shared.subjects import Names
 
-__all__ = ["CostBook", "job_eta", "task_prediction"]
+__all__ = ["CostBook", "job_backlog", "job_eta", "task_prediction"]
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(CostEntry)
@@ -39,30 +43,48 @@ MAX_CAS_ATTEMPTS = 32
 
 
 class CostBook:
-    """Cached reads and compare-and-set writes of the ``costs`` bucket."""
+    """Cached reads and compare-and-set writes of the ``costs`` bucket.
 
-    def __init__(self, kv: KeyValue, *, cache_s: float,
+    The bucket is opened (created the first time) on first use, so a process that never
+    predicts (a stage worker) never touches it, nor needs permission to.
+    """
+
+    def __init__(self, open_kv: Callable[[], Awaitable[KeyValue]], *, cache_s: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.kv = kv
+        self._open_kv = open_kv
+        self._kv: KeyValue | None = None
         self.cache_s = cache_s
         self._clock = clock
         self._cache: dict[str, tuple[float, CostEntry | None]] = {}
 
     @classmethod
-    async def open(cls, js: JetStreamContext, names: Names, settings: Settings) -> CostBook:
-        """Open the bucket, creating it the first time (like the jobs bucket)."""
-        try:
-            kv = await js.key_value(names.costs_bucket)
-        except BucketNotFoundError:
-            kv = await js.create_key_value(api.KeyValueConfig(
-                bucket=names.costs_bucket, history=1, storage=api.StorageType.FILE,
-                replicas=settings.replicas, description="jetcut cost-model coefficients",
-            ))
-        return cls(kv, cache_s=settings.cost_cache_s)
+    def lazy(cls, js: JetStreamContext, names: Names, settings: Settings) -> CostBook:
+        """A book whose bucket is opened, or created like the jobs bucket, on first use."""
+
+        async def open_kv() -> KeyValue:
+            try:
+                return await js.key_value(names.costs_bucket)
+            except BucketNotFoundError:
+                return await js.create_key_value(api.KeyValueConfig(
+                    bucket=names.costs_bucket, history=1, storage=api.StorageType.FILE,
+                    replicas=settings.replicas, description="jetcut cost-model coefficients",
+                ))
+
+        return cls(open_kv, cache_s=settings.cost_cache_s)
+
+    async def kv(self) -> KeyValue:
+        if self._kv is None:
+            self._kv = await self._open_kv()
+        return self._kv
+
+    def fresh(self) -> CostBook:
+        """The same bucket without a cache (tests, reports: what KV holds now)."""
+        return CostBook(self.kv, cache_s=0, clock=self._clock)
 
     async def _read(self, key: str) -> tuple[CostEntry | None, int | None]:
+        kv = await self.kv()
         try:
-            got = await ride_out(lambda: self.kv.get(key))
+            got = await ride_out(lambda: kv.get(key))
         except KeyNotFoundError:
             return None, None
         if got.value is None:
@@ -92,11 +114,12 @@ class CostBook:
             if entry is not None and updated is entry:
                 return entry
             data = _encoder.encode(updated)
+            kv = await self.kv()
             try:
                 if revision is None:
-                    await self.kv.create(work.key, data)
+                    await kv.create(work.key, data)
                 else:
-                    await self.kv.update(work.key, data, last=revision)
+                    await kv.update(work.key, data, last=revision)
             except KeyWrongLastSequenceError:
                 continue
             self._cache[work.key] = (self._clock(), updated)
@@ -106,7 +129,7 @@ class CostBook:
     async def entries(self) -> dict[str, CostEntry]:
         """Every entry now (uncached): for reports and the benchmark."""
         try:
-            keys = await self.kv.keys()
+            keys = await (await self.kv()).keys()
         except Exception as exc:  # nats-py raises NoKeysError for an empty bucket
             if type(exc).__name__ != "NoKeysError":
                 raise
@@ -138,3 +161,27 @@ async def job_eta(book: CostBook | None, record: JobRecord, now: float) -> float
             if key not in entries:
                 entries[key] = await book.entry(key) if book is not None else None
     return remaining_s(record, lambda work: predict(work, entries.get(work.key)), now)
+
+
+async def job_backlog(book: CostBook | None, record: JobRecord, now: float) -> float:
+    """Predicted compute-seconds ``record`` still needs (0 once it has finished)."""
+    if record.status not in ACTIVE_JOB:
+        return 0.0
+    if not record.steps:  # not planned yet (the conductor has not read its submit)
+        try:
+            specs = resolve(record.recipe, record.pipeline, record.params, len(record.inputs))
+        except JetcutError:
+            return 0.0  # it will fail at once
+        total = 0.0
+        for spec in specs.values():
+            work = work_of(spec.stage, spec.params, None)
+            total += predict(work, await book.entry(work.key) if book is not None else None)
+        return round(total, 1)
+    entries: dict[str, CostEntry | None] = {}
+    info = job_probe(record)
+    for name, step in record.steps.items():
+        for part in ([None] if not step.parts else range(len(step.parts))):
+            key = step_work(record, name, part, info).key
+            if key not in entries:
+                entries[key] = await book.entry(key) if book is not None else None
+    return remaining_compute_s(record, lambda work: predict(work, entries.get(work.key)), now)

@@ -281,3 +281,20 @@ def _unit_left(status: StepStatus, started_at: float | None, predicted: float,
     if status == StepStatus.RUNNING and started_at is not None:
         return max(0.0, predicted - (now - started_at))
     return predicted
+
+
+def remaining_compute_s(record: JobRecord, seconds: Callable[[Work], float],
+                        now: float) -> float:
+    """Predicted compute-seconds the job still needs, all its tasks together (what it will
+    take from the workers, however many): the measure of a tenant's backlog."""
+    if record.status not in ACTIVE_JOB:
+        return 0.0
+    info = job_probe(record)
+    total = 0.0
+    for name, step in record.steps.items():
+        units = [(i, p.status, p.started_at) for i, p in enumerate(step.parts)] \
+            if step.each is not None and step.parts else [(None, step.status, step.started_at)]
+        for part, status, started_at in units:
+            total += _unit_left(status, started_at,
+                                seconds(step_work(record, name, part, info)), now)
+    return round(total, 1)

@@ -109,7 +109,7 @@ class Runtime:
         self.services = Services(
             settings=self.settings, names=self.names, bus=bus, jobs=JobStore(kv), store=store,
             telemetry=self.telemetry, media=MediaTools(self.settings), cancels=cancels,
-            costs=await CostBook.open(bus.js, self.names, self.settings),
+            costs=CostBook.lazy(bus.js, self.names, self.settings),
         )
         headroom = Headroom(self.settings)
         breaker = StoreBreaker(

@@ -14,7 +14,7 @@ import msgspec
 import pytest
 
 from functions.registry import FUNCTIONS
-from shared.costbook import CostBook, job_eta
+from shared.costbook import CostBook, job_backlog, job_eta
 from shared.costmodel import (
     PRIORS,
     Coefficients,
@@ -32,7 +32,7 @@ from shared.costmodel import (
 from shared.events import StageTask
 from shared.jobstate import JobRecord, JobStatus, StepState, StepStatus
 from shared.media.probe import MediaInfo
-from tests.support.nats import running, serving_http, submit_job, wait_for_job
+from tests.support.nats import running, serving_http, submit_job, upload, wait_for_job
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.timeout(120)
@@ -143,7 +143,7 @@ async def test_calibration_converges_on_real_jobs(make_settings: Any, clip_3s: P
             assert entry is not None
             measured.append(entry.samples[-1][1])
         assert work is not None
-        entry = await CostBook(services.costs.kv, cache_s=0).entry(work.key)
+        entry = await services.costs.fresh().entry(work.key)
         assert entry is not None and [s for _, s in entry.samples] == measured
         # One size of work, measured three times: the model predicts their median.
         assert predict(work, entry) == pytest.approx(statistics.median(measured), rel=0.01)
@@ -152,7 +152,7 @@ async def test_calibration_converges_on_real_jobs(make_settings: Any, clip_3s: P
 
 
 async def _counted(book: CostBook, work: Work, n: int) -> bool:
-    entry = await CostBook(book.kv, cache_s=0).entry(work.key)
+    entry = await book.fresh().entry(work.key)
     return entry is not None and entry.count >= n
 
 
@@ -217,3 +217,32 @@ async def test_the_job_view_gives_an_eta_while_the_job_runs(
         expected = await job_eta(services.costs, record, time.time())
         assert expected is not None and expected > 0
         assert body["eta_s"] == pytest.approx(expected, abs=1.0)
+
+
+async def test_admission_refuses_a_tenant_over_its_compute_budget(
+        make_settings: Any, http_port: int) -> None:
+    # No stage workers: what is admitted stays queued, so the tenant's backlog only grows.
+    settings = make_settings(http_port=http_port, cost_budget_s=1.0)
+    steps = {"probe": {"stage": "probe", "uses": [":input"]},
+             "encode": {"stage": "transcode", "uses": [":input", "probe"]}}
+    async with serving_http(settings, [FUNCTIONS[f] for f in ("gateway", "conductor")]) \
+            as (runtime, client):
+        services = runtime.services
+        assert services is not None
+        upload_id = await upload(client)
+        first = await client.post("/v1/jobs", json={"steps": steps, "input": upload_id})
+        assert first.status_code == 202, first.text
+        record = await services.jobs.get(first.json()["job_id"])
+        backlog = await job_backlog(services.costs, record, time.time())
+        assert backlog > settings.cost_budget_s  # its steps' priors alone: over the budget
+        second = await client.post("/v1/jobs", json={"steps": steps, "input": upload_id})
+        assert second.status_code == 429, second.text
+        error = second.json()["error"]
+        assert error["code"] == "over_budget"
+        assert error["details"]["backlog_s"] == pytest.approx(backlog, abs=0.2)
+        assert int(second.headers["Retry-After"]) >= 1
+        # Once the queued job is gone (cancelled), the tenant is under budget again.
+        assert (await client.delete(f"/v1/jobs/{first.json()['job_id']}")).status_code == 202
+        await wait_for_job(services, first.json()["job_id"])
+        third = await client.post("/v1/jobs", json={"steps": steps, "input": upload_id})
+        assert third.status_code == 202, third.text
