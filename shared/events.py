@@ -210,6 +210,9 @@ class JobEvent(Event, tag="job.event", kw_only=True, frozen=True):
     progress: float | None = None
     error: ErrorInfo | None = None
     at: float = msgspec.field(default_factory=time.time)
+    eta_s: float | None = None
+    """On ``step`` events: predicted seconds until the job finishes (the cost model), as
+    the job view's ``eta_s``."""
 
 
 class DeadLetter(Event, tag="dead.letter", kw_only=True, frozen=True):

@@ -29,7 +29,7 @@ from shared.costmodel import (
     timeout_for,
     work_of,
 )
-from shared.events import StageTask
+from shared.events import JobEvent, StageTask
 from shared.jobstate import JobRecord, JobStatus, StepState, StepStatus
 from shared.media.probe import MediaInfo
 from tests.support.nats import running, serving_http, submit_job, upload, wait_for_job
@@ -180,6 +180,24 @@ async def test_the_prediction_sets_the_task_deadline(make_settings: Any, clip_3s
         prior = predict(work, None)
         assert by_job[first].predicted_s == pytest.approx(prior, rel=0.01)
         assert by_job[first].timeout_s == pytest.approx(max(1.0, 6 * prior), rel=0.01)
+        # SSE and the CLI read the same ETA off the job's events: the probe's step event
+        # says how long the encode still waiting will take.
+        probe_done = await _step_event(services, second, "probe")
+        assert probe_done.eta_s == pytest.approx(100.0, abs=0.5)
+
+
+async def _step_event(services: Any, job_id: str, step: str) -> JobEvent:
+    """The job's event announcing ``step`` finished (AssertionError if none comes)."""
+    sub = await services.bus.js.subscribe(services.names.events("default", job_id),
+                                          ordered_consumer=True)
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=30)
+            event = msgspec.json.decode(msg.data, type=JobEvent)
+            if event.kind == "step" and event.step == step and event.step_status == "done":
+                return event
+    finally:
+        await sub.unsubscribe()
 
 
 def _encode_ready(record: JobRecord) -> bool:

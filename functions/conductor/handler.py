@@ -20,11 +20,12 @@ Emits:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from functools import partial
 
 from shared import announce, msgids
-from shared.costbook import task_prediction
+from shared.costbook import job_eta, task_prediction
 from shared.costmodel import timeout_for
 from shared.errors import ErrorCode, JetcutError, PermanentError, error_info
 from shared.events import (
@@ -126,7 +127,7 @@ async def on_complete(event: StageComplete, ctx: Context) -> None:
     await services.bus.emit(JobEvent(
         job_id=record.job_id, tenant=record.tenant, kind="step", step=event.step,
         step_status=record.steps[event.step].status, error=event.error,
-        progress=record.progress,
+        progress=record.progress, eta_s=await job_eta(ctx.services.costs, record, time.time()),
     ))
     await _publish(record, ctx, done.ready)
     if done.status_changed:
