@@ -92,6 +92,9 @@ async def _run(quick: bool) -> BenchResult:
             _pct(rep), target_op="<=", target=25, target_on="value", note=f"{len(rep)} steps"),
         Row(NAME, f"median |pred-meas|/meas, corpus, calibrated, steps >= {LONG_S:g} s", "%",
             _pct(warm_long), note=f"{len(warm_long)} steps (without the probes' ~0.1 s)"),
+        Row(NAME, "noise floor: median |median-meas|/meas of the repeated encodes", "%",
+            _pct(_spread(repeated[1:])),
+            note="the best any prediction could do on this machine now (same work each time)"),
         Row(NAME, "median |pred-meas|/meas, corpus, fresh deployment (1st pass)", "%",
             _pct(cold), note="priors, then what earlier items taught"),
     ]
@@ -103,6 +106,17 @@ async def _run(quick: bool) -> BenchResult:
 
 def _pct(values: list[float]) -> float | None:
     return round(100 * statistics.median(values), 1) if values else None
+
+
+def _spread(jobs: list[dict[str, Any]]) -> list[float]:
+    """How far each measurement of one step is from their median: the error of an oracle
+    that knows the median in advance, so what the machine's noise alone costs."""
+    measured = [s["measured_s"] for job in jobs for s in job["steps"]
+                if s["step"] == "encode" and s["measured_s"] > 0]
+    if not measured:
+        return []
+    middle = statistics.median(measured)
+    return [abs(middle - m) / m for m in measured]
 
 
 def _errors(jobs: list[dict[str, Any]], at_least_s: float = 0.0) -> list[float]:
