@@ -9,6 +9,7 @@ class) per cache period, not one per task.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 
@@ -37,6 +38,7 @@ from shared.subjects import Names
 
 __all__ = ["CostBook", "job_backlog", "job_eta", "task_prediction"]
 
+log = logging.getLogger(__name__)
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(CostEntry)
 MAX_CAS_ATTEMPTS = 32
@@ -97,7 +99,13 @@ class CostBook:
         cached = self._cache.get(key)
         if cached is not None and now - cached[0] < self.cache_s:
             return cached[1]
-        entry, _ = await self._read(key)
+        try:
+            entry, _ = await self._read(key)
+        except Exception as exc:
+            # A prediction must never hold a job up: without the bucket (down, or not
+            # permitted) the stage's prior stands in until the next period.
+            log.warning("cost entry %s unreadable (%r); predicting from the prior", key, exc)
+            entry = cached[1] if cached is not None else None
         self._cache[key] = (now, entry)
         return entry
 

@@ -264,3 +264,14 @@ async def test_admission_refuses_a_tenant_over_its_compute_budget(
         await wait_for_job(services, first.json()["job_id"])
         third = await client.post("/v1/jobs", json={"steps": steps, "input": upload_id})
         assert third.status_code == 202, third.text
+
+
+async def test_an_unreadable_costs_bucket_falls_back_to_the_prior() -> None:
+    # The bucket cannot be opened (a deployment whose NATS user may not read it): the
+    # prediction is the prior, and no error reaches the caller (a job is never held up).
+    async def refuse() -> Any:
+        raise PermissionError("not permitted to read the costs bucket")
+
+    book = CostBook(refuse, cache_s=30.0)
+    work = work_of("transcode", {"max_height": 720}, info())
+    assert await book.predict(work) == predict(work, None)
