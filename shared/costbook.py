@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 import msgspec
 from nats.js import JetStreamContext, api
@@ -23,6 +24,7 @@ from shared.costmodel import (
     Work,
     job_probe,
     observe,
+    pooled,
     predict,
     remaining_compute_s,
     remaining_s,
@@ -110,15 +112,23 @@ class CostBook:
         return entry
 
     async def predict(self, work: Work) -> float:
-        """Predicted compute-seconds of ``work`` from the (cached) calibrated entry."""
-        return predict(work, await self.entry(work.key))
+        """Predicted compute-seconds of ``work`` from the (cached) calibrated entries."""
+        return predict(work, await self.entry(work.key), await self.entry(pooled(work).key))
 
     async def observe(self, work: Work, seconds: float, sample_id: str = "") -> CostEntry:
-        """Add one measured step to its entry (compare-and-set; a lost race re-applies).
-        A ``sample_id`` the entry has already counted changes nothing."""
+        """Add one measured step to its class's entry and to its stage's pooled entry
+        (each by compare-and-set); a ``sample_id`` an entry has already counted changes
+        nothing there. Returns the class's entry."""
+        pool, _ = await self._read(pooled(work).key)
+        updated = await self._observe(work, seconds, sample_id, pool)
+        await self._observe(pooled(work), seconds, sample_id, None)
+        return updated
+
+    async def _observe(self, work: Work, seconds: float, sample_id: str,
+                       pool: CostEntry | None) -> CostEntry:
         for _ in range(MAX_CAS_ATTEMPTS):
             entry, revision = await self._read(work.key)
-            updated = observe(entry, work, seconds, sample_id)
+            updated = observe(entry, work, seconds, sample_id, pool)
             if entry is not None and updated is entry:
                 return entry
             data = _encoder.encode(updated)
@@ -165,10 +175,11 @@ async def job_eta(book: CostBook | None, record: JobRecord, now: float) -> float
     info = job_probe(record)
     for name, step in record.steps.items():
         for part in ([None] if not step.parts else range(len(step.parts))):
-            key = step_work(record, name, part, info).key
-            if key not in entries:
-                entries[key] = await book.entry(key) if book is not None else None
-    return remaining_s(record, lambda work: predict(work, entries.get(work.key)), now)
+            work = step_work(record, name, part, info)
+            for key in (work.key, pooled(work).key):
+                if key not in entries:
+                    entries[key] = await book.entry(key) if book is not None else None
+    return remaining_s(record, partial(_predicted, entries), now)
 
 
 async def job_backlog(book: CostBook | None, record: JobRecord, now: float) -> float:
@@ -183,13 +194,18 @@ async def job_backlog(book: CostBook | None, record: JobRecord, now: float) -> f
         total = 0.0
         for spec in specs.values():
             work = work_of(spec.stage, spec.params, None)
-            total += predict(work, await book.entry(work.key) if book is not None else None)
+            total += await book.predict(work) if book is not None else predict(work, None)
         return round(total, 1)
     entries: dict[str, CostEntry | None] = {}
     info = job_probe(record)
     for name, step in record.steps.items():
         for part in ([None] if not step.parts else range(len(step.parts))):
-            key = step_work(record, name, part, info).key
-            if key not in entries:
-                entries[key] = await book.entry(key) if book is not None else None
-    return remaining_compute_s(record, lambda work: predict(work, entries.get(work.key)), now)
+            work = step_work(record, name, part, info)
+            for key in (work.key, pooled(work).key):
+                if key not in entries:
+                    entries[key] = await book.entry(key) if book is not None else None
+    return remaining_compute_s(record, partial(_predicted, entries), now)
+
+
+def _predicted(entries: dict[str, CostEntry | None], work: Work) -> float:
+    return predict(work, entries.get(work.key), entries.get(pooled(work).key))

@@ -182,24 +182,49 @@ def fit(samples: list[tuple[float, float]], start: Coefficients) -> Coefficients
     return Coefficients(overhead_s=start.overhead_s * factor, rate_s=start.rate_s * factor)
 
 
-def coefficients(work: Work, entry: CostEntry | None) -> Coefficients:
-    """The coefficients to predict ``work`` with: fitted from its entry, or the prior."""
-    return fit(entry.samples if entry is not None else [], prior(work))
+POOL = "_all"
+"""The class of a stage's pooled entry (a real class never starts with ``_``)."""
 
 
-def predict(work: Work, entry: CostEntry | None) -> float:
-    """Predicted compute-seconds of ``work``, given its (stage, class) entry (None: cold)."""
-    return round(coefficients(work, entry).seconds(work.units), 3)
+def _preset_scale(work: Work) -> float:
+    base = PRIORS.get(work.stage, DEFAULT_PRIOR)
+    return prior(work).rate_s / base.rate_s if base.rate_s > 0 else 1.0
+
+
+def pooled(work: Work) -> Work:
+    """The same work as the stage's pooled entry (``<stage>._all``) counts it: every class
+    of the stage together, units scaled by the preset's prior cost, so a class never seen
+    (a new codec) starts from what the stage has measured rather than from the prior."""
+    return Work(stage=work.stage, cls=POOL, units=round(work.units * _preset_scale(work), 6))
+
+
+def coefficients(work: Work, entry: CostEntry | None,
+                 pool: CostEntry | None = None) -> Coefficients:
+    """The coefficients to predict ``work`` with: fitted from its class's entry, starting
+    from the stage's pooled fit (or the prior, while the stage has measured nothing)."""
+    start = prior(work)
+    if pool is not None and pool.samples and work.cls != POOL:
+        stage = fit(pool.samples, prior(pooled(work)))
+        start = Coefficients(overhead_s=stage.overhead_s,
+                             rate_s=stage.rate_s * _preset_scale(work))
+    return fit(entry.samples if entry is not None else [], start)
+
+
+def predict(work: Work, entry: CostEntry | None, pool: CostEntry | None = None) -> float:
+    """Predicted compute-seconds of ``work``, given its (stage, class) entry and the stage's
+    pooled entry (None: nothing measured)."""
+    return round(coefficients(work, entry, pool).seconds(work.units), 3)
 
 
 def observe(entry: CostEntry | None, work: Work, seconds: float,
-            sample_id: str = "") -> CostEntry:
-    """A new entry with one measured step added (and the error its prediction had); the
-    entry as it was when ``sample_id`` is one it has already counted."""
+            sample_id: str = "", pool: CostEntry | None = None) -> CostEntry:
+    """A new entry with one measured step added (and the error its prediction, with
+    ``pool`` as the stage's pooled entry, had); the entry as it was when ``sample_id`` is
+    one it has already counted."""
     entry = entry or CostEntry()
     if sample_id and sample_id in entry.seen:
         return entry
-    predicted = predict(work, entry)
+    predicted = predict(work, entry, pool)
     errors = list(entry.errors)
     if seconds > 0:
         errors = [*errors, round(abs(predicted - seconds) / seconds, 4)][-MAX_ERRORS:]

@@ -23,6 +23,7 @@ from shared.costmodel import (
     fit,
     job_probe,
     observe,
+    pooled,
     predict,
     remaining_s,
     step_work,
@@ -91,6 +92,25 @@ def test_repeated_work_of_one_size_converges_on_its_median_time() -> None:
     assert predict(work, entry) == pytest.approx(statistics.median(measured), rel=1e-3)
     assert entry is not None and entry.count == 5 and len(entry.errors) == 5
     assert observe(entry, work, 100.0, "t4") is entry  # a redelivered sample counts once
+
+
+def test_a_class_never_seen_starts_from_what_its_stage_measured() -> None:
+    h264 = work_of("transcode", {"max_height": 720}, info())
+    av1_info = msgspec.convert({**PROBE_720P, "streams": [
+        {"codec_type": "video", "codec_name": "av1", "width": 1280, "height": 720,
+         "fps": 30.0}]}, MediaInfo)
+    av1 = work_of("transcode", {"max_height": 720}, av1_info)
+    assert av1.key != h264.key and pooled(av1).key == pooled(h264).key == "transcode._all"
+    entry: CostEntry | None = None
+    pool: CostEntry | None = None
+    for i in range(3):  # h264 measured at 10x the prior, three times
+        seconds = 10 * predict(h264, None)
+        entry = observe(entry, h264, seconds, f"t{i}", pool)
+        pool = observe(pool, pooled(h264), seconds, f"t{i}")
+    assert predict(av1, None, pool) == pytest.approx(10 * predict(av1, None), rel=0.01)
+    # A slower preset of the same stage: the pooled slope, times the preset's prior factor.
+    slow = work_of("transcode", {"max_height": 720, "preset": "slow"}, info())
+    assert predict(slow, None, pool) > 2 * predict(h264, entry, pool)
 
 
 def test_timeout_is_a_multiple_of_the_prediction_within_the_bounds() -> None:
