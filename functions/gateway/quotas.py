@@ -129,6 +129,15 @@ class ActiveJobs:
         """Take back an admission whose job was never queued."""
         await self._forget(tenant, job_id)
 
+    async def job_ids(self, tenant: str) -> list[str]:
+        """The tenant's indexed jobs (some may have finished since: see ``forget``)."""
+        await self._bucket()
+        return await self._entries(tenant)
+
+    async def forget(self, tenant: str, job_id: str) -> None:
+        """Drop a finished job from the index."""
+        await self._forget(tenant, job_id)
+
 
 class Backlog:
     """Per-stage queue depth, cached for ``CACHE_S``."""
@@ -184,7 +193,8 @@ class CostBudget:
     active-job cap keeps) with the calibrated cost model (``shared.costbook``); a job not yet
     probed counts each of its steps at the stage's fixed cost, since its media is unknown.
     So the budget caps work already queued: a tenant over it is refused until enough of its
-    queued compute has run.
+    queued compute has run. Two submits at the same moment can both pass (each sees the
+    other's job not yet indexed): a budget, not an exact cap.
     """
 
     def __init__(self, services: Services, active_jobs: ActiveJobs) -> None:
@@ -201,14 +211,16 @@ class CostBudget:
         budget = self.services.settings.cost_budget_s
         if budget == 0:
             return
-        await self.active_jobs._bucket()
         now, backlog = time.time(), 0.0
-        for other in await self.active_jobs._entries(tenant):
+        for other in await self.active_jobs.job_ids(tenant):
             if other == job_id:
                 continue
             try:
                 record = await self.services.jobs.get(other)
             except JobNotFound:
+                record = None
+            if record is None or record.terminal:
+                await self.active_jobs.forget(tenant, other)  # keeps the index short
                 continue
             backlog += await job_backlog(self.services.costs, record, now)
         if backlog <= budget:
