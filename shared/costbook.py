@@ -192,8 +192,10 @@ async def job_backlog(book: CostBook | None, record: JobRecord, now: float) -> f
         except JetcutError:
             return 0.0  # it will fail at once
         total = 0.0
+        sizes = [i.size for i in record.inputs]
+        input_mb = sum(s or 0 for s in sizes) / 1e6 if None not in sizes else None
         for spec in specs.values():
-            work = work_of(spec.stage, spec.params, None)
+            work = work_of(spec.stage, spec.params, None, None, input_mb)
             total += await book.predict(work) if book is not None else predict(work, None)
         return round(total, 1)
     entries: dict[str, CostEntry | None] = {}

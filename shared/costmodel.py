@@ -24,7 +24,7 @@ from typing import Any
 
 import msgspec
 
-from shared.jobstate import ACTIVE_JOB, FINISHED_STEP, JobRecord, StepStatus
+from shared.jobstate import ACTIVE_JOB, FINISHED_STEP, JobRecord, StepStatus, input_ref_index
 from shared.media.probe import MediaInfo
 
 MAX_SAMPLES = 32
@@ -63,7 +63,7 @@ PRIORS: dict[str, Coefficients] = {
     **{s: Coefficients(overhead_s=0.8, rate_s=0.3) for s in ENCODING_STAGES},
     "noop": Coefficients(overhead_s=0.02, rate_s=0.0),
     "rendition": Coefficients(overhead_s=0.02, rate_s=0.0),
-    "probe": Coefficients(overhead_s=0.2, rate_s=0.0005),
+    "probe": Coefficients(overhead_s=0.2, rate_s=0.005),  # per MB of input (its download)
     "segment": Coefficients(overhead_s=0.4, rate_s=0.01),
     "concat": Coefficients(overhead_s=0.4, rate_s=0.01),
     "package-hls": Coefficients(overhead_s=0.4, rate_s=0.01),
@@ -114,7 +114,7 @@ def _num(value: Any, default: float) -> float:
 
 
 def work_of(stage: str, params: dict[str, Any], info: MediaInfo | None,
-            part: tuple[int, int] | None = None) -> Work:
+            part: tuple[int, int] | None = None, input_mb: float | None = None) -> Work:
     """The work of one step (or one part of an expanded step), from the probe and params.
 
     Args:
@@ -123,7 +123,12 @@ def work_of(stage: str, params: dict[str, Any], info: MediaInfo | None,
         info: the job's probe result; None before the probe ran (the work is then one
             unit: the prediction is the stage's overhead).
         part: ``(index, count)`` for a part of an expanded step: it does 1/count of the media.
+        input_mb: megabytes of the job inputs the step reads, where known: the work of a
+            ``probe``, which runs before anything else is known (mostly its download).
     """
+    if stage == "probe":
+        return Work(stage=stage, cls="none-none",
+                    units=round(max(0.01, input_mb), 6) if input_mb is not None else 1.0)
     preset = params.get("preset") if isinstance(params.get("preset"), str) else None
     video = info.video if info is not None else None
     codec = video.codec_name if video is not None else (
@@ -254,10 +259,11 @@ def step_work(record: JobRecord, step_name: str, part: int | None,
     """The work of one task of a job (a step, or one part of an expanded step)."""
     step = record.steps[step_name]
     count = len(step.parts)
-    if step.stage == "probe":
-        info = None  # its work is predicted before anything is known, and must match
+    sizes = [record.inputs[i].size for ref in step.uses
+             if (i := input_ref_index(ref)) is not None and i < len(record.inputs)]
+    input_mb = sum(s or 0 for s in sizes) / 1e6 if sizes and None not in sizes else None
     return work_of(step.stage, step.params, info,
-                   (part, count) if part is not None and count else None)
+                   (part, count) if part is not None and count else None, input_mb)
 
 
 def remaining_s(record: JobRecord, seconds: Callable[[Work], float], now: float) -> float:

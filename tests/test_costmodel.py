@@ -57,6 +57,10 @@ def test_work_grows_with_duration_pixels_and_fps_and_parts_split_it() -> None:
     assert smaller.units == pytest.approx(whole.units / 4)
     assert part.units == pytest.approx(whole.units / 15)
     assert work_of("segment", {}, info()).units == 60.0  # not pixel-bound: media seconds
+    # A probe runs before anything is known but the input's size (it downloads it).
+    assert work_of("probe", {}, None, input_mb=50.0).units == 50.0
+    assert predict(work_of("probe", {}, None, input_mb=500.0), None) \
+        > predict(work_of("probe", {}, None, input_mb=5.0), None)
     assert whole.key == "transcode.h264-none"
     assert work_of("encode-part", {"height": 720, "preset": "slow"}, info()).key \
         == "encode-part.h264-slow"
