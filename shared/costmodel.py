@@ -164,9 +164,9 @@ def fit(samples: list[tuple[float, float]], start: Coefficients) -> Coefficients
     """Coefficients from measured ``(units, seconds)`` samples, robustly.
 
     With enough samples spread over sizes of work: Theil-Sen (median pairwise slope, then
-    the median intercept). Otherwise the prior scaled by the median ratio of measured to
-    predicted seconds, which converges on repeated work of one size. Without samples: the
-    prior.
+    the median intercept). Otherwise ``start`` (the stage's pooled fit, or its prior)
+    scaled by the median ratio of measured to predicted seconds, which converges on
+    repeated work of one size. Without samples: ``start``.
     """
     if not samples:
         return start
