@@ -233,7 +233,8 @@ def _wait(client: Any, job_id: str, timeout: float,
                 return _fail(r)
             job = r.json()
             bar.n = round(job["progress"] * 100, 1)
-            bar.set_postfix_str(job["status"])
+            eta = job.get("eta_s")
+            bar.set_postfix_str(job["status"] + (f", ~{eta:.0f}s left" if eta else ""))
             if job["status"] in ("succeeded", "failed", "cancelled") and (
                     superseded is None or job["finished_at"] != superseded):
                 break

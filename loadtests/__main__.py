@@ -13,7 +13,14 @@ import time
 import traceback
 from collections.abc import Callable
 
-from loadtests import bench_bus, bench_memory, bench_render, bench_segment, bench_triage
+from loadtests import (
+    bench_bus,
+    bench_cost,
+    bench_memory,
+    bench_render,
+    bench_segment,
+    bench_triage,
+)
 from loadtests.common import (
     BenchResult,
     machine_info,
@@ -29,6 +36,7 @@ BENCHMARKS: dict[str, Callable[..., BenchResult]] = {
     bench_render.NAME: bench_render.run,
     bench_memory.NAME: bench_memory.run,
     bench_segment.NAME: bench_segment.run,
+    bench_cost.NAME: bench_cost.run,
     bench_triage.NAME: bench_triage.run,
 }
 

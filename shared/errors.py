@@ -57,6 +57,7 @@ class ErrorCode(StrEnum):
     INVALID_CALLBACK = "invalid_callback"
     HANDED_BACK = "handed_back"
     OUTPUT_CHECK_FAILED = "output_check_failed"
+    OVER_BUDGET = "over_budget"
 
 
 class JetcutError(Exception):

@@ -107,6 +107,9 @@ class StageTask(Event, tag="stage.task", kw_only=True, frozen=True):
     inputs: list[TaskInput] = []
     timeout_s: float = 600.0
     media_duration_s: float | None = None
+    predicted_s: float | None = None
+    """The cost model's prediction of this task's compute-seconds when it was published
+    (``shared/costmodel.py``); its deadline ``timeout_s`` is a multiple of it."""
 
     @property
     def task_id(self) -> str:
@@ -230,6 +233,9 @@ class JobEvent(Event, tag="job.event", kw_only=True, frozen=True):
     progress: float | None = None
     error: ErrorInfo | None = None
     at: float = msgspec.field(default_factory=time.time)
+    eta_s: float | None = None
+    """On ``step`` events: predicted seconds until the job finishes (the cost model), as
+    the job view's ``eta_s``."""
 
 
 class DeadLetter(Event, tag="dead.letter", kw_only=True, frozen=True):

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     from shared.bus import Bus
     from shared.cancellation import CancelWatch
+    from shared.costbook import CostBook
     from shared.jobstore import JobStore
     from shared.media import Binaries, FFmpegRunner
     from shared.store import ObjectStore
@@ -45,6 +46,9 @@ class Services:
     """ffmpeg is located on first use, so functions that never run it never need it."""
     cancels: CancelWatch
     """Running steps register here to hear about their job's cancellation at once."""
+    costs: CostBook | None = None
+    """The cost model's calibrated coefficients (``shared.costbook``): step deadlines, ETAs,
+    admission. None only where a process was wired without one (predictions use priors)."""
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from shared.admission import Headroom, StoreBreaker
 from shared.bus import Bus, connect
 from shared.cancellation import CancelWatch
 from shared.consumer import ConsumerLoop
+from shared.costbook import CostBook
 from shared.function import Context, Function, Services, Subscription
 from shared.jobstore import JobStore
 from shared.k8s_podcost import PodRef, TasksInHand, pod_from_environment
@@ -108,6 +109,7 @@ class Runtime:
         self.services = Services(
             settings=self.settings, names=self.names, bus=bus, jobs=JobStore(kv), store=store,
             telemetry=self.telemetry, media=MediaTools(self.settings), cancels=cancels,
+            costs=CostBook.lazy(bus.js, self.names, self.settings),
         )
         headroom = Headroom(self.settings)
         breaker = StoreBreaker(

@@ -161,6 +161,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     timeout_max_s: Positive = 6 * 3600.0
     timeout_per_media_s: Positive = 10.0
     """A step may take this many seconds per second of input media (times the stage cost)."""
+    timeout_predicted_factor: NonNegativeFloat = 6.0
+    """A step's deadline is this many times its predicted compute-seconds (the cost model,
+    shared/costmodel.py), within ``timeout_min_s``..``timeout_max_s``; 0 falls back to the
+    per-second-of-media formula above."""
+    cost_cache_s: Positive = 30.0
+    """How long a process reuses a cost-model coefficient read from the ``costs`` KV bucket
+    before reading it again (calibration updates it as jobs finish)."""
+    cost_budget_s: NonNegativeFloat = 0.0
+    """Admission: the gateway refuses a job (``429 over_budget``) when the submitting
+    tenant's predicted compute-seconds still to run, this job included, would exceed this;
+    0 turns the check off."""
     output_checks: bool = True
     """Verify every media output before its step may finish (shared/media/verify.py)."""
     output_check_metric: Literal["auto", "vmaf", "ssim", "off"] = "auto"

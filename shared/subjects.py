@@ -83,6 +83,12 @@ class Names:
         """The gateway's index of each tenant's active jobs (the per-tenant cap)."""
         return f"{self.namespace}_active" if self.namespace else "active"
 
+    @property
+    def costs_bucket(self) -> str:
+        """Cost-model coefficients per (stage, class), kept by ``calibrate``
+        (``shared.costbook``)."""
+        return f"{self.namespace}_costs" if self.namespace else "costs"
+
     # subjects
     @property
     def submit(self) -> str:

@@ -36,8 +36,10 @@ async def test_a_step_past_its_deadline_is_killed_retried_then_fails_with_timeou
 ) -> None:
     # The probe step (no duration known yet) gets TIMEOUT_MAX_S; the encode of a 3 s clip
     # gets 3 s x 0.01 x cost 1.0, clamped up to TIMEOUT_MIN_S = 0.1 s: far too little.
+    # The deadline is a multiple of the cost model's prediction once the media is probed:
+    # 0.01 x the prediction is far too little, too.
     settings = make_settings(timeout_per_media_s=0.01, timeout_min_s=0.1, timeout_max_s=60,
-                             max_deliver=2, ffmpeg_threads=1)
+                             timeout_predicted_factor=0.01, max_deliver=2, ffmpeg_threads=1)
     async with running(settings, [FUNCTIONS[f] for f in ("conductor", "probe", "transcode")]) \
             as runtime:
         services = runtime.services

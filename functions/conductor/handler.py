@@ -22,10 +22,13 @@ Emits:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from functools import partial
 
 from shared import announce, msgids
+from shared.costbook import job_eta, task_prediction
+from shared.costmodel import timeout_for
 from shared.errors import ErrorCode, JetcutError, PermanentError, error_info
 from shared.events import (
     ErrorInfo,
@@ -129,7 +132,7 @@ async def on_complete(event: StageComplete, ctx: Context) -> None:
     await services.bus.emit(JobEvent(
         job_id=record.job_id, tenant=record.tenant, kind="step", step=event.step,
         step_status=record.steps[event.step].status, error=event.error,
-        progress=record.progress,
+        progress=record.progress, eta_s=await job_eta(ctx.services.costs, record, time.time()),
     ))
     await _publish(record, ctx, done.ready)
     if done.status_changed:
@@ -258,12 +261,14 @@ async def _publish(record: JobRecord, ctx: Context, tasks: list[tuple[str, int |
     if record.terminal:
         return
     for step_name, part in tasks:
-        task = _task(record, step_name, part, ctx)
+        predicted = await task_prediction(ctx.services.costs, record, step_name, part)
+        task = _task(record, step_name, part, ctx, predicted)
         await ctx.services.bus.publish(ctx.services.names.stage(task.stage), task,
                                        msg_id=task.task_id)
 
 
-def _task(record: JobRecord, step_name: str, part: int | None, ctx: Context) -> StageTask:
+def _task(record: JobRecord, step_name: str, part: int | None, ctx: Context,
+          predicted_s: float) -> StageTask:
     step = record.steps[step_name]
     inputs: list[TaskInput] = []
     for ref in step.uses:
@@ -287,7 +292,8 @@ def _task(record: JobRecord, step_name: str, part: int | None, ctx: Context) -> 
     return StageTask(
         job_id=record.job_id, tenant=record.tenant, step=step_name, stage=step.stage,
         attempt=attempt_of(record, step_name, part), part=part, params=dict(step.params),
-        inputs=inputs, timeout_s=_timeout(ctx, step.stage, duration), media_duration_s=duration,
+        inputs=inputs, timeout_s=_timeout(ctx, step.stage, duration, predicted_s),
+        media_duration_s=duration, predicted_s=predicted_s,
     )
 
 
@@ -300,9 +306,15 @@ def _media_duration(record: JobRecord) -> float | None:
     return None
 
 
-def _timeout(ctx: Context, stage: str, duration: float | None) -> float:
-    """Smart timeout: proportional to the media's length and the stage's cost, bounded."""
-    return step_timeout(ctx.services.settings, duration, STAGES[stage].cost)
+def _timeout(ctx: Context, stage: str, duration: float | None, predicted_s: float) -> float:
+    """Smart timeout: a multiple of the task's predicted compute-seconds (the calibrated
+    cost model), bounded; before the probe has measured the media (nothing to predict
+    from) or with the factor set to 0, proportional to the media's length instead."""
+    settings = ctx.services.settings
+    if duration is not None and settings.timeout_predicted_factor > 0:
+        return timeout_for(predicted_s, settings.timeout_predicted_factor,
+                           settings.timeout_min_s, settings.timeout_max_s)
+    return step_timeout(settings, duration, STAGES[stage].cost)
 
 
 async def _announce(record: JobRecord, ctx: Context, *, changed: bool) -> None:

@@ -52,6 +52,7 @@ STATUS: Mapping[ErrorCode, int] = MappingProxyType({
     ErrorCode.INPUT_TOO_LARGE: 413,
     ErrorCode.RATE_LIMITED: 429,
     ErrorCode.TOO_MANY_ACTIVE_JOBS: 429,
+    ErrorCode.OVER_BUDGET: 429,
     ErrorCode.INTERNAL: 500,
     ErrorCode.NOT_SUPPORTED: 501,
     ErrorCode.OVERLOADED: 503,

@@ -37,6 +37,7 @@ from functions.gateway.views import (
 )
 from shared import msgids, submission
 from shared.bus import PublishFailed
+from shared.costbook import job_eta
 from shared.errors import (
     ErrorCode,
     MalformedRequest,
@@ -113,6 +114,7 @@ class JobController(Controller):
         job = view(record, services.settings.base_url)
         if record.status == "queued":
             job.queue = await queue_spot(services, record)
+        job.eta_s = await job_eta(services.costs, record, time.time())
         return job
 
     @delete("/{job_id:str}", status_code=202, responses=errors(400, 404, 409, 503))

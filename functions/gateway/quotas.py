@@ -27,6 +27,7 @@ from nats.js import api
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
+from shared.costbook import job_backlog
 from shared.errors import ErrorCode, PermanentError, TransientError
 from shared.function import Services
 from shared.jobstate import JobRecord
@@ -101,10 +102,12 @@ class ActiveJobs:
             PermanentError: 429 ``too_many_active_jobs``.
         """
         cap = self.services.settings.max_active_jobs_per_tenant
-        if cap == 0:
+        if cap == 0 and self.services.settings.cost_budget_s == 0:
             return
         kv = await self._bucket()
         await ride_out(lambda: kv.put(f"{tenant}.{job_id}", b""))
+        if cap == 0:
+            return  # indexed for the compute budget (CostBudget) only
         entries = await self._entries(tenant)
         if len(entries) <= cap:
             return
@@ -124,6 +127,15 @@ class ActiveJobs:
 
     async def release(self, tenant: str, job_id: str) -> None:
         """Take back an admission whose job was never queued."""
+        await self._forget(tenant, job_id)
+
+    async def job_ids(self, tenant: str) -> list[str]:
+        """The tenant's indexed jobs (some may have finished since: see ``forget``)."""
+        await self._bucket()
+        return await self._entries(tenant)
+
+    async def forget(self, tenant: str, job_id: str) -> None:
+        """Drop a finished job from the index."""
         await self._forget(tenant, job_id)
 
 
@@ -174,22 +186,74 @@ class Backlog:
                                               "limit": limit, "retry_after_s": RETRY_AFTER_S})
 
 
+class CostBudget:
+    """A tenant's predicted compute-seconds still to run, against ``JETCUT_COST_BUDGET_S``.
+
+    The backlog is summed over the tenant's active jobs (the ``active`` index, which the
+    active-job cap keeps) with the calibrated cost model (``shared.costbook``); a job not yet
+    probed counts each of its steps at the stage's fixed cost, since its media is unknown.
+    So the budget caps work already queued: a tenant over it is refused until enough of its
+    queued compute has run. Two submits at the same moment can both pass (each sees the
+    other's job not yet indexed): a budget, not an exact cap.
+    """
+
+    def __init__(self, services: Services, active_jobs: ActiveJobs) -> None:
+        self.services = services
+        self.active_jobs = active_jobs
+
+    async def check(self, tenant: str, job_id: str) -> None:
+        """Refuse a new job of a tenant whose queued compute exceeds the budget.
+
+        Raises:
+            PermanentError: 429 ``over_budget`` (``retry_after_s``: about when enough of
+                the backlog will have run, with one worker).
+        """
+        budget = self.services.settings.cost_budget_s
+        if budget == 0:
+            return
+        now, backlog = time.time(), 0.0
+        for other in await self.active_jobs.job_ids(tenant):
+            if other == job_id:
+                continue
+            try:
+                record = await self.services.jobs.get(other)
+            except JobNotFound:
+                record = None
+            if record is None or record.terminal:
+                await self.active_jobs.forget(tenant, other)  # keeps the index short
+                continue
+            backlog += await job_backlog(self.services.costs, record, now)
+        if backlog <= budget:
+            return
+        raise PermanentError(ErrorCode.OVER_BUDGET,
+                             f"tenant {tenant!r} has {backlog:.0f} predicted compute-seconds "
+                             f"queued or running, the budget is {budget:g}; submit again "
+                             f"when some of it has run",
+                             details={"backlog_s": round(backlog, 1), "budget_s": budget,
+                                      "retry_after_s": max(RETRY_AFTER_S,
+                                                           round(backlog - budget))})
+
+
 class Admission:
-    """Whether a job may be queued now: backpressure, then its tenant's active-job cap."""
+    """Whether a job may be queued now: backpressure, its tenant's compute budget, then its
+    tenant's active-job cap."""
 
     def __init__(self, services: Services) -> None:
         self.active_jobs = ActiveJobs(services)
         self.backlog = Backlog(services)
+        self.budget = CostBudget(services, self.active_jobs)
 
     async def admit(self, record: JobRecord, *, retried: bool = False) -> None:
         """Admission of one validated job: backpressure on the stages it needs, then its
         tenant's active-job cap. Call it before the job's record is created.
 
         Raises:
-            JetcutError: 503 ``overloaded`` or 429 ``too_many_active_jobs``.
+            JetcutError: 503 ``overloaded``, 429 ``over_budget`` or 429
+                ``too_many_active_jobs``.
         """
         steps = resolve(record.recipe, record.pipeline, record.params, len(record.inputs))
         await self.backlog.check(spec.stage for spec in steps.values())
+        await self.budget.check(record.tenant, record.job_id)
         await self.active_jobs.admit(record.tenant, record.job_id, retried=retried)
 
     async def release(self, record: JobRecord) -> None:

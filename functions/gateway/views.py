@@ -85,6 +85,9 @@ class JobView(msgspec.Struct):
     """``progress`` as a percentage, one decimal."""
     queue: QueueSpot | None = None
     """Only on ``GET /v1/jobs/{id}`` of a queued job: its place in the queue."""
+    eta_s: float | None = None
+    """Only on ``GET /v1/jobs/{id}`` of an active job: predicted seconds until it finishes,
+    from the calibrated cost model (``shared/costmodel.py``); null once it has finished."""
 
 
 class OutputView(msgspec.Struct):

@@ -413,6 +413,10 @@ function renderJob(job) {
     const ahead = `${job.queue.capped ? "at least " : ""}${job.queue.ahead}`;
     facts.push(...fact("Queue", `waiting in ${job.queue.stage}: ${ahead} ahead`));
   }
+  if (typeof job.eta_s === "number") {
+    // The cost model's prediction (docs/design.md amendment 16), not a promise.
+    facts.push(...fact("ETA", `about ${Math.max(1, Math.round(job.eta_s))} s left`));
+  }
   $("detail-facts").replaceChildren(...facts);
   $("detail").dataset.status = job.status;
   const percent = job.percent ?? job.progress * 100;

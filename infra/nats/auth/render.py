@@ -69,6 +69,7 @@ class User:
             # and key listings are ephemeral ordered consumers (flow control on $JS.FC).
             subjects += [
                 f"$KV.{bucket}.>",
+                f"$JS.API.STREAM.CREATE.KV_{bucket}",
                 f"$JS.API.STREAM.INFO.KV_{bucket}",
                 f"$JS.API.DIRECT.GET.KV_{bucket}",
                 f"$JS.API.DIRECT.GET.KV_{bucket}.>",
@@ -99,14 +100,17 @@ USERS: tuple[User, ...] = (
          # replays DLQ entries onto their original subjects and runs SSE consumers: the
          # JetStream API is open to it except deleting streams.
          publish=("jobs.>", "stages.>", "dlq.>", "$JS.API.>", "$KV.jobs.>", "$KV.keys.>",
-                  "$KV.active.>", "$JS.FC.>"),
+                  "$KV.active.>", "$KV.costs.>", "$JS.FC.>"),
          deny_publish=("$JS.API.STREAM.DELETE.>",),
-         kv=("jobs", "keys", "active")),
+         kv=("jobs", "keys", "active", "costs")),
     User(name="conductor",
          publish=("stages.>", "events.>", "jobs.cleanup", "dlq.conductor"),
          consumers=tuple(("JOBS", f"conductor-{h}")
                          for h in ("submit", "complete", "cancel", "retry")),
-         kv=("jobs",)),
+         kv=("jobs", "costs")),
+    User(name="calibrate",
+         publish=("dlq.calibrate",),
+         consumers=(("JOBS", "calibrate"),), kv=("jobs", "costs")),
     User(name="ingest",
          publish=("jobs.submit", "dlq.ingest"),
          subscribe=("ingest.request",),

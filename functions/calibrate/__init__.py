@@ -1,0 +1,3 @@
+from functions.calibrate.handler import function
+
+__all__ = ["function"]
