@@ -33,6 +33,7 @@ import msgspec
 import nats
 from nats.js import api
 
+from loadtests import roundtrips
 from loadtests.common import (
     REPO,
     VENV_BIN,
@@ -97,12 +98,15 @@ async def run_jetcut(server: NatsServer, work: Path, *, n: int, warmup: int,
         inputs = [InputRef(key=key, filename="input.bin", size=6)]
         await _jetcut_batch(services, inputs, warmup)
         runs = []
-        for index in range(rounds):
-            run = await _jetcut_batch(services, inputs, n)
-            say(f"  jetcut round {index + 1}: {run['jobs_per_s']:.1f} jobs/s "
-                f"({run['succeeded']}/{n} succeeded in {run['wall_s']:.2f}s)")
-            runs.append(run)
-        return {"runs": runs, "settings": {
+        with roundtrips.counting() as counts:
+            for index in range(rounds):
+                run = await _jetcut_batch(services, inputs, n)
+                say(f"  jetcut round {index + 1}: {run['jobs_per_s']:.1f} jobs/s "
+                    f"({run['succeeded']}/{n} succeeded in {run['wall_s']:.2f}s)")
+                runs.append(run)
+        per_job = roundtrips.per_job(counts, n * rounds)
+        say(f"  jetcut per job: {per_job}")
+        return {"runs": runs, "per_job": per_job, "settings": {
             "conductor_concurrency": 32, "conductor_batch": 32,
             "noop_concurrency": STAGE_CONCURRENCY, "noop_batch": STAGE_BATCH,
             "max_ack_pending": settings.max_ack_pending,
