@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from typing import Any
@@ -97,6 +98,8 @@ class ConsumerLoop:
                 if not await self._admitted(stop):
                     continue
                 msgs = await self._fetch(min(free, self.sub.batch))
+                if msgs and free > len(msgs):
+                    msgs += await self._top_up(msgs[-1], free - len(msgs))
                 for msg in msgs:
                     task = asyncio.create_task(self._handle(msg))
                     self.inflight[task] = msg
@@ -166,6 +169,35 @@ class ConsumerLoop:
             return []
         self.last_activity = time.monotonic()
         return msgs
+
+    async def _top_up(self, last: Msg, room: int) -> list[Msg]:
+        """More messages in one pull, when the last one delivered says more are waiting.
+
+        Fetching one at a time (``Subscription.batch``) costs a pull request per message;
+        a busy loop with free slots instead asks once for what the stream holds right now
+        (``no_wait``: nothing is held back in a lingering pull, unlike nats-py's batched
+        ``fetch``). Idle loops never pay for it: the count comes with each delivery.
+        """
+        try:
+            waiting = last.metadata.num_pending
+        except Exception:  # not a JetStream delivery: nothing to go by
+            return []
+        want = min(room, waiting or 0)
+        if want <= 0 or self.psub is None:
+            return []
+        psub: Any = self.psub  # nats-py keeps the pull subject and inbox private
+        await self.js._nc.publish(psub._nms, json.dumps({"batch": want, "no_wait": True})
+                                  .encode(), reply=psub._deliver)
+        got: list[Msg] = []
+        while len(got) < want:
+            try:
+                msg = await psub._sub.next_msg(timeout=self.settings.fetch_timeout_s)
+            except (nats.errors.TimeoutError, TimeoutError):
+                break  # anything arriving later waits in the queue for the next fetch
+            if JetStreamContext.is_status_msg(msg):
+                break  # 404/408: the stream had fewer than it said
+            got.append(msg)
+        return got
 
     async def _watchdog(self) -> None:
         if time.monotonic() - self.last_activity < self.settings.watchdog_s:
