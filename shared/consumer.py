@@ -186,17 +186,19 @@ class ConsumerLoop:
         if want <= 0 or self.psub is None:
             return []
         psub: Any = self.psub  # nats-py keeps the pull subject and inbox private
-        await self.js._nc.publish(psub._nms, json.dumps({"batch": want, "no_wait": True})
-                                  .encode(), reply=psub._deliver)
         got: list[Msg] = []
-        while len(got) < want:
-            try:
+        try:
+            await self.js._nc.publish(psub._nms, json.dumps({"batch": want, "no_wait": True})
+                                      .encode(), reply=psub._deliver)
+            while len(got) < want:
                 msg = await psub._sub.next_msg(timeout=self.settings.fetch_timeout_s)
-            except (nats.errors.TimeoutError, TimeoutError):
-                break  # anything arriving later waits in the queue for the next fetch
-            if JetStreamContext.is_status_msg(msg):
-                break  # 404/408: the stream had fewer than it said
-            got.append(msg)
+                if JetStreamContext.is_status_msg(msg):
+                    break  # 404/408: the stream had fewer than it said
+                got.append(msg)
+        except (nats.errors.TimeoutError, TimeoutError):
+            pass  # anything arriving later waits in the inbox for the next fetch
+        except TRANSIENT_NATS_OR_CLOSED as exc:  # what came is handled; the rest redelivered
+            log.info("%s: top-up pull interrupted (%r)", self.sub.durable, exc)
         return got
 
     async def _watchdog(self) -> None:
