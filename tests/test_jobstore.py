@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -46,7 +47,7 @@ async def test_publish_repeats_with_one_message_id_are_stored_once(make_settings
         assert again.duplicate and again.seq == first.seq
 
 
-async def test_a_replayed_lease_write_is_the_stored_record(make_settings):  # type: ignore[no-untyped-def]
+async def test_a_replayed_lease_write_is_the_stored_record(make_settings: Any) -> None:
     """What the conductor does with a worker's ``taken`` hint: two stores on one bucket
     stand for two processes. The worker's store takes the lease; the conductor's store,
     knowing only the revision it wrote, replays that write and gets the stored record byte
@@ -57,6 +58,7 @@ async def test_a_replayed_lease_write_is_the_stored_record(make_settings):  # ty
     from shared.jobstore import JobStore, _encoder
 
     async with running(make_settings(), []) as rt:
+        assert rt.services is not None
         conductor = rt.services.jobs
         worker = JobStore(conductor.kv)
         record = JobRecord(job_id="jtaken", tenant="default",
@@ -88,12 +90,13 @@ async def test_a_replayed_lease_write_is_the_stored_record(make_settings):  # ty
         assert (await worker.get("jtaken")).steps["a"].status == StepStatus.DONE
 
 
-async def test_a_stale_known_record_is_reread_not_overwritten(make_settings):  # type: ignore[no-untyped-def]
+async def test_a_stale_known_record_is_reread_not_overwritten(make_settings: Any) -> None:
     """A record known from an older revision loses its compare-and-set and is re-read,
     and a "no change" decided on it is confirmed on the latest record."""
     from shared.jobstore import JobStore
 
     async with running(make_settings(), []) as rt:
+        assert rt.services is not None
         mine = rt.services.jobs
         other = JobStore(mine.kv)
         revision = await mine.create(JobRecord(job_id="jstale", tenant="default",

@@ -253,7 +253,7 @@ async def test_sigterm_stops_a_process_that_cannot_reach_nats(make_settings, tmp
         await workers.stop_all(grace_s=5)
 
 
-async def test_a_loop_with_free_slots_takes_waiting_work_in_one_pull(make_settings):  # type: ignore[no-untyped-def]
+async def test_a_loop_with_free_slots_takes_waiting_work_in_one_pull(make_settings: Any) -> None:
     """Six tasks wait in the stream; a loop with eight free slots gets the first by its
     usual one-message pull, learns from it that five more wait, and takes them in one more
     pull (``no_wait``) instead of five."""
@@ -268,6 +268,7 @@ async def test_a_loop_with_free_slots_takes_waiting_work_in_one_pull(make_settin
             await publish(rt, task(f"tu{i}", "block"))
 
         async def waiting() -> bool:
+            assert rt.services is not None
             info = await rt.services.bus.js.consumer_info(rt.names.stages_stream, "stage-toy")
             return info.num_pending == 6
 
