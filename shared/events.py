@@ -134,6 +134,16 @@ class CheckResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     """Which part of an expanded step it checked (only in the step's joined list)."""
 
 
+class Taken(msgspec.Struct, kw_only=True, frozen=True):
+    """Where the worker's lease write (``jobstate.mark_running`` at clock ``at``) put the
+    job record: applied to revision ``base``, stored as ``revision``. The conductor, if it
+    knows revision ``base``, replays that write and applies the result without a read."""
+
+    base: int
+    revision: int
+    at: float
+
+
 class StageComplete(Event, tag="stage.complete", kw_only=True, frozen=True):
     """A step attempt finished (``error`` set when it failed for good)."""
 
@@ -154,6 +164,8 @@ class StageComplete(Event, tag="stage.complete", kw_only=True, frozen=True):
     delivery: int = 0
     """Delivery number of the task message this result came from (0: unknown). A result
     from a delivery older than the one holding the step's lease is discarded."""
+    taken: Taken | None = None
+    """The worker's lease write, when it made one (a hint: the result is fenced anyway)."""
 
 
 class JobCancel(Event, tag="job.cancel", kw_only=True, frozen=True):

@@ -395,15 +395,18 @@ def holds_lease(record: JobRecord, step: str, attempt: int, part: int | None,
 
 
 def mark_running(record: JobRecord, step: str, attempt: int, part: int | None = None,
-              delivery: int = 0) -> bool:
+                 delivery: int = 0, now: float | None = None) -> bool:
     """Transition: a worker took the task (delivery ``delivery`` of its message); the first
     task to start makes a queued job running. False (and no change) when the attempt is
-    stale, a later delivery already took it, or the job is being cancelled."""
+    stale, a later delivery already took it, or the job is being cancelled.
+
+    ``now`` is the clock to record (default: now): the worker passes it on in its result
+    (``StageComplete.taken``), so the conductor can replay this write exactly."""
     if record.status == JobStatus.CANCELLING:
         return False
     if not holds_lease(record, step, attempt, part, delivery):
         return False
-    now = time.time()
+    now = time.time() if now is None else now
     state = record.steps[step]
     unit = _unit(record, step, part)
     assert unit is not None

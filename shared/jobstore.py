@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from functools import partial
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import msgspec
 from nats.js.errors import (
@@ -28,13 +29,15 @@ from shared.errors import ErrorCode, JetcutError
 from shared.jobstate import JobRecord
 from shared.retry import ride_out
 
-__all__ = ["JobNotFound", "JobStore", "NoChange"]
+__all__ = ["JobNotFound", "JobStore", "NoChange", "Written"]
 
 T = TypeVar("T")
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(JobRecord)
 MAX_CAS_ATTEMPTS = 64
+RECENT_RECORDS = 1024
+"""Records a process keeps with their revision (a few KB each): the jobs it works on now."""
 
 
 class JobNotFound(JetcutError):
@@ -50,9 +53,58 @@ class NoChange(Exception):
     """Raised by a mutation to leave the record as it is (skips the write)."""
 
 
+class Written(NamedTuple):
+    """Where a compare-and-set write put a record: it was applied to revision ``base`` and
+    stored as ``revision``."""
+
+    base: int
+    revision: int
+
+
 class JobStore:
-    def __init__(self, kv: KeyValue) -> None:
+    """Job records by compare-and-set, with the latest records this process read or wrote.
+
+    The recent records (a bounded LRU of encoded value and revision) let a writer that knows
+    which revision is current skip the read before its write: see :meth:`recent`.
+    """
+
+    def __init__(self, kv: KeyValue, *, recent: int = RECENT_RECORDS) -> None:
         self.kv = kv
+        self._recent: OrderedDict[str, tuple[bytes, int]] = OrderedDict()
+        self._recent_max = recent
+
+    def _remember(self, job_id: str, data: bytes, revision: int) -> None:
+        known = self._recent.get(job_id)
+        if known is not None and known[1] > revision:
+            return  # a later revision is known already (concurrent tasks of one process)
+        self._recent[job_id] = (data, revision)
+        self._recent.move_to_end(job_id)
+        if len(self._recent) > self._recent_max:
+            self._recent.popitem(last=False)
+
+    def recent(self, job_id: str, revision: int, *, base: int | None = None,
+               replay: Callable[[JobRecord], object] | None = None,
+               ) -> tuple[JobRecord, int] | None:
+        """The record at ``revision`` without reading it, when this process knows it.
+
+        Known when this process read or wrote that revision itself, or when it knows
+        revision ``base`` and ``replay`` is the one transition another process applied to
+        ``base`` to write ``revision`` (deterministic: it gets the writer's clock): a
+        revision is one write of one key, so the content is exactly that. None otherwise.
+        A caller writes the result with compare-and-set, so a record changed since is
+        re-read then (``update``), never overwritten.
+        """
+        known = self._recent.get(job_id)
+        if known is None:
+            return None
+        data, at = known
+        if at == revision:
+            return _decoder.decode(data), revision
+        if at == base and replay is not None:
+            record = _decoder.decode(data)
+            if replay(record):
+                return record, revision
+        return None
 
     async def get(self, job_id: str) -> JobRecord:
         record, _ = await self.get_with_revision(job_id)
@@ -65,19 +117,22 @@ class JobStore:
             raise JobNotFound(job_id) from exc
         if entry.value is None or entry.revision is None:
             raise JobNotFound(job_id)
+        self._remember(job_id, entry.value, entry.revision)
         return _decoder.decode(entry.value), entry.revision
 
     async def create(self, record: JobRecord) -> int | None:
         """Store a new record; its revision, or None when the job already exists."""
         try:
             data = _encoder.encode(record)
-            return int(await ride_out(lambda: self.kv.create(record.job_id, data)))
+            revision = int(await ride_out(lambda: self.kv.create(record.job_id, data)))
         except KeyWrongLastSequenceError:
             return None
+        self._remember(record.job_id, data, revision)
+        return revision
 
     async def apply(
         self, job_id: str, transition: Callable[[JobRecord], T | None],
-        current: tuple[JobRecord, int] | None = None,
+        current: tuple[JobRecord, int] | None = None, *, fresh: bool = True,
     ) -> tuple[JobRecord, T | None]:
         """Apply one of ``shared.jobstate``'s named transitions to the latest record.
 
@@ -88,6 +143,14 @@ class JobStore:
         Raises:
             JobNotFound: no such job.
         """
+        record, result, _ = await self.apply_written(job_id, transition, current, fresh=fresh)
+        return record, result
+
+    async def apply_written(
+        self, job_id: str, transition: Callable[[JobRecord], T | None],
+        current: tuple[JobRecord, int] | None = None, *, fresh: bool = True,
+    ) -> tuple[JobRecord, T | None, Written | None]:
+        """:meth:`apply`, also saying where the write put the record (None: no write)."""
 
         def mutate(record: JobRecord) -> T:
             result = transition(record)
@@ -95,43 +158,56 @@ class JobStore:
                 raise NoChange
             return result
 
-        return await self.update(job_id, mutate, current)
+        return await self._update(job_id, mutate, current, fresh=fresh)
 
     async def update(
         self, job_id: str, mutate: Callable[[JobRecord], T],
-        current: tuple[JobRecord, int] | None = None,
+        current: tuple[JobRecord, int] | None = None, *, fresh: bool = True,
     ) -> tuple[JobRecord, T | None]:
         """Apply ``mutate`` to the latest record and write it back with compare-and-set.
 
         ``mutate`` may raise ``NoChange`` to skip the write; the result is then ``None``.
-        ``current`` is a (record, revision) the caller just read: the first try uses it
-        instead of reading again (if it is stale, the write loses and the loop re-reads).
-        The record passed in is mutated in place.
+        ``current`` is a (record, revision) the caller knows: the first try uses it instead
+        of reading (if it is stale, the write loses and the loop re-reads). ``fresh=False``
+        says it may be stale (from :meth:`recent`): a ``NoChange`` on it is then confirmed on
+        a record read afresh. The record passed in is mutated in place.
 
         Raises:
             JobNotFound: no such job.
         """
+        record, result, _ = await self._update(job_id, mutate, current, fresh=fresh)
+        return record, result
+
+    async def _update(
+        self, job_id: str, mutate: Callable[[JobRecord], T],
+        current: tuple[JobRecord, int] | None, *, fresh: bool,
+    ) -> tuple[JobRecord, T | None, Written | None]:
         for attempt in range(MAX_CAS_ATTEMPTS):
             if current is not None:
                 (record, revision), current = current, None
+                read = fresh
             else:
                 record, revision = await self.get_with_revision(job_id)
+                read = True
             try:
                 result = mutate(record)
             except NoChange:
-                return record, None
+                if not read:
+                    continue  # decided on a record that may be stale: decide on the latest
+                return record, None, None
+            data = _encoder.encode(record)
             try:
-                await ride_out(
-                    partial(self.kv.update, job_id, _encoder.encode(record), last=revision)
-                )
+                stored = await ride_out(partial(self.kv.update, job_id, data, last=revision))
             except KeyWrongLastSequenceError:
                 # Lost the race: back off a little (jittered) and re-apply to the new revision.
                 await asyncio.sleep(random.random() * 0.005 * (attempt + 1))
                 continue
-            return record, result
+            self._remember(job_id, data, int(stored))
+            return record, result, Written(base=revision, revision=int(stored))
         raise JetcutError(f"job {job_id}: too much contention on the job record")
 
     async def delete(self, job_id: str) -> None:
+        self._recent.pop(job_id, None)
         await self.kv.delete(job_id)
 
     async def remove(self, job_id: str, revision: int) -> bool:
@@ -141,6 +217,7 @@ class JobStore:
         meanwhile) is kept, and False tells the caller to re-read and decide again.
         """
         try:
+            self._recent.pop(job_id, None)
             await self.kv.delete(job_id, last=revision)
         except APIError as exc:
             if exc.err_code in (10071, 10164):  # wrong last sequence: changed since read

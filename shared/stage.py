@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import mimetypes
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -36,7 +37,15 @@ from shared.errors import (
     PermanentError,
     error_info,
 )
-from shared.events import CheckResult, ErrorInfo, JobEvent, StageComplete, StageTask, TaskInput
+from shared.events import (
+    CheckResult,
+    ErrorInfo,
+    JobEvent,
+    StageComplete,
+    StageTask,
+    Taken,
+    TaskInput,
+)
 from shared.function import Context, Function, Services
 from shared.jobstate import (
     JobRecord,
@@ -223,12 +232,20 @@ _manifest_decoder = msgspec.json.Decoder(Manifest)
 
 
 def stage(name: str, handler: StageHandler[P], *, doc: str = "",
-          concurrency: int | None = None) -> Function:
-    """Build the function that serves ``stages.<name>`` with ``handler``."""
+          concurrency: int | None = None, files: bool = True) -> Function:
+    """Build the function that serves ``stages.<name>`` with ``handler``.
+
+    Args:
+        files: False for a stage that reads no input file and writes no output (``noop``):
+            its tasks get no work dir and no downloads, and write no manifest, since there
+            is nothing to checkpoint or to upload (re-running one is as cheap as reading a
+            checkpoint). The fence still holds: the conductor applies a result only from the
+            delivery that holds the lease (``jobstate.complete``).
+    """
     fn = Function(name=name, doc=doc)
 
     async def on_task(task: StageTask, ctx: Context) -> None:
-        await run_task(name, handler, task, ctx)
+        await run_task(name, handler, task, ctx, files=files)
 
     async def on_failure(task: StageTask, error: ErrorInfo, ctx: Context) -> None:
         await report(ctx.services, task, error=error, delivery=ctx.delivery.number)
@@ -242,7 +259,7 @@ async def report(
     services: Services, task: StageTask, *, outputs: dict[str, str] | None = None,
     meta: dict[str, Any] | None = None, error: ErrorInfo | None = None, elapsed_s: float = 0.0,
     from_checkpoint: bool = False, skipped: str | None = None, delivery: int = 0,
-    checks: list[CheckResult] | None = None,
+    checks: list[CheckResult] | None = None, taken: Taken | None = None,
 ) -> None:
     """Publish the task's result. The message id carries the delivery, so a superseded
     delivery's (refused) result can never shadow the current one's through deduplication."""
@@ -250,13 +267,14 @@ async def report(
         job_id=task.job_id, tenant=task.tenant, step=task.step, attempt=task.attempt,
         part=task.part, outputs=outputs or {}, meta=meta or {}, error=error,
         skipped=skipped, elapsed_s=elapsed_s, from_checkpoint=from_checkpoint,
-        delivery=delivery, checks=checks or [],
+        delivery=delivery, checks=checks or [], taken=taken,
     )
     await services.bus.publish(services.names.stage_complete, done,
                                msg_id=msgids.completion(task.task_id, delivery))
 
 
-async def run_task(name: str, handler: StageHandler[P], task: StageTask, ctx: Context) -> None:
+async def run_task(name: str, handler: StageHandler[P], task: StageTask, ctx: Context, *,
+                   files: bool = True) -> None:
     services = ctx.services
     log_ = ctx.log
     delivery = ctx.delivery.number
@@ -274,7 +292,7 @@ async def run_task(name: str, handler: StageHandler[P], task: StageTask, ctx: Co
         await report(services, task, error=CANCELLED, delivery=delivery)
         return
 
-    checkpoint = await _read_manifest(services, task)
+    checkpoint = await _read_manifest(services, task) if files else None
     if checkpoint is not None:
         log_.info("%s done before (checkpoint); not re-running", task.task_id)
         await report(services, task, outputs=checkpoint.outputs, meta=checkpoint.meta,
@@ -284,11 +302,12 @@ async def run_task(name: str, handler: StageHandler[P], task: StageTask, ctx: Co
         return
 
     was = record.status
-    record, took = await services.jobs.apply(
+    at = time.time()
+    record, took, written = await services.jobs.apply_written(
         task.job_id, partial(mark_running, step=task.step, attempt=task.attempt,
-                             part=task.part, delivery=delivery),
+                             part=task.part, delivery=delivery, now=at),
         current=(record, revision))
-    if not took:
+    if not took or written is None:
         log_.info("task %s became stale; dropped", task.task_id)
         return
     if was == JobStatus.QUEUED and record.status == JobStatus.RUNNING:
@@ -301,10 +320,15 @@ async def run_task(name: str, handler: StageHandler[P], task: StageTask, ctx: Co
         raise PermanentError(ErrorCode.INVALID_RECIPE, f"step {task.step!r}: {exc}") from exc
 
     with services.cancels.watch(task.job_id) as cancelled:
-        lease = Lease(services, task, delivery, cancelled)
+        lease = Lease(services, task, delivery, cancelled,
+                      taken=Taken(base=written.base, revision=written.revision, at=at))
         try:
             async with lease.kept():
-                await _execute(name, handler, task, services, params, cancelled, lease)
+                if files:
+                    await _execute(name, handler, task, services, params, cancelled, lease)
+                else:
+                    await _execute_fileless(name, handler, task, services, params, cancelled,
+                                            lease)
         except LeaseLost as exc:
             # Another delivery of this task took over: it reports; nothing was uploaded.
             log_.info("%s stopped (%s): %s", task.task_id, exc.code, exc.message)
@@ -354,10 +378,12 @@ class Lease:
     """
 
     def __init__(self, services: Services, task: StageTask, delivery: int,
-                 cancelled: asyncio.Event) -> None:
+                 cancelled: asyncio.Event, taken: Taken | None = None) -> None:
         self.services = services
         self.task = task
         self.delivery = delivery
+        self.taken = taken
+        """Where this delivery's lease write put the record (passed on in its result)."""
         self.cancelled = cancelled
         self.lost: str | None = None
         """Why this delivery lost the task (None: it holds it, or the job was cancelled)."""
@@ -462,7 +488,38 @@ async def _execute(name: str, handler: StageHandler[P], task: StageTask, service
                                    msgspec.json.encode(manifest), "application/json")
     services.telemetry.step_seconds.labels(name).observe(elapsed)
     await report(services, task, outputs=outputs, meta=result.meta, skipped=result.skipped,
-                 elapsed_s=round(elapsed, 3), delivery=lease.delivery, checks=checks)
+                 elapsed_s=round(elapsed, 3), delivery=lease.delivery, checks=checks,
+                 taken=lease.taken)
+
+
+async def _execute_fileless(name: str, handler: StageHandler[P], task: StageTask,
+                            services: Services, params: Params, cancelled: asyncio.Event,
+                            lease: Lease) -> None:
+    """Run a stage declared ``files=False``: no work dir, no downloads, no manifest, and no
+    lease read before reporting, since nothing is uploaded that a stale delivery could
+    overwrite; the conductor refuses a stale delivery's result by its lease."""
+    started = time.monotonic()
+    # The work root stands in for the private dir this stage does not get (never written).
+    root = Path(services.settings.work_dir or tempfile.gettempdir())
+    sctx: StageContext[Any] = StageContext(
+        task=task, params=params, workdir=root, services=services,
+        progress=_progress_reporter(services, task), cancel=cancelled,
+    )
+    for item in task.inputs:
+        sctx.meta[item.ref] = item.meta
+    try:
+        result = await handler(task, sctx)
+    except Cancelled:
+        raise lease.error() from None
+    if result.files:
+        raise PermanentError(ErrorCode.INTERNAL, f"stage {name!r} is declared without files "
+                             f"but returned {sorted(result.files)}")
+    if cancelled.is_set():
+        raise lease.error()
+    elapsed = round(time.monotonic() - started, 3)
+    services.telemetry.step_seconds.labels(name).observe(elapsed)
+    await report(services, task, meta=result.meta, skipped=result.skipped, elapsed_s=elapsed,
+                 delivery=lease.delivery, taken=lease.taken)
 
 
 def _redact(exc: JetcutError, prefix: str) -> None:

@@ -251,3 +251,38 @@ async def test_sigterm_stops_a_process_that_cannot_reach_nats(make_settings, tmp
         assert await asyncio.wait_for(proc.wait(), 15) == 0
     finally:
         await workers.stop_all(grace_s=5)
+
+
+async def test_a_loop_with_free_slots_takes_waiting_work_in_one_pull(make_settings: Any) -> None:
+    """Six tasks wait in the stream; a loop with eight free slots gets the first by its
+    usual one-message pull, learns from it that five more wait, and takes them in one more
+    pull (``no_wait``) instead of five."""
+    from loadtests.roundtrips import counting
+
+    settings = make_settings()
+    probe = Probe()
+    async with running(settings, [toy_function(probe, concurrency=8)]):
+        pass  # provisions the stream and the durable consumer, then stops serving
+    async with running(settings, []) as rt:
+        for i in range(6):
+            await publish(rt, task(f"tu{i}", "block"))
+
+        async def waiting() -> bool:
+            assert rt.services is not None
+            info = await rt.services.bus.js.consumer_info(rt.names.stages_stream, "stage-toy")
+            return info.num_pending == 6
+
+        await eventually(waiting, timeout=10, what="the consumer to count all six tasks")
+        with counting() as counts:
+            async with running(settings, [toy_function(probe, concurrency=8)], name="w"):
+                for i in range(6):
+                    await asyncio.wait_for(probe.started[f"tu{i}"].wait(), 10)
+                pulls = counts["fetch"]
+                probe.release.set()
+                for i in range(6):
+                    await asyncio.wait_for(probe.done[f"tu{i}"].wait(), 10)
+        assert await settled(rt) == (0, 0)
+    # Two pulls brought the six (one at a time would take six); a third may be the loop's
+    # next wait for work, issued as soon as the six were in hand.
+    assert pulls <= 3
+    assert probe.max_active == 6

@@ -22,8 +22,9 @@ Emits:
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
 
 from shared import announce, msgids
@@ -57,6 +58,7 @@ from shared.jobstate import (
     diff_plan,
     input_ref_index,
     live_tasks,
+    mark_running,
     redrive,
     replan_job,
     retry_job,
@@ -87,14 +89,17 @@ async def on_submit(event: JobSubmit, ctx: Context) -> None:
         check_token("job id", job_id)
     except ValueError as exc:
         raise PermanentError(ErrorCode.INVALID_EVENT, str(exc)) from exc
-    fresh = job_record(event, job_id)  # the submitter's record, unless it made none
-    revision = await services.jobs.create(fresh)
     error = await _check_job(event, ctx)
     steps = None if error is not None else resolve(
         event.recipe, event.steps, event.params, len(event.inputs))
-    record, started = await services.jobs.apply(
-        job_id, partial(start_job, steps=steps, error=error),
-        current=(fresh, revision) if revision is not None else None)
+    # A submitter that made no record (ingest, a service publishing JobSubmit) gets it
+    # created already planned: one write. Otherwise (the gateway made it, or this is a
+    # redelivery) the existing record is planned by compare-and-set.
+    record = job_record(event, job_id)
+    started: bool | None = start_job(record, steps=steps, error=error)
+    if await services.jobs.create(record) is None:
+        record, started = await services.jobs.apply(
+            job_id, partial(start_job, steps=steps, error=error))
     # Publish every ready step, not only new ones: a redelivered submit (conductor crashed
     # after the KV write) re-drives them, and the message ids make repeats no-ops.
     await _publish_ready(record, ctx)
@@ -118,7 +123,8 @@ async def _check_job(event: JobSubmit, ctx: Context) -> ErrorInfo | None:
                     durable="conductor-complete", concurrency=32)
 async def on_complete(event: StageComplete, ctx: Context) -> None:
     services = ctx.services
-    record, done = await services.jobs.apply(event.job_id, partial(complete, done=event))
+    record, done = await services.jobs.apply(event.job_id, partial(complete, done=event),
+                                             _known(event, ctx), fresh=False)
     if done is None:
         if already_applied(record, event):
             # A redelivered completion we already applied: we may have crashed before
@@ -138,6 +144,20 @@ async def on_complete(event: StageComplete, ctx: Context) -> None:
     if done.status_changed:
         await _remove_unfinished(record, ctx)
         await _announce(record, ctx, changed=True)
+
+
+def _known(event: StageComplete, ctx: Context) -> tuple[JobRecord, int] | None:
+    """The record as the worker's lease write left it, if this process knows it without a
+    read: it wrote or read that revision (the task's dispatch, usually), and replays the
+    worker's ``mark_running``. The write that follows is a compare-and-set on it, so a
+    record changed since (progress, another step) costs one lost write and a read."""
+    taken = event.taken
+    if taken is None:
+        return None
+    return ctx.services.jobs.recent(
+        event.job_id, taken.revision, base=taken.base,
+        replay=partial(mark_running, step=event.step, attempt=event.attempt, part=event.part,
+                       delivery=event.delivery, now=taken.at))
 
 
 @function.subscribe("jobs", lambda n: n.cancel, JobCancel, durable="conductor-cancel",
@@ -258,13 +278,26 @@ async def _publish_ready(record: JobRecord, ctx: Context) -> None:
 
 
 async def _publish(record: JobRecord, ctx: Context, tasks: list[tuple[str, int | None]]) -> None:
-    if record.terminal:
+    """Publish ``tasks`` at once, each still awaiting its own PubAck: a fan-out of N parts
+    costs one round trip of wall time, not N. If any publish fails, the message is
+    redelivered and all are published again (their ids make repeats no-ops)."""
+    if record.terminal or not tasks:
         return
-    for step_name, part in tasks:
-        predicted = await task_prediction(ctx.services.costs, record, step_name, part)
-        task = _task(record, step_name, part, ctx, predicted)
-        await ctx.services.bus.publish(ctx.services.names.stage(task.stage), task,
-                                       msg_id=task.task_id)
+    bus, names = ctx.services.bus, ctx.services.names
+    built = [_task(record, step_name, part, ctx,
+                   await task_prediction(ctx.services.costs, record, step_name, part))
+             for step_name, part in tasks]
+    await _all(bus.publish(names.stage(task.stage), task, msg_id=task.task_id)
+               for task in built)
+
+
+async def _all(publishes: Iterable[Awaitable[object]]) -> None:
+    """Await every publish, and all of them even when one fails (so none is left running
+    unobserved), then raise the first failure."""
+    results = await asyncio.gather(*publishes, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
 
 
 def _task(record: JobRecord, step_name: str, part: int | None, ctx: Context,
@@ -323,17 +356,19 @@ async def _announce(record: JobRecord, ctx: Context, *, changed: bool) -> None:
     Repeats (a redelivered message) announce again, harmlessly; only the write that made
     the job terminal counts it, so the metric never counts a job twice.
     """
-    await announce.status(ctx.services.bus, record)
     if changed and record.terminal:
         ctx.services.telemetry.jobs.labels(record.recipe or "inline", record.status).inc()
+    publishes: list[Awaitable[object]] = [announce.status(ctx.services.bus, record)]
     if record.status == JobStatus.SUCCEEDED:
         # Repeats included: a conductor that crashed after the write that made the job
         # succeed hears of it again only as a redelivery (changed=False). The message id
-        # dedups, and the janitor's cleanup is idempotent anyway.
-        await ctx.services.bus.publish(
+        # dedups, and the janitor's cleanup is idempotent anyway. Independent of the
+        # announcement, so both are in flight at once.
+        publishes.append(ctx.services.bus.publish(
             ctx.services.names.cleanup,
             JobCleanup(job_id=record.job_id, tenant=record.tenant, keep_outputs=True),
             msg_id=msgids.cleanup(record.job_id),
-        )
+        ))
+    await _all(publishes)
 
 

@@ -1,9 +1,10 @@
 """noop — succeeds without touching media.
 
 Consumes: stages.noop  StageTask
-Does:     nothing; the step still goes through the whole runtime (fence, checkpoint
-          manifest, completion), so a pipeline of noop steps measures jetcut's own overhead
-          and makes a cheap canary job for health checks.
+Does:     nothing; the step still goes through the whole runtime (lease, fence,
+          completion; being declared without files, it has no work dir and no manifest), so
+          a pipeline of noop steps measures jetcut's own overhead and makes a cheap canary
+          job for health checks.
 Emits:    jobs.stage.complete with meta {"noop": true}
 """
 
@@ -18,4 +19,4 @@ async def handle(task: StageTask, ctx: StageContext[NoopParams]) -> StageResult:
     return StageResult(meta={"noop": True})
 
 
-function = stage("noop", handle, doc=__doc__ or "", concurrency=32)
+function = stage("noop", handle, doc=__doc__ or "", concurrency=32, files=False)
