@@ -32,6 +32,7 @@ from typing import Any
 import httpx
 import msgspec
 import nats.errors
+from nats.aio.client import Client as NATS
 
 from loadtests.procs import Workers
 from shared.events import InputRef, JobEvent, JobSubmit, StageComplete, StepSpec, decode
@@ -42,6 +43,7 @@ from shared.jobstore import JobNotFound
 from shared.natsserver import free_port
 from shared.runtime import Runtime
 from shared.settings import Settings
+from shared.subjects import Names
 
 PIPELINE = {
     "a": StepSpec(stage="noop", uses=[":input"]),
@@ -151,6 +153,16 @@ class Fleet:
             out[key] = out.get(key, 0.0) + float(match["value"])
         return out
 
+    @property
+    def names(self) -> Names:
+        return self._services().names
+
+    @property
+    def nc(self) -> NATS:
+        """The client's own NATS connection (for admin requests such as leader moves)."""
+        assert self.client.nc is not None
+        return self.client.nc
+
     def dead(self) -> list[str]:
         """Processes of the fleet that exited (they should serve until stopped)."""
         return [n for n, p in self.workers.procs.items() if p.returncode is not None]
@@ -169,11 +181,13 @@ class Fleet:
                 out[name] = (int(stat[11]) + int(stat[12])) / ticks
         return out
 
-    async def run_batch(self, n: int, *, timeout_s: float) -> Batch:
-        """Submit ``n`` jobs of :data:`PIPELINE` (64 in flight) and wait until every one is
-        terminal or ``timeout_s`` passes; the clock runs from the first submit to the last
-        terminal record, as a KV watch sees them."""
-        return await submit_and_watch(self._services(), self.inputs, n, timeout_s=timeout_s)
+    async def run_batch(self, n: int, *, timeout_s: float,
+                        job_ids: list[str] | None = None) -> Batch:
+        """Submit ``n`` jobs of :data:`PIPELINE` (64 in flight; ``job_ids`` if given) and
+        wait until every one is terminal or ``timeout_s`` passes; the clock runs from the
+        first submit to the last terminal record, as a KV watch sees them."""
+        return await submit_and_watch(self._services(), self.inputs, n, timeout_s=timeout_s,
+                                      job_ids=job_ids)
 
     async def audit(self, job_ids: Iterable[str]) -> Audit:
         return await audit(self._services(), job_ids)
@@ -184,9 +198,10 @@ class Fleet:
 
 
 async def submit_and_watch(services: Services, inputs: list[InputRef], n: int, *,
-                           timeout_s: float) -> Batch:
+                           timeout_s: float, job_ids: list[str] | None = None) -> Batch:
     """Publish ``n`` ``JobSubmit`` events and watch the jobs bucket until all are terminal."""
-    job_ids = [new_job_id() for _ in range(n)]
+    job_ids = job_ids if job_ids is not None else [new_job_id() for _ in range(n)]
+    n = len(job_ids)
     wanted = set(job_ids)
     finished: dict[str, _Status] = {}
     all_done = asyncio.Event()
