@@ -103,34 +103,48 @@ async def _client_async(kind: str, urls: str, target: str, index: int, seconds: 
         await nc.close()
 
 
-async def _provision(urls: str, replicas: int) -> None:
+async def _provision(urls: str, replicas: int, prefix: str, parts: int,
+                     leaders: list[str] | None) -> None:
+    """``parts`` KV buckets and streams; with ``leaders``, partition i's on ``leaders[i]``."""
     import nats
     from nats.js import api
+
+    from tests.support.natscluster import lead_on
 
     nc = await nats.connect(urls.split(","), name="ceiling-setup")
     try:
         js = nc.jetstream(timeout=10.0)
-        await js.create_key_value(api.KeyValueConfig(
-            bucket="ceiling", history=5, storage=api.StorageType.FILE, replicas=replicas))
-        await js.add_stream(api.StreamConfig(
-            name="CEILING", subjects=["ceiling.>"], storage=api.StorageType.FILE,
-            num_replicas=replicas, duplicate_window=120.0,
-            retention=api.RetentionPolicy.LIMITS))
+        for part in range(parts):
+            bucket, stream = f"{prefix}{part}", f"{prefix.upper()}{part}"
+            await js.create_key_value(api.KeyValueConfig(
+                bucket=bucket, history=5, storage=api.StorageType.FILE, replicas=replicas))
+            await js.add_stream(api.StreamConfig(
+                name=stream, subjects=[f"{stream.lower()}.>"], storage=api.StorageType.FILE,
+                num_replicas=replicas, duplicate_window=120.0,
+                retention=api.RetentionPolicy.LIMITS))
+            if leaders:
+                await lead_on(nc, f"KV_{bucket}", leaders[part])
+                await lead_on(nc, stream, leaders[part])
     finally:
         await nc.close()
 
 
-def measure(urls: str, topology: str, replicas: int, *, seconds: float,
-            processes: int = CLIENT_PROCESSES, in_flight: int = IN_FLIGHT) -> list[Ceiling]:
-    """The KV CAS and the stream PubAck ceilings on the servers at ``urls``."""
-    asyncio.run(_provision(urls, replicas))
+def measure(urls: str, topology: str, replicas: int, *, seconds: float, parts: int = 1,
+            leaders: list[str] | None = None, processes: int = CLIENT_PROCESSES,
+            in_flight: int = IN_FLIGHT) -> list[Ceiling]:
+    """The KV CAS and the stream PubAck ceilings on the servers at ``urls``: of one bucket
+    and one stream, or of ``parts`` of each (client process i loads partition i % parts)."""
+    prefix = f"ceil{parts}p"
+    asyncio.run(_provision(urls, replicas, prefix, parts, leaders))
     out = []
     context = multiprocessing.get_context("spawn")  # no inherited event loop or sockets
     with ProcessPoolExecutor(processes, mp_context=context) as pool:
-        for kind, target, what in (("kv", "ceiling", "KV compare-and-set writes"),
-                                   ("stream", "CEILING", "stream publishes with PubAck")):
+        for kind, what in (("kv", "KV compare-and-set writes"),
+                           ("stream", "stream publishes with PubAck")):
+            targets = [f"{prefix}{i % parts}" if kind == "kv" else f"{prefix.upper()}{i % parts}"
+                       for i in range(processes)]
             results = list(pool.map(_client, [kind] * processes, [urls] * processes,
-                                    [target] * processes, range(processes),
+                                    targets, range(processes),
                                     [seconds] * processes, [in_flight] * processes))
             ops = sum(r[0] for r in results)
             errors = sum(r[1] for r in results)
@@ -152,7 +166,10 @@ def measure_all(work: Path, *, seconds: float) -> list[Ceiling]:
         out += measure(server.url, "single server, R1", 1, seconds=seconds)
     say("ceilings: 3-node loopback cluster (R3)")
     with NatsCluster(work / "cluster") as cluster:
-        out += measure(cluster.urls, "3-node cluster, R3", 3, seconds=seconds)
+        out += measure(cluster.urls, "3-node cluster, R3", 3, seconds=seconds,
+                       leaders=cluster.names[:1])
+        out += measure(cluster.urls, "3-node cluster, R3, 2 partitions (leaders n1, n2)", 3,
+                       seconds=seconds, parts=2, leaders=cluster.names[:2])
     return out
 
 
@@ -182,7 +199,9 @@ def report(ceilings: list[Ceiling], partitions: dict[str, Any] | None, *, quick:
         "",
         "KV writes: `kv.update(key, 1 KiB, last=revision)`, every writer on its own keys (the "
         "bucket's ceiling, not a race's). Publishes: `js.publish` of 512 B with a "
-        "`Nats-Msg-Id`, each awaiting its PubAck.",
+        "`Nats-Msg-Id`, each awaiting its PubAck. With 2 partitions, each client process "
+        "loads its own bucket and stream, whose leaders sit on different nodes; the figure "
+        "is the sum.",
         "",
     ]
     if partitions is not None:
