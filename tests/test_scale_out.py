@@ -12,21 +12,25 @@ matches exactly one stored completion of its (attempt, delivery).
 
 from __future__ import annotations
 
+import hashlib
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from loadtests.fleet import PIPELINE, Fleet
+from shared.partitions import partition_of
 from tests.support.waiting import eventually
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 JOBS = 300
 CONDUCTORS = 2
 WORKERS = 2
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)
 async def test_two_conductors_and_two_workers_race_on_300_jobs_without_loss_or_doubles(
     make_settings: Any, tmp_path: Path,
 ) -> None:
@@ -69,3 +73,19 @@ async def test_two_conductors_and_two_workers_race_on_300_jobs_without_loss_or_d
     assert sum(submits.values()) == JOBS, handled
     assert sum(completions.values()) == JOBS * len(PIPELINE), handled
     assert sum(tasks.values()) == JOBS * len(PIPELINE), handled
+
+
+def test_partition_of_is_the_documented_hash_and_spreads_jobs_over_every_partition() -> None:
+    parts = ["p0", "p1", "p2"]
+    ids = [f"j{i:05d}" for i in range(3000)]
+    # The contract other services (any language) implement: the first 8 bytes of the
+    # SHA-256 of the job id, big-endian, modulo the number of partitions.
+    for job_id in ids[:200]:
+        expected = int(hashlib.sha256(job_id.encode()).hexdigest()[:16], 16) % len(parts)
+        assert partition_of(job_id, parts) == parts[expected]
+    spread = Counter(partition_of(job_id, parts) for job_id in ids)
+    assert set(spread) == set(parts)
+    assert min(spread.values()) > 800  # 1,000 each on average
+    assert partition_of("abc", ["only"]) == "only"
+    with pytest.raises(ValueError):
+        partition_of("abc", [])
