@@ -146,4 +146,13 @@ def markdown(result: dict[str, Any]) -> list[str]:
            else f"problems: {[s['problems'] for s in result['one'] + result['two']]}"),
         "",
     ]
+    if ratio < 1.05:
+        lines += [
+            "No gain from partitioning the pipeline here: each partition's processes are "
+            "bound by their own fetch round trips and the shared CPU, far below one bucket's "
+            "ceiling (docs/scaling.md, section 2), and a static split lets the busier "
+            "partition set the wall time. The bus figures above show where partitions do "
+            "add capacity.",
+            "",
+        ]
     return lines
