@@ -23,7 +23,6 @@ from loadtests.fleet import PIPELINE, Fleet
 from shared.partitions import partition_of
 from tests.support.waiting import eventually
 
-
 JOBS = 300
 CONDUCTORS = 2
 WORKERS = 2
