@@ -11,8 +11,10 @@ or ``503`` is a backpressure answer: it is counted by status and error code, and
 request (same key) is sent again after its ``Retry-After`` (capped at 2 s), as a careful
 client does. Any other refusal is counted and not retried.
 
-Two phases, one after the other: the no-op jobs (3-step no-op pipeline), then the encodes
-(recipe ``web``: probe, transcode with its output checks, poster). A watch on the jobs KV
+Three phases, one after the other: the no-op jobs (3-step no-op pipeline), the encodes
+(recipe ``web``: probe, transcode with its output checks, poster), then a burst of 1,000
+no-op jobs sent 256 at a time, past the per-address rate limit, so that the gateway's
+backpressure answers are met rather than merely possible. A watch on the jobs KV
 bucket sees every job finish; submit -> done runs from the client's first attempt to the
 record's ``finished_at``. A job the gateway accepted (202) that is not terminal when its
 phase's deadline passes is **lost** (must be 0).
@@ -54,6 +56,9 @@ NOOP_STEPS = {
 PROCESSES = (("gateway", 1), ("conductor", 2), ("noop", 2), ("probe", 1), ("transcode", 1),
              ("thumbnail", 1), ("janitor", 1), ("deadletter", 1))
 IN_FLIGHT = 32
+BURST_IN_FLIGHT = 256
+"""The burst phase's requests in flight: well past the per-address rate limit's burst
+(200), so that the backpressure answers are exercised, not only possible."""
 RETRY_AFTER_CAP_S = 2.0
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
@@ -137,7 +142,8 @@ class Load:
         await asyncio.to_thread(self.server.stop)
 
     async def run_phase(self, client: httpx.AsyncClient, name: str, n: int,
-                        body: dict[str, Any], deadline_s: float) -> Phase:
+                        body: dict[str, Any], deadline_s: float,
+                        in_flight: int = IN_FLIGHT) -> Phase:
         assert self.settings is not None
         phase = Phase(name=name, jobs=n)
         nc = await connect(self.settings, name="load-watch")
@@ -161,7 +167,7 @@ class Load:
                             all_done.set()
 
             watching = asyncio.create_task(watch())
-            gate = asyncio.Semaphore(IN_FLIGHT)
+            gate = asyncio.Semaphore(in_flight)
             started = time.perf_counter()
             stop_at = time.monotonic() + deadline_s
 
@@ -227,7 +233,7 @@ def make_clip(path: Path) -> Path:
     return path
 
 
-async def run_load(root: Path, *, noop: int, encodes: int, recipe: str,
+async def run_load(root: Path, *, noop: int, encodes: int, burst: int, recipe: str,
                    deadline_s: float) -> list[dict[str, Any]]:
     load = Load(root)
     try:
@@ -241,14 +247,15 @@ async def run_load(root: Path, *, noop: int, encodes: int, recipe: str,
             r.raise_for_status()
             upload_id = str(r.json()["upload_id"])
             phases = []
-            for name, n, body in (
-                ("noop", noop, {"steps": NOOP_STEPS, "input": upload_id}),
-                ("encode", encodes, {"recipe": recipe, "input": upload_id}),
+            for name, n, body, in_flight in (
+                ("noop", noop, {"steps": NOOP_STEPS, "input": upload_id}, IN_FLIGHT),
+                ("encode", encodes, {"recipe": recipe, "input": upload_id}, IN_FLIGHT),
+                ("burst", burst, {"steps": NOOP_STEPS, "input": upload_id}, BURST_IN_FLIGHT),
             ):
                 if n <= 0:
                     continue
-                say(f"load: {name} phase, {n} jobs")
-                phase = await load.run_phase(client, name, n, body, deadline_s)
+                say(f"load: {name} phase, {n} jobs, {in_flight} in flight")
+                phase = await load.run_phase(client, name, n, body, deadline_s, in_flight)
                 summary = phase.summary()
                 say(f"  {name}: {summary['succeeded']}/{summary['accepted']} succeeded, "
                     f"{len(summary['lost'])} lost, {summary['jobs_per_s']:.1f} jobs/s")
@@ -288,8 +295,9 @@ def markdown(phases: list[dict[str, Any]], *, args: argparse.Namespace,
         + ", ".join(f"{f} x{c}" for f, c in PROCESSES)
         + "), shipped defaults (rate limits, per-tenant cap, backpressure); one nats-server, "
         "file storage, `sync_interval: always`; local store; loopback only",
-        f"- client: `POST /v1/jobs`, {IN_FLIGHT} in flight, an `Idempotency-Key` each; "
-        f"429/503 retried after `Retry-After` (capped at {RETRY_AFTER_CAP_S:g} s)",
+        f"- client: `POST /v1/jobs`, {IN_FLIGHT} in flight ({BURST_IN_FLIGHT} in the burst "
+        f"phase), an `Idempotency-Key` each; 429/503 retried after `Retry-After` (capped at "
+        f"{RETRY_AFTER_CAP_S:g} s)",
         "",
         "| phase | jobs | accepted | succeeded | failed | lost | jobs/s | p50 | p95 | p99 "
         "(submit -> done) |",
@@ -333,9 +341,13 @@ def _s(value: float | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtests.load", description=__doc__)
-    p.add_argument("--quick", action="store_true", help="300 no-op jobs and 20 encodes")
+    p.add_argument("--quick", action="store_true",
+                   help="300 no-op jobs, 20 encodes, a burst of 300")
     p.add_argument("--noop", type=int, default=None, help="no-op jobs (default 10,000)")
     p.add_argument("--encodes", type=int, default=None, help="encode jobs (default 1,000)")
+    p.add_argument("--burst", type=int, default=None,
+                   help=f"no-op jobs sent {BURST_IN_FLIGHT} at a time after the encodes, to "
+                        "meet the rate limit and the caps (default 1,000; quick 300)")
     p.add_argument("--recipe", default="web", help="recipe of the encode jobs")
     p.add_argument("--deadline", type=float, default=None,
                    help="seconds each phase may take (default 2400; quick 300)")
@@ -343,11 +355,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     noop = args.noop if args.noop is not None else (300 if args.quick else 10_000)
     encodes = args.encodes if args.encodes is not None else (20 if args.quick else 1_000)
+    burst = args.burst if args.burst is not None else (300 if args.quick else 1_000)
     deadline = args.deadline or (300.0 if args.quick else 2400.0)
     began = time.monotonic()
     with temp_dir("load") as root:
-        phases = asyncio.run(run_load(root, noop=noop, encodes=encodes, recipe=args.recipe,
-                                      deadline_s=deadline))
+        phases = asyncio.run(run_load(root, noop=noop, encodes=encodes, burst=burst,
+                                      recipe=args.recipe, deadline_s=deadline))
     text = markdown(phases, args=args, elapsed_s=time.monotonic() - began)
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(text)
