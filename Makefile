@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser tools run test test-fast lint bench chaos matrix schema clean
+.PHONY: install browser tools run test test-fast lint bench chaos load matrix schema clean
 
 install: $(STAMP)
 
@@ -63,6 +63,12 @@ bench: install
 
 chaos: install
 	$(PY) -m loadtests.chaos
+
+# 10,000 no-op jobs and 1,000 tiny real encodes through every function as its own process,
+# gateway HTTP included (loadtests/load.py); bounded, loopback only, stops by itself, and
+# writes loadtests/reports/load-latest.md. `$(PY) -m loadtests.load --quick` for a smoke run.
+load: install
+	$(PY) -m loadtests.load
 
 # Every recipe x every corpus item (tests/support/matrix.py), as real jobs; `make test` runs
 # only the cells each property matters for (tests/test_matrix.py). Writes the committed table.

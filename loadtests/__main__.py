@@ -18,6 +18,7 @@ from loadtests import (
     bench_cost,
     bench_memory,
     bench_render,
+    bench_scale,
     bench_segment,
     bench_triage,
 )
@@ -38,6 +39,7 @@ BENCHMARKS: dict[str, Callable[..., BenchResult]] = {
     bench_segment.NAME: bench_segment.run,
     bench_cost.NAME: bench_cost.run,
     bench_triage.NAME: bench_triage.run,
+    bench_scale.NAME: bench_scale.run,
 }
 
 

@@ -257,3 +257,36 @@ class NatsCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+async def lead_on(nc: Any, stream: str, server_name: str, *, consumer: str | None = None,
+                  timeout: float = CLUSTER_READY_TIMEOUT_S) -> str:
+    """Make ``server_name`` the leader of ``stream`` (or of its ``consumer``): ask the
+    current leader to step down in its favour (nats-server 2.11+ honours a preferred
+    placement), and repeat, plain step-downs included, until it is. For placing two
+    partitions' streams on different nodes. Returns the leader it ended with.
+
+    Raises:
+        TimeoutError: when the leader is elsewhere after ``timeout`` seconds.
+    """
+    import nats.errors
+
+    js = nc.jetstream(timeout=5)
+    what = f"CONSUMER.LEADER.STEPDOWN.{stream}.{consumer}" if consumer else \
+        f"STREAM.LEADER.STEPDOWN.{stream}"
+    body = json.dumps({"placement": {"preferred": server_name}}).encode()
+    deadline = time.monotonic() + timeout
+    while True:
+        if consumer:
+            info = await js.consumer_info(stream, consumer)
+        else:
+            info = await js.stream_info(stream)
+        leader = info.cluster.leader if info.cluster else None
+        if leader == server_name:
+            return leader
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{stream}/{consumer or ''} leads on {leader}, "
+                               f"not {server_name}")
+        with contextlib.suppress(nats.errors.TimeoutError, nats.errors.NoRespondersError):
+            await nc.request(f"$JS.API.{what}", body, timeout=5)
+        await asyncio.sleep(0.5)  # the new leader's election
