@@ -188,6 +188,10 @@ async def test_retention_deletes_an_expired_job_and_keeps_a_fresh_one(
         assert old.status == new.status == "succeeded"
         assert old.finished_at is not None and new.finished_at is not None
         assert new.finished_at > old.finished_at
+        # noop stores nothing (it is declared without files): give each job an output of
+        # its own, so the sweep has objects to delete under the expired job's prefix.
+        for job_id in (old_id, new_id):
+            await services.store.put_bytes(step_prefix(job_id, "only") + "out.bin", b"kept")
         assert await services.store.list(f"jobs/{old_id}/")
 
         # The old job finished more than retention_s before `now`, the new one exactly then.
