@@ -71,7 +71,9 @@ async def test_split_encode_join_is_exact(make_settings, bframe_clip: Path, bina
     assert source_frames == FPS * SECONDS
     # Parts of 3 s, HLS segments of 2 s: keyframes must still fall on the 2 s grid of the
     # whole video, wherever a part starts.
-    params = {"segment_seconds": 2, "part_seconds": 3, "ladder": [360, 240]}
+    # Not progressive: this is the plain split (video only, parts on the 3 s grid).
+    params = {"segment_seconds": 2, "part_seconds": 3, "ladder": [360, 240],
+              "progressive": False}
     # The test reads the intermediates (parts, joined renditions, audio) after success.
     settings = make_settings(concurrency=2, keep_intermediates=True)
     async with running(settings, list(FUNCTIONS.values())) as rt:

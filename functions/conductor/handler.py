@@ -50,6 +50,7 @@ from shared.jobstate import (
     complete,
     input_ref_index,
     live_tasks,
+    part_inputs,
     redrive,
     retry_job,
     start_job,
@@ -225,12 +226,14 @@ def _task(record: JobRecord, step_name: str, part: int | None, ctx: Context) -> 
             inputs.append(TaskInput(ref=ref, files={"media": item.key},
                                     meta={"filename": item.filename, "size": item.size}))
         elif ref == step.each and part is not None:
-            # A part gets the i-th output (in name order) of the step it expands over.
+            # A part gets its files of the step it expands over (``part_inputs``).
             upstream = record.steps[ref]
-            name, key = sorted(upstream.outputs.items())[part]
-            inputs.append(TaskInput(ref=ref, stage=upstream.stage, files={"part": key},
-                                    meta={**upstream.meta, "index": part, "name": name,
-                                          "count": len(upstream.outputs)}))
+            groups = part_inputs(upstream.outputs)
+            names = {key: name for name, key in upstream.outputs.items()}
+            inputs.append(TaskInput(ref=ref, stage=upstream.stage, files=groups[part],
+                                    meta={**upstream.meta, "index": part,
+                                          "name": names[groups[part]["part"]],
+                                          "count": len(groups)}))
         elif record.steps[ref].status == StepStatus.DONE:  # skipped inputs of a fan-in: none
             upstream = record.steps[ref]
             inputs.append(TaskInput(ref=ref, stage=upstream.stage, files=dict(upstream.outputs),

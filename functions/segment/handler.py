@@ -8,10 +8,12 @@ Does:     lists the video stream's packets (ffprobe, no decoding), picks a cut a
           encodes the parts and joins them keeps the source's frame count.
           A still picture fails with ``not_supported`` (there is nothing to split).
 Emits:    jobs.stage.complete with outputs {part.0000: .../part_0000.mkv, part.0001, ...}
-          (only parts: an ``each: segment`` step expands to one task per output) and meta
-          {count, part_seconds, frames[], starts[], durations[], total_frames, fps}: per part
-          its frame count, its start on the video's timeline (the first frame is 0) and its
-          length, in seconds.
+          (an ``each: segment`` step expands to one task per part), with ``audio: true``
+          also {audio.0000: .../audio_0000.mka, ...} (the source's audio, stream-copied,
+          cut at each part's start, on the source's timestamps; each task gets its part's)
+          and meta {count, part_seconds, frames[], starts[], durations[], total_frames,
+          fps, origin, audio}: per part its frame count, its start on the video's timeline
+          (the first frame is 0, at ``origin`` in the source) and its length, in seconds.
 """
 
 from __future__ import annotations
@@ -43,10 +45,14 @@ class PartPlan:
     frames: list[int]
     starts: list[float]
     durations: list[float]
+    origin: float = 0.0
+    """The earliest frame's time in the source (what ``starts`` count from)."""
 
 
-def plan_parts(packets: list[Packet], part_seconds: float) -> PartPlan:
-    """Where to cut: the first keyframe at or after each multiple of ``part_seconds``.
+def plan_parts(packets: list[Packet], part_seconds: float,
+               first_part_seconds: float | None = None) -> PartPlan:
+    """Where to cut: the first keyframe at or after ``first_part_seconds`` (default
+    ``part_seconds``), then at or after each later multiple of ``part_seconds``.
 
     Times are measured from the earliest frame. A keyframe within half a frame of a
     multiple counts as on it, so float noise never pushes a cut one GOP later.
@@ -59,7 +65,7 @@ def plan_parts(packets: list[Packet], part_seconds: float) -> PartPlan:
     frame = durations[len(durations) // 2] if durations else 0.04
     half = frame / 2
     cuts: list[int] = []
-    target = part_seconds
+    target = first_part_seconds or part_seconds
     for index, packet in enumerate(packets):
         at = packet.time - t0
         if index == 0 or not packet.key or at < target - half:
@@ -74,7 +80,7 @@ def plan_parts(packets: list[Packet], part_seconds: float) -> PartPlan:
         starts.append(min(p.time for p in chunk) - t0)
         ends.append(max(p.time + (p.duration or frame) for p in chunk) - t0)
     lengths = [b - a for a, b in zip(starts, [*starts[1:], ends[-1]], strict=True)]
-    return PartPlan(cuts=cuts, frames=frames, starts=starts, durations=lengths)
+    return PartPlan(cuts=cuts, frames=frames, starts=starts, durations=lengths, origin=t0)
 
 
 async def list_packets(binaries: Binaries, path: Path, stream_index: int,
@@ -123,19 +129,33 @@ async def handle(task: StageTask, ctx: StageContext[SegmentParams]) -> StageResu
     source = ctx.input_file()
     binaries, runner = ctx.services.media()
     packets = await list_packets(binaries, source, video.index, task.timeout_s)
-    plan = plan_parts(packets, ctx.params.part_seconds)
+    plan = plan_parts(packets, ctx.params.part_seconds, ctx.params.first_part_seconds)
     await ctx.progress(0.2)
 
     out_dir = ctx.workdir / "parts"
     out_dir.mkdir()
-    args = ["-i", str(source), "-map", f"0:{video.index}", "-c", "copy",
-            *STRIP_METADATA_ARGS]
+    audio = media.audio if ctx.params.audio else None
+    # -copyts: the audio keeps the source's timestamps, which is what the cut times (and
+    # the meta's ``origin``) are on; the video parts reset theirs anyway.
+    args = [*(["-copyts"] if audio else []), "-i", str(source), "-map", f"0:{video.index}",
+            "-c", "copy", *STRIP_METADATA_ARGS]
     if plan.cuts:
         args += ["-f", "segment", "-segment_format", "matroska", "-reset_timestamps", "1",
                  "-segment_frames", ",".join(map(str, plan.cuts)),
                  str(out_dir / "part_%04d.mkv")]
     else:
         args += ["-f", "matroska", str(out_dir / "part_0000.mkv")]
+    if audio is not None:
+        # The audio of each part, cut at the first packet at or after the part's start (a
+        # part's head may lack up to one packet, ~20 ms, which encode-part pads).
+        args += ["-map", f"0:{audio.index}", "-c", "copy", *STRIP_METADATA_ARGS,
+                 "-f", "segment", "-segment_format", "matroska", "-reset_timestamps", "0"]
+        if plan.cuts:
+            args += ["-segment_times",
+                     ",".join(f"{plan.origin + s:.6f}" for s in plan.starts[1:])]
+        else:
+            args += ["-segment_time", "1000000"]
+        args.append(str(out_dir / "audio_%04d.mka"))
     await runner.run(args, duration_s=task.media_duration_s, timeout_s=task.timeout_s,
                      on_progress=lambda pr: ctx.progress(0.2 + 0.8 * (pr.fraction or 0.0)),
                      cancel=ctx.cancel)
@@ -144,14 +164,19 @@ async def handle(task: StageTask, ctx: StageContext[SegmentParams]) -> StageResu
         raise FFmpegError(ErrorCode.FFMPEG_FAILED,
                           f"split made {len(parts)} parts where {len(plan.frames)} were "
                           "planned", non_retryable=True)
+    files = {f"part.{i:04d}": path for i, path in enumerate(parts)}
+    # Audio that ends before the video leaves the last parts without a file (silent).
+    files.update({f"audio.{i:04d}": path for i, path in
+                  enumerate(sorted(out_dir.glob("audio_*.mka"))) if i < len(parts)})
     return StageResult(
-        files={f"part.{i:04d}": path for i, path in enumerate(parts)},
+        files=files,
         meta={
             "count": len(parts), "part_seconds": ctx.params.part_seconds,
             "frames": plan.frames, "total_frames": sum(plan.frames),
             "starts": [round(s, 6) for s in plan.starts],
             "durations": [round(d, 6) for d in plan.durations],
             "fps": video.fps, "stream_index": video.index,
+            "origin": round(plan.origin, 6), "audio": audio is not None,
         },
     )
 

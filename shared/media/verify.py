@@ -114,6 +114,13 @@ PROMISES: dict[str, Promise] = {
 }
 """Stages whose outputs are checked, and how. Stages not listed (probe, segment, rendition,
 package-hls, noop) write no new media or only copies of checked media."""
+OUTPUT_PROMISES: dict[tuple[str, str], Promise] = {
+    # The part's playable HLS segment: its video is a copy of the checked ``video`` output,
+    # its audio the part's own (the part file it is compared with has none): it must hold
+    # streams and decode, nothing more to compare.
+    ("encode-part", "segment"): Promise(audio="any"),
+}
+"""Outputs of a stage that promise something else than the stage's other outputs."""
 
 
 def _fmt(values: dict[str, Any]) -> str:
@@ -439,7 +446,7 @@ async def verify_output(binaries: Binaries, settings: Settings, stage: str, name
                         path: Path, source: Path | None, *, metric: str | None,
                         rotation: int | None = None) -> list[CheckResult]:
     """Every check of one output of ``stage`` (see the module docstring)."""
-    promise = PROMISES[stage]
+    promise = OUTPUT_PROMISES.get((stage, name), PROMISES[stage])
     timeout = settings.output_check_timeout_s
     # Every ffprobe listing the checks need is independent of the others: all at once.
     out, src = await asyncio.gather(
