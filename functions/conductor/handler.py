@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
-from shared import announce, msgids
+from shared import announce, msgids, playback
 from shared.errors import ErrorCode, JetcutError, PermanentError, error_info
 from shared.events import (
     ErrorInfo,
@@ -128,6 +128,11 @@ async def on_complete(event: StageComplete, ctx: Context) -> None:
         progress=record.progress,
     ))
     await _publish(record, ctx, done.ready)
+    if event.part == 0 and event.step == playback.first_step(record) and (
+            at := playback.playable_at(record)) is not None:
+        await services.bus.emit(JobEvent(job_id=record.job_id, tenant=record.tenant,
+                                         kind="playable", step=event.step, at=at,
+                                         progress=record.progress))
     if done.status_changed:
         await _remove_unfinished(record, ctx)
         await _announce(record, ctx, changed=True)

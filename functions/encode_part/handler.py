@@ -170,8 +170,10 @@ def segment_args(video: Path, audio: Path | None, out: Path, p: EncodePartParams
     if chain:
         args += ["-map", "1:a:0", "-af", ",".join(chain), "-c:a", "aac",
                  "-b:a", f"{p.audio_bitrate_k}k", "-ac", "2", "-ar", "48000"]
-    return [*args, "-output_ts_offset", f"{start_s:.6f}", *STRIP_METADATA_ARGS,
-            "-f", "mpegts", str(out)]
+    # No shifting of negative timestamps (a B-frame delay, the AAC priming): a shift only
+    # where they are negative, the first part, would put it out of step with the others.
+    return [*args, "-output_ts_offset", f"{start_s:.6f}", "-avoid_negative_ts", "disabled",
+            *STRIP_METADATA_ARGS, "-f", "mpegts", str(out)]
 
 
 function = stage("encode-part", handle, doc=__doc__ or "")
