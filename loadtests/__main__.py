@@ -13,7 +13,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from loadtests import bench_bus, bench_memory, bench_render, bench_segment
+from loadtests import bench_bus, bench_hls, bench_memory, bench_render, bench_segment
 from loadtests.common import (
     BenchResult,
     machine_info,
@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, Callable[..., BenchResult]] = {
     bench_render.NAME: bench_render.run,
     bench_memory.NAME: bench_memory.run,
     bench_segment.NAME: bench_segment.run,
+    bench_hls.NAME: bench_hls.run,
 }
 
 

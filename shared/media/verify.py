@@ -88,6 +88,8 @@ class Promise:
         duration: every stream lasts as long as the source's.
         picture: no more black / frozen picture than the source.
         quality: score the picture against the source.
+        whole: decode the whole output, never sampled windows (an MPEG-TS segment: seeking
+            into one lands between a B-frame and its references).
     """
 
     source: Literal["input", "part"] | None = None
@@ -95,6 +97,7 @@ class Promise:
     duration: bool = False
     picture: bool = False
     quality: bool = False
+    whole: bool = False
 
 
 _WHOLE = Promise(source="input", audio="source", duration=True, picture=True, quality=True)
@@ -117,8 +120,8 @@ package-hls, noop) write no new media or only copies of checked media."""
 OUTPUT_PROMISES: dict[tuple[str, str], Promise] = {
     # The part's playable HLS segment: its video is a copy of the checked ``video`` output,
     # its audio the part's own (the part file it is compared with has none): it must hold
-    # streams and decode, nothing more to compare.
-    ("encode-part", "segment"): Promise(audio="any"),
+    # streams and decode, every frame of it, nothing more to compare.
+    ("encode-part", "segment"): Promise(audio="any", whole=True),
 }
 """Outputs of a stage that promise something else than the stage's other outputs."""
 
@@ -469,7 +472,8 @@ async def verify_output(binaries: Binaries, settings: Settings, stage: str, name
         return results
     out_video = (await stream_span(binaries, out, "v")
                  if out.video is not None and not out.still else None)
-    spans = windows(out.duration_s, settings, out_video.keyframes if out_video else ())
+    spans = ([(0.0, out.duration_s + 1.0)] if promise.whole else
+             windows(out.duration_s, settings, out_video.keyframes if out_video else ()))
     if src is not None and rotation is not None:
         src = dataclasses.replace(src, rotation=rotation)
     real_video = (src is not None and src.video is not None and out.video is not None
