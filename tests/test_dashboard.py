@@ -496,7 +496,7 @@ async def test_cancel_retry_and_dead_letters_from_the_page(
 
 # ---------------------------------------------------------------- the player (issue 12)
 
-PLAYER_CLIP_S = 20
+PLAYER_CLIP_S = 12
 PLAYER_PARAMS = {"ladder": [360, 240], "segment_seconds": 2, "part_seconds": 2,
                  "first_part_seconds": 1, "preset": "medium"}
 """The fast rung (240p) is encoded at ``superfast``, the other at ``medium``: the job runs
