@@ -63,12 +63,15 @@ def find_part(ctx: StageContext[Any]) -> tuple[Path, dict[str, Any]]:
 
 def encode_args(source: Path, out: Path, p: EncodePartParams, video: VideoStream,
                 size: tuple[int, int], start_s: float, duration_s: float, *,
-                threads: int = 0) -> list[str]:
+                threads: int = 0, skip_frames: int = 0) -> list[str]:
     """The ffmpeg arguments that encode ``source`` (a part starting ``start_s`` into the
-    video, or the whole video with 0) to ``out``; ``video`` is the probed source stream."""
+    video, or the whole video with 0) to ``out``; ``video`` is the probed source stream.
+    ``skip_frames``: the part's first frames (in presentation order) that the source's
+    edit list hides, dropped."""
     fps = video.fps or 25.0
     # Upright, progressive, SDR BT.709, square pixels: the picture every stage draws.
-    chain = ["setpts=PTS-STARTPTS", *picture.filter_chain(video, rotate=True),
+    chain = [*([f"trim=start_frame={skip_frames}"] if skip_frames else []),
+             "setpts=PTS-STARTPTS", *picture.filter_chain(video, rotate=True),
              picture.scale_filter(size[0], size[1], video), "setsar=1", "format=yuv420p"]
     keys = keyframe_times(start_s, duration_s, p.keyframe_seconds)
     args = ["-noautorotate", "-i", str(source), "-map", "0:v:0", "-vf", ",".join(chain),
@@ -96,6 +99,7 @@ async def handle(task: StageTask, ctx: StageContext[EncodePartParams]) -> StageR
         start = float(segment["starts"][index])
         duration = float(segment["durations"][index])
         expected = int(segment["frames"][index])
+        skip = int((segment.get("skips") or [0] * (index + 1))[index])
     except (KeyError, IndexError, TypeError, ValueError) as exc:
         raise PermanentError(ErrorCode.INVALID_RECIPE,
                              f"step {task.step!r}: the segment step's meta lacks part "
@@ -105,7 +109,7 @@ async def handle(task: StageTask, ctx: StageContext[EncodePartParams]) -> StageR
 
     out = ctx.workdir / "video.mp4"
     args = encode_args(part, out, p, video, (width, height), start, duration,
-                       threads=ctx.services.settings.ffmpeg_threads)
+                       threads=ctx.services.settings.ffmpeg_threads, skip_frames=skip)
 
     written = 0
 

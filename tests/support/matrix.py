@@ -57,12 +57,8 @@ same picture handling a preview, a montage clip, a watermarked or subtitled clip
 segmented HLS ladder of one picture is refused (``not_supported``, naming the recipes that
 fit)."""
 GAPS: dict[tuple[str, str], str] = {
-    ("mpeg2-ts", "hls"): BAD,       # the splitter meets TS packets without timestamps
-    ("edit-list", "hls"): "ffmpeg_failed",  # parts ignore the edit list: frame counts differ
-    ("animated-gif", "hls"): "ffmpeg_failed",  # a GIF's part encodes to one frame
     ("vfr-webm", "watermark"): "output_check_failed",  # overlays lose VFR timing (+100 ms)
     ("vfr-webm", "subtitles"): "output_check_failed",
-    ("public-webp", "hls"): NS,     # probed as a still, though nothing decodes it
     ("public-webp", "montage"): OK,  # should be invalid_input: nothing decodable
     ("public-webp", "watermark"): "output_check_failed",
 }
