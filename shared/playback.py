@@ -121,7 +121,7 @@ def master_playlist(record: JobRecord) -> str | None:
     if not names:
         return None
     lines = ["#EXTM3U", "#EXT-X-VERSION:3", "#EXT-X-INDEPENDENT-SEGMENTS"]
-    for rung in sorted(names, key=lambda r: -(r.height or 0)):
+    for rung in sorted(names, key=lambda r: (-(r.height or 0), -r.bandwidth)):
         attrs = [f"BANDWIDTH={rung.bandwidth}"]
         if rung.width and rung.height:
             attrs.append(f"RESOLUTION={rung.width}x{rung.height}")

@@ -21,7 +21,7 @@ import pytest
 
 from functions.registry import FUNCTIONS
 from shared import playback
-from shared.jobstate import JobRecord, JobStatus
+from shared.jobstate import JobRecord, JobStatus, PartState
 from shared.media import Binaries
 from tests.support.media import MakeClip
 from tests.support.nats import running, until_http_up, upload, wait_for_job
@@ -191,3 +191,61 @@ async def test_a_job_that_is_not_progressive_has_no_stream(  # type: ignore[no-u
             assert master.status_code == 307
             gone = await client.get(f"/v1/jobs/{job_id}/play/180p.m3u8")
             assert gone.status_code == 404 and gone.json()["error"]["code"] == "not_found"
+
+
+def _record(done: dict[str, list[bool]], status: JobStatus = JobStatus.RUNNING) -> JobRecord:
+    """A planned progressive job whose split made three parts (1 s, 2 s, 2.5 s), with the
+    given parts of each rung done."""
+    from shared.events import InputRef
+    from shared.jobstate import StepStatus, plan
+    from shared.recipes import resolve
+
+    record = JobRecord(job_id="jplay", tenant="acme", recipe="hls",
+                       inputs=[InputRef(key="uploads/acme/u/clip.mp4", filename="clip.mp4")])
+    plan(record, resolve("hls", None, {"ladder": [480, 240]}, 1))
+    record.steps["segment"].meta = {"durations": [1.0, 2.0, 2.5]}
+    for rung, flags in done.items():
+        step = record.steps[f"encode_{rung}"]
+        step.status = StepStatus.RUNNING
+        step.parts = [PartState() for _ in flags]
+        for i, flag in enumerate(flags):
+            if flag:
+                step.parts[i].status = StepStatus.DONE
+                step.parts[i].finished_at = 100.0 + i
+                step.parts[i].outputs = {"segment": f"jobs/jplay/encode_{rung}/p{i:04d}/s.ts"}
+    record.status = status
+    return record
+
+
+def test_playlists_grow_from_the_start_without_gaps() -> None:
+    # Part 1 of the fast rung is done but not part 0: nothing is playable yet.
+    record = _record({"240p": [False, True, False], "480p": [True, True, True]})
+    assert playback.playable_at(record) is None
+    assert playback.master_playlist(record) is None
+    assert playback.playback_url(record, "http://gw") is None
+
+    record = _record({"240p": [True, False, True], "480p": [True, True, False]})
+    assert playback.playable_at(record) == 100.0
+    assert playback.playback_url(record, "http://gw") == "http://gw/v1/jobs/jplay/play/master.m3u8"
+    # Only the fast rung: the other is not complete.
+    master = playback.master_playlist(record)
+    assert master is not None and "240p.m3u8" in master and "480p.m3u8" not in master
+    fast = playback.listed(record)[0]
+    tags, listed = _playlist(playback.media_playlist(record, fast))
+    assert listed == [(1.0, "240p/0.ts")]  # part 2 waits for part 1
+    assert tags["#EXT-X-PLAYLIST-TYPE"] == "EVENT" and "#EXT-X-ENDLIST" not in tags
+    assert tags["#EXT-X-TARGETDURATION"] == "3"  # fixed from the start: the longest part
+
+    record = _record({"240p": [True, True, True], "480p": [True, True, True]})
+    master = playback.master_playlist(record)
+    assert master is not None
+    assert master.index("480p.m3u8") < master.index("240p.m3u8")  # highest first
+    tags, listed = _playlist(playback.media_playlist(record, playback.listed(record)[0]))
+    assert [d for d, _ in listed] == [1.0, 2.0, 2.5]
+    assert tags["#EXT-X-PLAYLIST-TYPE"] == "EVENT" and "#EXT-X-ENDLIST" in tags
+
+    record = _record({"240p": [True, True, True], "480p": [True, True, True]},
+                     JobStatus.SUCCEEDED)
+    tags, _ = _playlist(playback.media_playlist(record, playback.listed(record)[0]))
+    assert tags["#EXT-X-PLAYLIST-TYPE"] == "VOD" and "#EXT-X-ENDLIST" in tags
+    assert playback.playback_url(record, "http://gw") is None  # no package in this record
