@@ -14,9 +14,12 @@
   the same three rungs encoded by one raw ffmpeg command each (HLS out, one after the
   other), which is what a script would do.
 
-Bounded: the 5 min clip runs one round with ``preset: ultrafast`` on both sides (the 30 s
-one keeps the default ``veryfast``); ``--quick`` drops the 5 min clip. A full run takes about
-5-8 minutes on 2 cores (most of it the 5 min encodes).
+Bounded: one round per clip, the 5 min clip with ``preset: ultrafast`` on both sides (the
+30 s one keeps the default ``veryfast``), every job and command under ``JOB_LIMIT_S``;
+``--quick`` drops the 5 min clip (about 3 minutes on a loaded 2-core machine). The full run
+is dominated by the 5 min encodes: on a 2-core machine shared with other work (load ~25)
+the 30 s case took 6 minutes and the 5 min jetcut job alone 10; expect 15-30 minutes there,
+less on a quiet machine.
 """
 
 from __future__ import annotations
@@ -185,6 +188,7 @@ async def _job(runtime: Runtime, clip: Path, params: dict[str, Any]) -> dict[str
         async for record in services.jobs.watch(job_id):
             if first is None and playback.playable_at(record) is not None:
                 first = time.perf_counter() - submitted
+                say(f"hls: playable {first:.2f}s after the submit")
             if record.terminal:
                 return record
         raise RuntimeError("watch ended")
