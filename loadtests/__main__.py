@@ -16,6 +16,7 @@ from collections.abc import Callable
 from loadtests import (
     bench_bus,
     bench_cost,
+    bench_hls,
     bench_memory,
     bench_render,
     bench_scale,
@@ -40,6 +41,7 @@ BENCHMARKS: dict[str, Callable[..., BenchResult]] = {
     bench_cost.NAME: bench_cost.run,
     bench_triage.NAME: bench_triage.run,
     bench_scale.NAME: bench_scale.run,
+    bench_hls.NAME: bench_hls.run,
 }
 
 

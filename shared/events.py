@@ -230,7 +230,8 @@ class JobCleanup(Event, tag="job.cleanup", kw_only=True, frozen=True):
     keep_outputs: bool = True
 
 
-JobEventKind = Literal["status", "step", "progress"]
+JobEventKind = Literal["status", "step", "progress", "playable"]
+"""``playable``: a progressive ``hls`` job's stream can be played from now on (``at``)."""
 
 
 class JobEvent(Event, tag="job.event", kw_only=True, frozen=True):

@@ -23,6 +23,7 @@ compare-and-set loop on the KV record, so each application starts from the lates
 
 from __future__ import annotations
 
+import re
 import time
 from enum import StrEnum
 from typing import Any
@@ -183,6 +184,30 @@ def input_ref_index(ref: str) -> int | None:
     return None
 
 
+_PART_OUTPUT = re.compile(r"^([a-z][a-z0-9_-]*)\.(\d{4,})$")
+
+
+def part_inputs(outputs: dict[str, str]) -> list[dict[str, str]]:
+    """The files of each part of a step that expands over ``outputs``, in part order.
+
+    Outputs named ``<kind>.<NNNN>`` (``part.0000``, ``audio.0000``, ...) group by their
+    number: part ``i`` gets every kind numbered ``i``, under the logical names ``part``
+    (the ``part.NNNN`` file) and ``<kind>`` (the others), so a split can hand each task
+    side files (its stretch of audio) without adding tasks. Otherwise each output is one
+    part, in name order, under the name ``part``.
+    """
+    matches = {name: _PART_OUTPUT.match(name) for name in outputs}
+    if not outputs or not all(matches.values()) or not any(
+            m and m.group(1) == "part" for m in matches.values()):
+        return [{"part": key} for _, key in sorted(outputs.items())]
+    groups: dict[int, dict[str, str]] = {}
+    for name, key in outputs.items():
+        match = matches[name]
+        assert match is not None
+        groups.setdefault(int(match.group(2)), {})[match.group(1)] = key
+    return [groups[i] for i in sorted(groups) if "part" in groups[i]]
+
+
 def start_job(record: JobRecord, steps: dict[str, StepSpec] | None,
               error: ErrorInfo | None) -> bool:
     """Transition: plan a submitted job into ``steps``, or fail it with ``error`` (a bad
@@ -247,7 +272,7 @@ def advance(record: JobRecord) -> list[tuple[str, int | None]]:
             if step.each is None:
                 ready.append((name, None))
                 continue
-            count = len(record.steps[step.each].outputs)
+            count = len(part_inputs(record.steps[step.each].outputs))
             step.parts = [PartState(attempt=step.first_part_attempt) for _ in range(count)]
             if count == 0:
                 _join(step, now)
@@ -255,7 +280,14 @@ def advance(record: JobRecord) -> list[tuple[str, int | None]]:
     if all(s.status in FINISHED_STEP for s in record.steps.values()):
         _finish(record, JobStatus.SUCCEEDED, now, None)
     record.updated_at = now
-    return ready
+    return play_order(ready)
+
+
+def play_order(tasks: list[tuple[str, int | None]]) -> list[tuple[str, int | None]]:
+    """Tasks sorted by part, stably: part 0 of every expanded step (in plan order) before
+    part 1 of any, so a segmented ladder becomes playable from its start as soon as
+    possible instead of finishing one rung before starting the next."""
+    return sorted(tasks, key=lambda t: -1 if t[1] is None else t[1])
 
 
 def _finish(record: JobRecord, status: JobStatus, now: float, error: ErrorInfo | None) -> None:
@@ -340,7 +372,7 @@ def live_tasks(record: JobRecord) -> list[tuple[str, int | None]]:
         else:
             tasks.extend((name, i) for i, p in enumerate(step.parts)
                          if p.status == StepStatus.READY)
-    return tasks
+    return play_order(tasks)
 
 
 def attempt_of(record: JobRecord, step: str, part: int | None) -> int:

@@ -89,10 +89,13 @@ async def _generate_client(base_url: str, where: Path) -> Any:
     """A client generated from the live document, imported from ``where``."""
     async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
         (where / "openapi.json").write_bytes((await client.get("/v1/openapi.json")).content)
-    # A download is bytes of the output's own type (``*/*`` in the document): the client is
-    # told to read it as bytes, its one supported binary type.
-    (where / "client.json").write_text('{"content_type_overrides": '
-                                       '{"*/*": "application/octet-stream"}}')
+    # A download is bytes of the output's own type (``*/*`` in the document), a segment
+    # MPEG-TS: the client is told to read them as bytes, its one supported binary type;
+    # an HLS playlist is text.
+    (where / "client.json").write_text(
+        '{"content_type_overrides": {"*/*": "application/octet-stream", '
+        '"video/mp2t": "application/octet-stream", '
+        '"application/vnd.apple.mpegurl": "text/plain"}}')
     proc = await asyncio.create_subprocess_exec(
         str(Path(sys.executable).with_name("openapi-python-client")), "generate",
         "--path", str(where / "openapi.json"), "--output-path", str(where / CLIENT),

@@ -160,8 +160,14 @@ def test_every_asset_ships_in_the_package() -> None:
     patterns = config["tool"]["setuptools"]["package-data"]["functions"]
     assert "gateway/ui/*" in patterns
     assets = sorted(p.name for p in UI_DIR.iterdir())
-    assert all((UI_DIR / name).is_file() for name in assets)
-    assert {"index.html", "app.js", "api.js", "dag.js", "app.css"} <= set(assets)
+    # Flat, but for vendor/ (third-party builds, kept apart with their licences), which
+    # its own pattern covers.
+    assert all((UI_DIR / name).is_file() for name in assets if name != "vendor")
+    assert {"index.html", "app.js", "api.js", "dag.js", "player.js", "app.css"} <= set(assets)
+    assert "gateway/ui/vendor/*" in patterns
+    vendor = sorted(p.name for p in (UI_DIR / "vendor").iterdir())
+    assert vendor == ["hls.js-LICENSE", "hls.light.min.js"]
+    assert all((UI_DIR / "vendor" / name).is_file() for name in vendor)
 
 
 # ---------------------------------------------------------------- the real browser
@@ -486,3 +492,97 @@ async def test_cancel_retry_and_dead_letters_from_the_page(
     remaining = await dead_letters()
     assert int(done["purged"]) not in remaining and int(done["replayed"]) not in remaining
     assert "the original message was published again" in done["note"], done["note"]
+
+
+# ---------------------------------------------------------------- the player (issue 12)
+
+PLAYER_CLIP_S = 12
+PLAYER_PARAMS = {"ladder": [360, 240], "segment_seconds": 2, "part_seconds": 2,
+                 "first_part_seconds": 1, "preset": "medium"}
+"""The fast rung (240p) is encoded at ``superfast``, the other at ``medium``: the job runs
+for a while after it is playable, with no sleep anywhere."""
+
+
+@pytest.fixture
+async def hls_stack(make_settings, http_port) -> AsyncIterator[Stack]:  # type: ignore[no-untyped-def]
+    """Every function, API keys required (the player must send the key itself)."""
+    async for s in _stack(make_settings(http_port=http_port, allow_anonymous=False),
+                          list(FUNCTIONS)):
+        yield s
+
+
+def _video_state(driver: Any) -> dict[str, Any]:
+    state: dict[str, Any] = driver.execute_script(
+        "const v = document.getElementById('player');"
+        "return {t: v.currentTime, ended: v.ended, paused: v.paused, duration: v.duration,"
+        " error: v.error && v.error.message,"
+        " box: !document.getElementById('player-box').hidden,"
+        " status: document.getElementById('player-box').dataset.status || null};")
+    return state
+
+
+async def test_the_player_plays_a_running_hls_job_then_to_its_end(
+    hls_stack: Stack, browser: Any, make_clip: MakeClip,
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+
+    clip = make_clip("player", duration=PLAYER_CLIP_S, width=640, height=360)
+    key = await hls_stack.key("acme")
+    auth = {"Authorization": f"Bearer {key}"}
+    client = hls_stack.client
+    up = await client.post("/v1/uploads", params={"filename": "clip.mp4"},
+                           content=clip.read_bytes(), headers=auth)
+    assert up.status_code == 201, up.text
+    r = await client.post("/v1/jobs", headers=auth, json={
+        "recipe": "hls", "input": up.json()["upload_id"], "params": PLAYER_PARAMS})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    base = hls_stack.settings.base_url
+
+    def open_job() -> None:
+        wait = _waiter(browser, 20)
+        browser.get(f"{base}/ui/#job/{job_id}")
+        wait.until(ec.visibility_of_element_located((By.ID, "login")))
+        browser.find_element(By.ID, "key").send_keys(key)
+        browser.find_element(By.CSS_SELECTOR, "#login-form button[type=submit]").click()
+        wait.until(ec.visibility_of_element_located((By.ID, "detail")))
+
+    await asyncio.to_thread(open_job)
+
+    # Playing while the job runs: the picture's clock advances, and the job record (read
+    # right after) still says running.
+    async def playing_while_running() -> bool:
+        state = await asyncio.to_thread(_video_state, browser)
+        assert not state["error"], state
+        if state["t"] <= 0.5:
+            return False
+        record = await hls_stack.services.jobs.get(job_id)
+        assert record.status == "running", (
+            f"the job was {record.status} before the player got going: {state}")
+        return True
+
+    await eventually(playing_while_running, timeout=45,
+                     what="the player's currentTime to advance while the job runs")
+    early = await asyncio.to_thread(_video_state, browser)
+    assert early["box"] and early["status"] == "running"
+
+    # Faster than real time from here (a person may do the same), to the end.
+    await asyncio.to_thread(browser.execute_script,
+                            "document.getElementById('player').playbackRate = 4;")
+    record = await wait_for_job(hls_stack.services, job_id, timeout=90)
+    assert record.status == "succeeded", record.error
+
+    async def ended() -> bool:
+        state = await asyncio.to_thread(_video_state, browser)
+        assert not state["error"], state
+        return bool(state["ended"])
+
+    await eventually(ended, timeout=45, what="the player to play to the end")
+    final = await asyncio.to_thread(_video_state, browser)
+    assert abs(final["duration"] - PLAYER_CLIP_S) < 0.5, final
+    assert abs(final["t"] - PLAYER_CLIP_S) < 0.5, final
+    # Nothing was refused (the key went with every playlist and segment request).
+    severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert [e for e in severe if "/play/" in e["message"] or "hls" in e["message"]] == [], \
+        severe

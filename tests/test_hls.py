@@ -221,16 +221,32 @@ async def test_fmp4_segments_with_init(make_settings, make_clip: MakeClip, binar
 
 
 def test_recipe_params_are_validated() -> None:
-    steps = resolve("hls", None, {"ladder": [720, 240], "part_seconds": 10}, 1)
+    plain = {"progressive": False}
+    steps = resolve("hls", None, {"ladder": [720, 240], "part_seconds": 10, **plain}, 1)
     assert steps["segment"].params == {"part_seconds": 10}
-    assert resolve("hls", None, {}, 1)["segment"].params == {"part_seconds": 12.0}
-    assert resolve("hls", None, {"segment_seconds": 20}, 1)["segment"].params == {
+    assert resolve("hls", None, plain, 1)["segment"].params == {"part_seconds": 12.0}
+    assert resolve("hls", None, {"segment_seconds": 20, **plain}, 1)["segment"].params == {
         "part_seconds": 20.0}
     assert steps["rung_240p"].params == {"height": 240, "always": True}
     assert steps["rung_720p"].params == {"height": 720, "always": False}
     assert steps["package"].fan_in and steps["package"].uses == ["concat_720p", "concat_240p"]
+    assert "segment" not in steps["encode_240p"].params
+    # Progressive (the default): a short first part, audio cut per part, every part a
+    # segment, the lowest rung first and at the faster preset.
+    steps = resolve("hls", None, {"ladder": [720, 240], "part_seconds": 10}, 1)
+    assert steps["segment"].params == {"part_seconds": 10, "first_part_seconds": 2.0,
+                                       "audio": True}
+    assert resolve("hls", None, {"first_part_seconds": 30}, 1)["segment"].params == {
+        "part_seconds": 12.0, "first_part_seconds": 12.0, "audio": True}
+    assert [n for n in steps if n.startswith("encode_")] == ["encode_240p", "encode_720p"]
+    assert steps["encode_240p"].params["preset"] == "superfast"
+    assert steps["encode_720p"].params["preset"] == "veryfast"
+    assert resolve("hls", None, {"preset": "ultrafast"}, 1)["encode_360p"].params[
+        "preset"] == "ultrafast"  # never slower than asked
+    assert all(steps[f"encode_{r}"].params["segment"] for r in ("240p", "720p"))
     for bad in ({"ladder": [360, 360]}, {"ladder": [8]}, {"crf": 60},
-                {"segment_seconds": 0.1}, {"segment_type": "dash"}, {"bitrate": 1}):
+                {"segment_seconds": 0.1}, {"segment_type": "dash"}, {"bitrate": 1},
+                {"first_part_seconds": 0.1}, {"fast_preset": "instant"}):
         with pytest.raises(PermanentError) as err:
             resolve("hls", None, bad, 1)
         assert err.value.code == "invalid_recipe", bad

@@ -71,7 +71,9 @@ async def test_split_encode_join_is_exact(make_settings, bframe_clip: Path, bina
     assert source_frames == FPS * SECONDS
     # Parts of 3 s, HLS segments of 2 s: keyframes must still fall on the 2 s grid of the
     # whole video, wherever a part starts.
-    params = {"segment_seconds": 2, "part_seconds": 3, "ladder": [360, 240]}
+    # Not progressive: this is the plain split (video only, parts on the 3 s grid).
+    params = {"segment_seconds": 2, "part_seconds": 3, "ladder": [360, 240],
+              "progressive": False}
     # The test reads the intermediates (parts, joined renditions, audio) after success.
     settings = make_settings(concurrency=2, keep_intermediates=True)
     async with running(settings, list(FUNCTIONS.values())) as rt:
@@ -169,6 +171,16 @@ def test_plan_tolerates_float_noise_reordering_and_discarded_frames() -> None:
     lead = [Packet(time=-0.08, duration=0.04, key=True, discard=True), *_packets(50, 25)]
     plan = plan_parts(lead, 0.5)
     assert plan.frames == [25, 25] and plan.starts == pytest.approx([0.0, 1.0])
+    # ... but a stream copy keeps it: the part that holds it says how many frames to drop
+    assert plan.skips == [1, 0] and plan.origin == 0.0
+
+
+def test_a_short_first_part_then_the_grid() -> None:
+    # keyframes every second, a first part of 1 s, then parts of 4 s on the 4 s grid
+    plan = plan_parts(_packets(250, 25), 4.0, first_part_seconds=1.0)
+    assert plan.starts == pytest.approx([0.0, 1.0, 4.0, 8.0])
+    assert plan.frames == [25, 75, 100, 50] and plan.skips == [0, 0, 0, 0]
+    assert plan_parts(_packets(250, 25), 4.0).starts == pytest.approx([0.0, 4.0, 8.0])
 
 
 def test_keyframes_sit_on_the_whole_videos_grid() -> None:

@@ -27,7 +27,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
 
-from shared import announce, msgids
+from shared import announce, msgids, playback
 from shared.costbook import job_eta, task_prediction
 from shared.costmodel import timeout_for
 from shared.errors import ErrorCode, JetcutError, PermanentError, error_info
@@ -59,6 +59,7 @@ from shared.jobstate import (
     input_ref_index,
     live_tasks,
     mark_running,
+    part_inputs,
     redrive,
     replan_job,
     retry_job,
@@ -141,6 +142,11 @@ async def on_complete(event: StageComplete, ctx: Context) -> None:
         progress=record.progress, eta_s=await job_eta(ctx.services.costs, record, time.time()),
     ))
     await _publish(record, ctx, done.ready)
+    if event.part == 0 and event.step == playback.first_step(record) and (
+            at := playback.playable_at(record)) is not None:
+        await services.bus.emit(JobEvent(job_id=record.job_id, tenant=record.tenant,
+                                         kind="playable", step=event.step, at=at,
+                                         progress=record.progress))
     if done.status_changed:
         await _remove_unfinished(record, ctx)
         await _announce(record, ctx, changed=True)
@@ -311,12 +317,14 @@ def _task(record: JobRecord, step_name: str, part: int | None, ctx: Context,
             inputs.append(TaskInput(ref=ref, files={"media": item.key},
                                     meta={"filename": item.filename, "size": item.size}))
         elif ref == step.each and part is not None:
-            # A part gets the i-th output (in name order) of the step it expands over.
+            # A part gets its files of the step it expands over (``part_inputs``).
             upstream = record.steps[ref]
-            name, key = sorted(upstream.outputs.items())[part]
-            inputs.append(TaskInput(ref=ref, stage=upstream.stage, files={"part": key},
-                                    meta={**upstream.meta, "index": part, "name": name,
-                                          "count": len(upstream.outputs)}))
+            groups = part_inputs(upstream.outputs)
+            names = {key: name for name, key in upstream.outputs.items()}
+            inputs.append(TaskInput(ref=ref, stage=upstream.stage, files=groups[part],
+                                    meta={**upstream.meta, "index": part,
+                                          "name": names[groups[part]["part"]],
+                                          "count": len(groups)}))
         elif record.steps[ref].status == StepStatus.DONE:  # skipped inputs of a fan-in: none
             upstream = record.steps[ref]
             inputs.append(TaskInput(ref=ref, stage=upstream.stage, files=dict(upstream.outputs),

@@ -14,7 +14,10 @@ Does:     H.264 (libx264, High, 8-bit yuv420p), no audio, at the rung's size (sh
           copy. Fails with ``ffmpeg_failed`` when the encode has a different frame count
           from the source part (a frame lost mid-video would put every later frame out of
           sync with audio).
-Emits:    jobs.stage.complete with outputs {video: .../p<NNNN>/video.mp4} and meta
+          With ``segment: true`` it also writes the part as a playable MPEG-TS segment
+          (``segment_args``): what the gateway's growing playlists list while the job runs.
+Emits:    jobs.stage.complete with outputs {video: .../p<NNNN>/video.mp4, and with
+          ``segment``: segment: .../p<NNNN>/segment.ts} and meta
           {frames, duration_s} (what ``concat`` checks the join against).
 """
 
@@ -60,12 +63,15 @@ def find_part(ctx: StageContext[Any]) -> tuple[Path, dict[str, Any]]:
 
 def encode_args(source: Path, out: Path, p: EncodePartParams, video: VideoStream,
                 size: tuple[int, int], start_s: float, duration_s: float, *,
-                threads: int = 0) -> list[str]:
+                threads: int = 0, skip_frames: int = 0) -> list[str]:
     """The ffmpeg arguments that encode ``source`` (a part starting ``start_s`` into the
-    video, or the whole video with 0) to ``out``; ``video`` is the probed source stream."""
+    video, or the whole video with 0) to ``out``; ``video`` is the probed source stream.
+    ``skip_frames``: the part's first frames (in presentation order) that the source's
+    edit list hides, dropped."""
     fps = video.fps or 25.0
     # Upright, progressive, SDR BT.709, square pixels: the picture every stage draws.
-    chain = ["setpts=PTS-STARTPTS", *picture.filter_chain(video, rotate=True),
+    chain = [*([f"trim=start_frame={skip_frames}"] if skip_frames else []),
+             "setpts=PTS-STARTPTS", *picture.filter_chain(video, rotate=True),
              picture.scale_filter(size[0], size[1], video), "setsar=1", "format=yuv420p"]
     keys = keyframe_times(start_s, duration_s, p.keyframe_seconds)
     args = ["-noautorotate", "-i", str(source), "-map", "0:v:0", "-vf", ",".join(chain),
@@ -93,6 +99,7 @@ async def handle(task: StageTask, ctx: StageContext[EncodePartParams]) -> StageR
         start = float(segment["starts"][index])
         duration = float(segment["durations"][index])
         expected = int(segment["frames"][index])
+        skip = int((segment.get("skips") or [0] * (index + 1))[index])
     except (KeyError, IndexError, TypeError, ValueError) as exc:
         raise PermanentError(ErrorCode.INVALID_RECIPE,
                              f"step {task.step!r}: the segment step's meta lacks part "
@@ -102,7 +109,7 @@ async def handle(task: StageTask, ctx: StageContext[EncodePartParams]) -> StageR
 
     out = ctx.workdir / "video.mp4"
     args = encode_args(part, out, p, video, (width, height), start, duration,
-                       threads=ctx.services.settings.ffmpeg_threads)
+                       threads=ctx.services.settings.ffmpeg_threads, skip_frames=skip)
 
     written = 0
 
@@ -124,9 +131,53 @@ async def handle(task: StageTask, ctx: StageContext[EncodePartParams]) -> StageR
             f"part {index} encoded to {written} frames, but the source part has {expected}: "
             "the source is damaged there (or has open GOPs); joining would drift out of sync",
             details={"part": index, "expected_frames": expected, "frames": written})
+    files = {"video": out}
+    if p.segment:
+        files["segment"] = ctx.workdir / "segment.ts"
+        await runner.run(
+            segment_args(out, ctx.inputs.get(_segment_ref(ctx), {}).get("audio"),
+                         files["segment"], p, segment, start, duration),
+            duration_s=duration, timeout_s=timeout, cancel=ctx.cancel)
     # Small on purpose: the job record keeps every part's meta (twice), and a long video at
     # four renditions has thousands of parts.
-    return StageResult(files={"video": out}, meta={"frames": written, "duration_s": duration})
+    return StageResult(files=files, meta={"frames": written, "duration_s": duration})
+
+
+def _segment_ref(ctx: StageContext[Any]) -> str:
+    return next(ref for ref, files in ctx.inputs.items() if "part" in files)
+
+
+def segment_args(video: Path, audio: Path | None, out: Path, p: EncodePartParams,
+                 segment: dict[str, Any], start_s: float, duration_s: float) -> list[str]:
+    """The ffmpeg arguments that make ``out``, the part as an MPEG-TS HLS segment.
+
+    The encoded video (timestamps from 0) is copied and the part's audio (source
+    timestamps, cut at or after the part's start) is shifted to the part's start, its
+    head padded with silence and its tail trimmed to the part's length; then
+    ``-output_ts_offset`` puts both at the part's start on the whole video's timeline,
+    so consecutive segments continue each other and audio stays in step with video.
+    A source with audio but none left for this part gets silence, so every segment of
+    a rung has the same streams.
+    """
+    args = ["-copyts", "-i", str(video)]
+    chain = [f"atrim=end={duration_s:.6f}"]
+    if audio is not None:
+        origin = float(segment.get("origin") or 0.0)
+        args += ["-i", str(audio)]
+        chain = [f"asetpts=PTS-{origin + start_s:.6f}/TB", "aresample=async=1:first_pts=0",
+                 *chain]
+    elif segment.get("audio"):
+        args += ["-f", "lavfi", "-i", "anullsrc=r=48000:cl=stereo"]
+    else:
+        chain = []
+    args += ["-map", "0:v:0", "-c:v", "copy"]
+    if chain:
+        args += ["-map", "1:a:0", "-af", ",".join(chain), "-c:a", "aac",
+                 "-b:a", f"{p.audio_bitrate_k}k", "-ac", "2", "-ar", "48000"]
+    # No shifting of negative timestamps (a B-frame delay, the AAC priming): a shift only
+    # where they are negative, the first part, would put it out of step with the others.
+    return [*args, "-output_ts_offset", f"{start_s:.6f}", "-avoid_negative_ts", "disabled",
+            *STRIP_METADATA_ARGS, "-f", "mpegts", str(out)]
 
 
 function = stage("encode-part", handle, doc=__doc__ or "")

@@ -23,6 +23,7 @@ from functions.gateway.errors import on_error
 from functions.gateway.health import HealthController
 from functions.gateway.jobs import JobController
 from functions.gateway.openapi import DOCS_ROUTES, openapi_config
+from functions.gateway.playback import PlaybackController
 from functions.gateway.queue import QueueController
 from functions.gateway.quotas import Admission
 from functions.gateway.recipes import RecipeController
@@ -31,7 +32,8 @@ from functions.gateway.uploads import PresignController, UploadController
 from shared.function import Services
 
 API = [JobController, BatchController, UploadController, PresignController,
-       DeadLetterController, QueueController, StatusController, RecipeController]
+       DeadLetterController, QueueController, StatusController, RecipeController,
+       PlaybackController]
 """The ``/v1`` resources."""
 
 

@@ -15,6 +15,7 @@ from litestar.connection import ASGIConnection
 from litestar.types import Scope
 
 from functions.gateway.errors import Unauthorized
+from shared import playback
 from shared.errors import ErrorCode, MalformedRequest, PermanentError
 from shared.events import CheckResult, ErrorInfo
 from shared.function import Services
@@ -88,6 +89,12 @@ class JobView(msgspec.Struct):
     eta_s: float | None = None
     """Only on ``GET /v1/jobs/{id}`` of an active job: predicted seconds until it finishes,
     from the calibrated cost model (``shared/costmodel.py``); null once it has finished."""
+    playable_at: float | None = None
+    """A progressive ``hls`` job: when its stream became playable (the first part of its
+    first rung was encoded); ``null`` until then, and for other jobs."""
+    playback_url: str | None = None
+    """Where a player starts (an HLS master playlist): the growing stream while the job
+    runs, the packaged VOD once it succeeded (docs/recipes/hls.md#playable-in-seconds)."""
 
 
 class OutputView(msgspec.Struct):
@@ -167,6 +174,8 @@ def view(record: JobRecord, base: str) -> JobView:
                "outputs": f"{base}/v1/jobs/{record.job_id}/outputs",
                "events": f"{base}/v1/jobs/{record.job_id}/events"},
         percent=round(record.progress * 100, 1),
+        playable_at=playback.playable_at(record),
+        playback_url=playback.playback_url(record, base),
     )
 
 

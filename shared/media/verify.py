@@ -88,6 +88,8 @@ class Promise:
         duration: every stream lasts as long as the source's.
         picture: no more black / frozen picture than the source.
         quality: score the picture against the source.
+        whole: decode the whole output, never sampled windows (an MPEG-TS segment: seeking
+            into one lands between a B-frame and its references).
     """
 
     source: Literal["input", "part"] | None = None
@@ -95,6 +97,7 @@ class Promise:
     duration: bool = False
     picture: bool = False
     quality: bool = False
+    whole: bool = False
 
 
 _WHOLE = Promise(source="input", audio="source", duration=True, picture=True, quality=True)
@@ -114,6 +117,13 @@ PROMISES: dict[str, Promise] = {
 }
 """Stages whose outputs are checked, and how. Stages not listed (probe, segment, rendition,
 package-hls, noop) write no new media or only copies of checked media."""
+OUTPUT_PROMISES: dict[tuple[str, str], Promise] = {
+    # The part's playable HLS segment: its video is a copy of the checked ``video`` output,
+    # its audio the part's own (the part file it is compared with has none): it must hold
+    # streams and decode, every frame of it, nothing more to compare.
+    ("encode-part", "segment"): Promise(audio="any", whole=True),
+}
+"""Outputs of a stage that promise something else than the stage's other outputs."""
 
 
 def _fmt(values: dict[str, Any]) -> str:
@@ -487,7 +497,7 @@ async def verify_output(binaries: Binaries, settings: Settings, stage: str, name
                         path: Path, source: Path | None, *, metric: str | None,
                         rotation: int | None = None) -> list[CheckResult]:
     """Every check of one output of ``stage`` (see the module docstring)."""
-    promise = PROMISES[stage]
+    promise = OUTPUT_PROMISES.get((stage, name), PROMISES[stage])
     timeout = settings.output_check_timeout_s
     # Every ffprobe listing the checks need is independent of the others: all at once.
     out, src = await asyncio.gather(
@@ -510,7 +520,8 @@ async def verify_output(binaries: Binaries, settings: Settings, stage: str, name
         return results
     out_video = (await stream_span(binaries, out, "v")
                  if out.video is not None and not out.still else None)
-    spans = windows(out.duration_s, settings, out_video.keyframes if out_video else ())
+    spans = ([(0.0, out.duration_s + 1.0)] if promise.whole else
+             windows(out.duration_s, settings, out_video.keyframes if out_video else ()))
     if src is not None and rotation is not None:
         src = dataclasses.replace(src, rotation=rotation)
     real_video = (src is not None and src.video is not None and out.video is not None

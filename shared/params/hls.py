@@ -66,8 +66,18 @@ class SegmentParams(Params, frozen=True):
     """Target length of each part; a part starts at the first keyframe at or after each
     multiple of this, so parts are as long as the source's keyframes allow."""
 
+    first_part_seconds: float | None = None
+    """Target length of the first part (default: ``part_seconds``). A short first part
+    is encoded first and soonest, which is what makes a progressive stream playable."""
+    audio: bool = False
+    """Also cut the first audio stream (stream copy) at the parts' start times, as
+    ``audio.NNNN`` beside each ``part.NNNN``: what ``encode-part`` needs to write a
+    playable segment with sound (``segment: true``)."""
+
     def __post_init__(self) -> None:
         _check_seconds("part_seconds", self.part_seconds, 0.5, 3600.0)
+        if self.first_part_seconds is not None:
+            _check_seconds("first_part_seconds", self.first_part_seconds, 0.5, 3600.0)
 
 
 class RenditionParams(Params, frozen=True):
@@ -95,10 +105,17 @@ class EncodePartParams(Params, frozen=True):
     """VBV maximum bitrate in kb/s (capped CRF); 0: uncapped."""
     bufsize_k: int = 0
     """VBV buffer in kb; 0: twice ``maxrate_k``."""
+    segment: bool = False
+    """Also write ``segment.ts``: this part as a playable MPEG-TS HLS segment (the video
+    stream-copied, the part's audio from the split encoded to AAC) on the *whole* video's
+    timeline, so consecutive parts play as one stream while the job still runs."""
+    audio_bitrate_k: int = 128
 
     def __post_init__(self) -> None:
         if not 16 <= self.height <= 4320:
             raise ValueError("height must be within 16..4320")
+        if not 32 <= self.audio_bitrate_k <= 512:
+            raise ValueError("audio_bitrate_k must be within 32..512")
         if not 0 <= self.crf <= 51:
             raise ValueError("crf must be within 0..51")
         _check_seconds("keyframe_seconds", self.keyframe_seconds, 0.5, 60.0)
@@ -150,32 +167,55 @@ class HlsRecipeParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     """Capped CRF: each rung gets a VBV cap (``default_maxrate_k``)."""
     audio_bitrate_k: int = 128
     segment_type: SegmentType = "mpegts"
+    progressive: bool = True
+    """Playable while it runs: every part of every rung is also written as an HLS segment
+    with its audio, the gateway serves playlists that grow as parts finish
+    (``playback_url``), parts are encoded in play order, the lowest rung first."""
+    first_part_seconds: float = 2.0
+    """Length of the first part (progressive only): the first thing a viewer can play."""
+    fast_preset: Preset = "superfast"
+    """x264 preset of the lowest rung (progressive only; never slower than ``preset``):
+    that rung is encoded first and makes the stream playable soonest."""
 
     def __post_init__(self) -> None:
+        _check_seconds("first_part_seconds", self.first_part_seconds, 0.5, 3600.0)
         if not 1 <= len(self.ladder) <= 8 or len(set(self.ladder)) != len(self.ladder):
             raise ValueError("ladder must list 1-8 distinct heights")
 
 
 def hls(params: dict[str, Any]) -> dict[str, StepSpec]:
     """A segment-parallel HLS ladder: probe, split once, encode every part of every rung in
-    parallel, encode the audio once, join each rung, package them all."""
+    parallel, encode the audio once, join each rung, package them all.
+
+    Progressive (the default): the split also cuts the audio per part, every part is also
+    an HLS segment, and the rungs are planned lowest first, so ``play_order`` schedules
+    part 0 of the fast lowest rung before anything else.
+    """
     p = msgspec.convert(params, HlsRecipeParams)
     lowest = min(p.ladder)
+    split: dict[str, Any] = {"part_seconds": p.part_seconds
+                             or max(DEFAULT_PART_SECONDS, p.segment_seconds)}
+    if p.progressive:
+        split.update(first_part_seconds=min(p.first_part_seconds, split["part_seconds"]),
+                     audio=True)
     steps: dict[str, StepSpec] = {
         "probe": StepSpec(stage="probe", uses=[":input"]),
-        "segment": StepSpec(stage="segment", uses=[":input", "probe"],
-                            params={"part_seconds": p.part_seconds
-                                    or max(DEFAULT_PART_SECONDS, p.segment_seconds)}),
+        "segment": StepSpec(stage="segment", uses=[":input", "probe"], params=split),
         "audio": StepSpec(stage="audio-extract", uses=[":input", "probe"],
                           params={"bitrate_k": p.audio_bitrate_k}),
     }
     concats = []
-    for height in sorted(p.ladder, reverse=True):
+    order = sorted(p.ladder) if p.progressive else sorted(p.ladder, reverse=True)
+    for height in order:
         name = rung_name(height)
         encode: dict[str, Any] = {"height": height, "crf": p.crf, "preset": p.preset,
                                   "keyframe_seconds": p.segment_seconds}
         if p.capped:
             encode["maxrate_k"] = default_maxrate_k(height)
+        if p.progressive:
+            encode.update(segment=True, audio_bitrate_k=p.audio_bitrate_k)
+            if height == lowest:
+                encode["preset"] = faster_preset(p.preset, p.fast_preset)
         steps[f"rung_{name}"] = StepSpec(stage="rendition", uses=["probe"],
                                          params={"height": height, "always": height == lowest})
         steps[f"encode_{name}"] = StepSpec(stage="encode-part", each="segment",
@@ -188,6 +228,15 @@ def hls(params: dict[str, Any]) -> dict[str, StepSpec]:
                                 params={"segment_seconds": p.segment_seconds,
                                         "segment_type": p.segment_type})
     return steps
+
+
+_PRESETS: tuple[Preset, ...] = ("ultrafast", "superfast", "veryfast", "faster", "fast",
+                                "medium", "slow")
+
+
+def faster_preset(a: Preset, b: Preset) -> Preset:
+    """The faster of two x264 presets."""
+    return a if _PRESETS.index(a) <= _PRESETS.index(b) else b
 
 
 STAGES: dict[str, StageInfo] = {

@@ -56,16 +56,10 @@ _STILL = (OK, NS, OK, OK, OK, NOA, OK, OK, OK)
 same picture handling a preview, a montage clip, a watermarked or subtitled clip); a
 segmented HLS ladder of one picture is refused (``not_supported``, naming the recipes that
 fit)."""
-GAPS: dict[tuple[str, str], str] = {
-    ("mpeg2-ts", "hls"): BAD,       # the splitter meets TS packets without timestamps
-    ("edit-list", "hls"): "ffmpeg_failed",  # parts ignore the edit list: frame counts differ
-    ("animated-gif", "hls"): "ffmpeg_failed",  # a GIF's part encodes to one frame
-    ("public-webp", "hls"): NS,     # probed as a still, though nothing decodes it
-}
-"""Known gaps (issue 9 stays open for them): what a user gets TODAY where the right answer is
-``ok`` (or ``invalid_input``). Each is a segment-parallel bug, caught by the frame-count check
-or the output checks before anything broken is shipped. The table states them so that
-``make test`` proves the rest and shows the day one is fixed."""
+GAPS: dict[tuple[str, str], str] = {}
+"""Known gaps: what a user gets TODAY where the right answer is another (none now). A cell
+found wrong is stated here, with why, so that ``make test`` proves the rest and shows the day
+it is fixed."""
 _BROKEN = (BAD,) * 9
 
 EXPECTED: dict[str, tuple[str, ...]] = {

@@ -37,6 +37,12 @@ export class ApiError extends Error {
   }
 }
 
+// The Authorization header's value for the key in use, or null (open access): for
+// requests the page cannot make with `api` (the player's, made by hls.js).
+export function authorization() {
+  return apiKey ? `Bearer ${apiKey}` : null;
+}
+
 function headers(extra = {}) {
   const h = new Headers(extra);
   if (apiKey) h.set("Authorization", `Bearer ${apiKey}`);

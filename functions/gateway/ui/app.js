@@ -10,6 +10,7 @@ import {
 } from "./api.js";
 import { renderDag } from "./dag.js";
 import { refreshDlqGroups } from "./dlq.js";
+import { createPlayer } from "./player.js";
 
 const LIST_EVERY_MS = 3000;
 const QUEUE_EVERY_MS = 5000;
@@ -20,6 +21,7 @@ const VIDEO_PREVIEW_MAX_BYTES = 200 * 1024 * 1024;
 const MAX_PREVIEWS = 12; // a frames step may make hundreds: the rest get download links only
 
 const $ = (id) => document.getElementById(id);
+const player = createPlayer($("player-box"), $("player"), $("player-note"));
 
 function h(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -370,6 +372,7 @@ function closeDetail() {
   outputsSeen = "";
   refreshAgain = false;
   $("detail").hidden = true;
+  player.close();
   for (const tr of document.querySelectorAll("#jobs-body tr.selected")) tr.classList.remove("selected");
 }
 
@@ -538,6 +541,7 @@ async function refreshDetail() {
     const job = await api(path);
     if (id !== selectedId) return;
     renderJob(job);
+    player.update(job);
     // The graph and the outputs list change only with step statuses and new outputs: fetch
     // them then, not on every progress tick.
     const shape = Object.entries(job.steps).map(([n, s]) => `${n}:${s.status}`).join("|") || "unplanned";
