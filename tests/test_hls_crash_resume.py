@@ -141,7 +141,8 @@ async def test_sigterm_drains_the_encoder_keeping_its_work(  # type: ignore[no-u
     drained = {**WORKER, "ack_wait_s": "60", "drain_grace_s": grace_s}
     first = await workers.start("encode-part", settings, name="worker1", **drained)
     job_id = await submit_job(rt, [clip], recipe="hls", params={
-        "segment_seconds": 4, "part_seconds": 4, "ladder": [720], "preset": "slow"})
+        "segment_seconds": 4, "part_seconds": 4, "ladder": [720], "preset": "slow",
+        "fast_preset": "slow"})  # the lowest rung is not sped up: parts stay long enough
 
     at_signal = await wait_for_job(rt.services, job_id, timeout=90,
                                    until=lambda r: r.terminal
