@@ -13,7 +13,9 @@ Consumes:
                                       ``changes``: re-plan, delete what the change
                                       invalidates, run from the checkpoints that hold
 Emits:
-  stages.<stage>       StageTask      Nats-Msg-Id <job_id>:<step>:<attempt>
+  stages.<stage>       StageTask      Nats-Msg-Id <job_id>:<step>:<attempt>; to
+  stages.<stage>.bulk                 instead when its tenant is over its fair share
+                                      (``shared.fairshare``)
   events.<tenant>.<id> JobEvent       status changes (``shared.announce``; the first task to
                                       start announces ``running`` the same way)
   jobs.cleanup         JobCleanup     when a job succeeds (Nats-Msg-Id cleanup:<job_id>):
@@ -27,7 +29,7 @@ from collections.abc import Callable
 from functools import partial
 
 from shared import announce, msgids
-from shared.costbook import job_eta, task_prediction
+from shared.costbook import job_backlog, job_eta, task_prediction
 from shared.costmodel import timeout_for
 from shared.errors import ErrorCode, JetcutError, PermanentError, error_info
 from shared.events import (
@@ -44,6 +46,7 @@ from shared.events import (
     TaskInput,
     part_name,
 )
+from shared.fairshare import Lane, bulk_subject
 from shared.function import Context, Function
 from shared.ids import job_id_for
 from shared.jobstate import (
@@ -258,13 +261,27 @@ async def _publish_ready(record: JobRecord, ctx: Context) -> None:
 
 
 async def _publish(record: JobRecord, ctx: Context, tasks: list[tuple[str, int | None]]) -> None:
+    lanes = await _lanes(record, ctx, tasks)
     if record.terminal:
         return
-    for step_name, part in tasks:
+    for (step_name, part), lane in zip(tasks, lanes, strict=True):
         predicted = await task_prediction(ctx.services.costs, record, step_name, part)
         task = _task(record, step_name, part, ctx, predicted)
-        await ctx.services.bus.publish(ctx.services.names.stage(task.stage), task,
-                                       msg_id=task.task_id)
+        subject = ctx.services.names.stage(task.stage)
+        await ctx.services.bus.publish(subject if lane == "fast" else bulk_subject(subject),
+                                       task, msg_id=task.task_id)
+
+
+async def _lanes(record: JobRecord, ctx: Context,
+                 tasks: list[tuple[str, int | None]]) -> list[Lane]:
+    """Each task's lane (fair share by predicted compute-seconds, ``shared.fairshare``);
+    notes the job's backlog in this conductor's ledger, its end included."""
+    fair, costs = ctx.services.fair, ctx.services.costs
+    if fair is None:
+        return ["fast"] * len(tasks)
+    backlog = await job_backlog(costs, record, time.time())
+    predicted = [await task_prediction(costs, record, step, part) for step, part in tasks]
+    return fair.lanes(record.tenant, record.job_id, backlog, predicted)
 
 
 def _task(record: JobRecord, step_name: str, part: int | None, ctx: Context,
