@@ -16,6 +16,7 @@ from collections.abc import Callable
 from loadtests import (
     bench_bus,
     bench_cost,
+    bench_fairshare,
     bench_memory,
     bench_render,
     bench_segment,
@@ -38,6 +39,7 @@ BENCHMARKS: dict[str, Callable[..., BenchResult]] = {
     bench_segment.NAME: bench_segment.run,
     bench_cost.NAME: bench_cost.run,
     bench_triage.NAME: bench_triage.run,
+    bench_fairshare.NAME: bench_fairshare.run,
 }
 
 

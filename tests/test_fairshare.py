@@ -138,3 +138,28 @@ async def test_a_light_job_starts_ahead_of_a_heavy_backlog_only_with_fair_share(
     # Without fair share the same scenario is FIFO: the light encode starts last.
     order, light = await _order(make_settings, clip, fair=False)
     assert order.index(light) == HEAVY_JOBS, order
+
+
+async def test_a_queued_job_in_the_bulk_lane_counts_the_fast_lane_ahead(
+        make_settings: Any, clip_3s: Path) -> None:
+    from functions.gateway.queue import queue_spot
+
+    # The conductor alone (no probe worker): the tasks stay where it put them. (A probe,
+    # not a noop: a noop's ~0.02 predicted seconds round to a backlog of nothing.)
+    settings = make_settings(fair_burst_s=0.0)
+    steps = {"p": {"stage": "probe", "uses": [":input"]}}
+    async with running(settings, [FUNCTIONS["conductor"]]) as runtime:
+        services = runtime.services
+        assert services is not None
+        heavy = []
+        for _ in range(3):
+            heavy.append(await submit_job(runtime, [clip_3s], steps=steps, tenant="heavy"))
+            await wait_for_job(services, heavy[-1], until=lambda r: r.planned)
+        light = await submit_job(runtime, [clip_3s], steps=steps, tenant="light")
+        await wait_for_job(services, light, until=lambda r: r.planned)
+        spots = {job_id: await queue_spot(services, await services.jobs.get(job_id))
+                 for job_id in [*heavy, light]}
+    # Fast lane: the heavy tenant's first job, then the light one; bulk: the other two.
+    assert [(s.stage, s.ahead) for s in (spots[heavy[0]], spots[light], spots[heavy[1]],
+                                         spots[heavy[2]]) if s is not None] == [
+        ("probe", 0), ("probe", 1), ("probe", 2), ("probe", 3)]
