@@ -142,7 +142,9 @@ async def test_a_light_job_starts_ahead_of_a_heavy_backlog_only_with_fair_share(
 
 async def test_a_queued_job_in_the_bulk_lane_counts_the_fast_lane_ahead(
         make_settings: Any, clip_3s: Path) -> None:
-    from functions.gateway.queue import queue_spot
+    from functions.gateway.queue import queue_spot, queue_view
+    from functions.gateway.quotas import Backlog
+    from functions.janitor.sweep import DrainedQueues
 
     # The conductor alone (no probe worker): the tasks stay where it put them. (A probe,
     # not a noop: a noop's ~0.02 predicted seconds round to a backlog of nothing.)
@@ -157,8 +159,19 @@ async def test_a_queued_job_in_the_bulk_lane_counts_the_fast_lane_ahead(
             await wait_for_job(services, heavy[-1], until=lambda r: r.planned)
         light = await submit_job(runtime, [clip_3s], steps=steps, tenant="light")
         await wait_for_job(services, light, until=lambda r: r.planned)
+        # A stage whose only task waits in its bulk lane.
+        thumbs = await submit_job(runtime, [clip_3s], tenant="heavy",
+                                  steps={"t": {"stage": "thumbnail", "uses": [":input"]}})
+        await wait_for_job(services, thumbs, until=lambda r: r.planned)
         spots = {job_id: await queue_spot(services, await services.jobs.get(job_id))
                  for job_id in [*heavy, light]}
+        view = {q.stage: q.pending for q in (await queue_view(services)).stages}
+        depth = await Backlog(services).depth()
+        # The janitor must not take a job waiting in the bulk lane for stuck.
+        waiting = await DrainedQueues(services).all_of(await services.jobs.get(thumbs))
+    assert view == {"probe": 2, "probe.bulk": 2, "thumbnail.bulk": 1}
+    assert depth["probe"] == 4 and depth["thumbnail"] == 1  # backpressure: both lanes
+    assert waiting is False
     # Fast lane: the heavy tenant's first job, then the light one; bulk: the other two.
     assert [(s.stage, s.ahead) for s in (spots[heavy[0]], spots[light], spots[heavy[1]],
                                          spots[heavy[2]]) if s is not None] == [

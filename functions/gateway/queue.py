@@ -117,7 +117,9 @@ async def queue_view(services: Services) -> QueueView:
         subject = info.config.filter_subject or ""
         consumers[names.strip(subject).removeprefix("stages.")] = info
     stages = [
-        await stage_queue(services, stream, stage, names.stage(stage), consumers.get(stage),
+        # A stage's bulk lane (fair share) is its own row, ``<stage>.bulk``.
+        await stage_queue(services, stream, stage, names.qualify(f"stages.{stage}"),
+                          consumers.get(stage),
                           by_stage.get(stage))
         for stage in sorted(set(consumers) | set(by_stage))
     ]
