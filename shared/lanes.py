@@ -6,6 +6,12 @@ a fast task that arrives while it waits on bulk is taken within about one poll, 
 task waits for no longer than the fast pull ahead of it. A pull that finds work returns at
 once, so a busy queue pays nothing extra; an idle worker makes about 2 / ``fair_poll_s`` pull
 requests a second instead of one per ``fetch_timeout_s``.
+
+A worker does not pre-empt a running task, so with every slot busy on bulk work a fast task
+would still wait out a long one. ``overtaking`` gives such a worker up to
+``fair_extra_slots`` more slots, filled from the fast lane only (the consumer loop still
+checks memory and disk headroom before the fetch): while it is busy that way, it polls the
+fast lane every ``fair_poll_s``.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import nats.errors
 import nats.js.errors
@@ -22,14 +28,27 @@ from nats.js import JetStreamContext
 
 log = logging.getLogger(__name__)
 MIN_PULL_S = 0.05
+BULK_SUFFIX = ".bulk"
+
+
+def overtaking_slots(held: Iterable[str], concurrency: int, extra_slots: int) -> int:
+    """Extra slots a worker may fill from the fast lane, given the subjects of the tasks it
+    holds: only when bulk tasks fill all of its ``concurrency`` slots."""
+    subjects = list(held)
+    bulk = sum(s.endswith(BULK_SUFFIX) for s in subjects)
+    if bulk < concurrency:
+        return 0
+    return max(0, concurrency + extra_slots - len(subjects))
 
 
 class BulkLane:
     """The bulk lane's subscription beside one stage consumer's fast one."""
 
     def __init__(self, js: JetStreamContext, *, stream: str, durable: str, poll_s: float,
-                 ensure_consumer: Callable[[], Awaitable[None]]) -> None:
+                 ensure_consumer: Callable[[], Awaitable[None]], extra_slots: int = 0) -> None:
         self.js = js
+        self.extra_slots = extra_slots
+        self._fast_only = False
         self.stream = stream
         self.durable = durable
         self.poll_s = poll_s
@@ -42,13 +61,24 @@ class BulkLane:
                                                           stream=self.stream)
         return self.psub
 
+    def overtaking(self, held: Iterable[Msg], concurrency: int) -> int:
+        """Slots beyond ``concurrency`` the worker may fill now (``overtaking_slots``); when
+        there are some, the next ``fetch`` pulls the fast lane only, for one poll."""
+        slots = overtaking_slots((m.subject for m in held), concurrency, self.extra_slots)
+        self._fast_only = slots > 0
+        return slots
+
     async def fetch(self, fast: JetStreamContext.PullSubscription, batch: int,
                     within_s: float) -> list[Msg]:
-        """Up to ``batch`` messages, fast lane first, within about ``within_s`` seconds.
+        """Up to ``batch`` messages, fast lane first, within about ``within_s`` seconds
+        (one fast-lane poll only, after ``overtaking`` granted slots).
 
         Raises:
             nats.errors.TimeoutError: neither lane had anything (as a plain fetch would).
         """
+        if self._fast_only:
+            self._fast_only = False
+            return await fast.fetch(batch, timeout=self.poll_s)
         deadline = time.monotonic() + within_s
         while True:
             pull = max(MIN_PULL_S, min(self.poll_s, deadline - time.monotonic()))

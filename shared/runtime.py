@@ -155,7 +155,8 @@ class Runtime:
         assert self.services is not None
         return BulkLane(self.services.bus.js, stream=self._stream_of(sub),
                         durable=bulk_durable(sub.durable), poll_s=self.settings.fair_poll_s,
-                        ensure_consumer=partial(self._ensure_consumer, fn, sub, bulk=True))
+                        ensure_consumer=partial(self._ensure_consumer, fn, sub, bulk=True),
+                        extra_slots=self.settings.fair_extra_slots)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)

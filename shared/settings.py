@@ -186,6 +186,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     fair_ledger_ttl_s: Positive = 600.0
     """A conductor forgets a job's queued compute when it has not heard of the job for this
     long (another conductor may have seen it finish)."""
+    fair_extra_slots: NonNegativeInt = 1
+    """A stage worker whose every slot holds a bulk-lane task may take this many more tasks
+    from the fast lane (memory and disk headroom permitting), so a light tenant's task
+    starts at once instead of waiting out a heavy one; 0: never more than ``concurrency``."""
     fair_poll_s: Positive = 0.25
     """An idle stage worker alternates short pulls on its fast and bulk lanes of this length,
     so a fast task waits at most about this long behind an idle bulk pull."""

@@ -12,6 +12,7 @@ import pytest
 from functions.registry import FUNCTIONS
 from shared.fairshare import FairShare, Ledger, bulk_durable, bulk_subject, choose_lane, share_s
 from shared.jobstate import JobRecord, JobStatus, StepStatus
+from shared.lanes import overtaking_slots
 from shared.settings import SettingsError, load_settings
 from tests.support.nats import running, submit_job, wait_for_job
 
@@ -81,6 +82,17 @@ def test_the_ledger_forgets_finished_and_stale_jobs() -> None:
     assert ledger.queued("acme") == 10.0
     assert ledger.queued("beta") == 0.0
     assert ledger.queued("nobody") == 0.0
+
+
+def test_a_worker_full_of_bulk_work_may_take_fast_tasks_beyond_its_slots() -> None:
+    bulk, fast = "t1.stages.transcode.bulk", "t1.stages.transcode"
+    assert overtaking_slots([bulk], 1, 1) == 1
+    assert overtaking_slots([bulk, fast], 1, 1) == 0  # the extra slot is taken
+    assert overtaking_slots([bulk, bulk], 2, 2) == 2
+    assert overtaking_slots([bulk, fast], 2, 1) == 0  # a slot holds fast work: no extra
+    assert overtaking_slots([bulk], 2, 1) == 0  # a slot is free: the usual fetch
+    assert overtaking_slots([bulk], 1, 0) == 0  # turned off
+    assert overtaking_slots([fast], 1, 1) == 0
 
 
 def test_lane_names() -> None:
