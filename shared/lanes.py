@@ -1,11 +1,12 @@
 """A stage worker's two lanes (``shared.fairshare``): take fast first, bulk when it is empty.
 
 The fast lane is the stage's own pull subscription (the consumer loop's); this adds the bulk
-lane's. While idle, the worker alternates short pulls (``fair_poll_s``) on fast then bulk, so
-a fast task that arrives while it waits on bulk is taken within about one poll, and a bulk
-task waits for no longer than the fast pull ahead of it. A pull that finds work returns at
-once, so a busy queue pays nothing extra; an idle worker makes about 2 / ``fair_poll_s`` pull
-requests a second instead of one per ``fetch_timeout_s``.
+lane's. While idle, the worker alternates a pull on fast of ``fair_poll_s`` with a brief one
+(``BULK_PULL_S``) on bulk, so a fast task that arrives while it looks at bulk is taken
+within about ``BULK_PULL_S``, and a bulk task that arrives while it waits on fast within
+about ``fair_poll_s``. A pull that finds work returns at once, so a busy queue pays nothing
+extra; an idle worker makes about 2 / ``fair_poll_s`` pull requests a second instead of one
+per ``fetch_timeout_s``.
 
 A worker does not pre-empt a running task, so with every slot busy on bulk work a fast task
 would still wait out a long one. ``overtaking`` gives such a worker up to
@@ -28,6 +29,9 @@ from nats.js import JetStreamContext
 
 log = logging.getLogger(__name__)
 MIN_PULL_S = 0.05
+BULK_PULL_S = 0.05
+"""How long an idle worker waits on its bulk lane: a waiting message is delivered at once,
+so a short pull loses no bulk work, and keeps a fast task from waiting behind it."""
 BULK_SUFFIX = ".bulk"
 
 
@@ -85,7 +89,7 @@ class BulkLane:
             with contextlib.suppress(nats.errors.TimeoutError, TimeoutError):
                 return await fast.fetch(batch, timeout=pull)
             with contextlib.suppress(nats.errors.TimeoutError, TimeoutError):
-                return await self._fetch_bulk(batch, pull)
+                return await self._fetch_bulk(batch, BULK_PULL_S)
             if time.monotonic() >= deadline:
                 raise nats.errors.TimeoutError
 
