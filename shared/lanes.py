@@ -1,12 +1,14 @@
 """A stage worker's two lanes (``shared.fairshare``): take fast first, bulk when it is empty.
 
 The fast lane is the stage's own pull subscription (the consumer loop's); this adds the bulk
-lane's. While idle, the worker alternates a pull on fast of ``fair_poll_s`` with a brief one
-(``BULK_PULL_S``) on bulk, so a fast task that arrives while it looks at bulk is taken
-within about ``BULK_PULL_S``, and a bulk task that arrives while it waits on fast within
-about ``fair_poll_s``. A pull that finds work returns at once, so a busy queue pays nothing
-extra; an idle worker makes about 2 / ``fair_poll_s`` pull requests a second instead of one
-per ``fetch_timeout_s``.
+lane's. Each round asks the fast consumer how many tasks it has undelivered (one
+CONSUMER.INFO round trip, about a millisecond) and pulls fast when it has some; otherwise it
+takes a brief look at bulk (``BULK_PULL_S``, where a waiting task is delivered at once), and
+when that is empty too waits on fast for ``fair_poll_s``. So a run of bulk tasks costs one
+round trip each, not a pull that waits out an empty fast lane; a fast task that arrives
+while the worker looks at bulk is taken within about ``BULK_PULL_S``; a bulk task that
+arrives at an idle worker within about ``fair_poll_s``. An idle worker makes a few requests
+a second instead of one per ``fetch_timeout_s``.
 
 A worker does not pre-empt a running task, so with every slot busy on bulk work a fast task
 would still wait out a long one. ``overtaking`` gives such a worker up to
@@ -48,9 +50,11 @@ def overtaking_slots(held: Iterable[str], concurrency: int, extra_slots: int) ->
 class BulkLane:
     """The bulk lane's subscription beside one stage consumer's fast one."""
 
-    def __init__(self, js: JetStreamContext, *, stream: str, durable: str, poll_s: float,
-                 ensure_consumer: Callable[[], Awaitable[None]], extra_slots: int = 0) -> None:
+    def __init__(self, js: JetStreamContext, *, stream: str, durable: str, fast_durable: str,
+                 poll_s: float, ensure_consumer: Callable[[], Awaitable[None]],
+                 extra_slots: int = 0) -> None:
         self.js = js
+        self.fast_durable = fast_durable
         self.extra_slots = extra_slots
         self._fast_only = False
         self.stream = stream
@@ -85,13 +89,23 @@ class BulkLane:
             return await fast.fetch(batch, timeout=self.poll_s)
         deadline = time.monotonic() + within_s
         while True:
+            if not await self._fast_pending():
+                with contextlib.suppress(nats.errors.TimeoutError, TimeoutError):
+                    return await self._fetch_bulk(batch, BULK_PULL_S)
             pull = max(MIN_PULL_S, min(self.poll_s, deadline - time.monotonic()))
             with contextlib.suppress(nats.errors.TimeoutError, TimeoutError):
                 return await fast.fetch(batch, timeout=pull)
-            with contextlib.suppress(nats.errors.TimeoutError, TimeoutError):
-                return await self._fetch_bulk(batch, BULK_PULL_S)
             if time.monotonic() >= deadline:
                 raise nats.errors.TimeoutError
+
+    async def _fast_pending(self) -> bool:
+        """Whether the fast lane has undelivered tasks (True when it cannot tell: the fast
+        pull then finds out, and raises what the consumer loop knows how to handle)."""
+        try:
+            info = await self.js.consumer_info(self.stream, self.fast_durable)
+        except Exception:
+            return True
+        return bool(info.num_pending)
 
     async def _fetch_bulk(self, batch: int, pull: float) -> list[Msg]:
         try:

@@ -154,7 +154,8 @@ class Runtime:
         """A stage's bulk lane (fair share, ``shared.fairshare``), beside its own consumer."""
         assert self.services is not None
         return BulkLane(self.services.bus.js, stream=self._stream_of(sub),
-                        durable=bulk_durable(sub.durable), poll_s=self.settings.fair_poll_s,
+                        durable=bulk_durable(sub.durable), fast_durable=sub.durable,
+                        poll_s=self.settings.fair_poll_s,
                         ensure_consumer=partial(self._ensure_consumer, fn, sub, bulk=True),
                         extra_slots=self.settings.fair_extra_slots)
 

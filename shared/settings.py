@@ -191,9 +191,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     from the fast lane (memory and disk headroom permitting), so a light tenant's task
     starts at once instead of waiting out a heavy one; 0: never more than ``concurrency``."""
     fair_poll_s: Positive = 0.25
-    """An idle stage worker alternates pulls of this length on its fast lane with brief ones
-    (50 ms) on its bulk lane: a bulk task arriving at an idle worker waits at most about
-    this long; a busy worker polls its fast lane this often for an extra slot."""
+    """An idle stage worker waits this long on its fast lane between brief looks (50 ms) at
+    its bulk lane: a bulk task arriving at an idle worker waits at most about this long; a
+    worker busy with bulk work polls its fast lane this often for an extra slot."""
     output_checks: bool = True
     """Verify every media output before its step may finish (shared/media/verify.py)."""
     output_check_metric: Literal["auto", "vmaf", "ssim", "off"] = "auto"
