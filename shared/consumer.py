@@ -90,7 +90,7 @@ class ConsumerLoop:
             while not stop.is_set():
                 free = self.concurrency - len(self.inflight)
                 if free <= 0 and self.bulk is not None:
-                    free = self.bulk.overtaking(self.inflight.values(), self.concurrency)
+                    free = self.bulk.overtaking(self.inflight, self.concurrency)
                 if free <= 0:
                     await self._wait_for_slot(stop)
                     continue

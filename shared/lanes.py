@@ -19,10 +19,11 @@ fast lane every ``fair_poll_s``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 import nats.errors
 import nats.js.errors
@@ -56,7 +57,9 @@ class BulkLane:
         self.js = js
         self.fast_durable = fast_durable
         self.extra_slots = extra_slots
-        self._fast_only = False
+        self._holding: list[asyncio.Task[None]] = []
+        """The bulk tasks in hand when ``overtaking`` granted extra slots: the fast-lane poll
+        that follows ends as soon as one of them does (a normal slot is then free)."""
         self.stream = stream
         self.durable = durable
         self.poll_s = poll_s
@@ -69,11 +72,13 @@ class BulkLane:
                                                           stream=self.stream)
         return self.psub
 
-    def overtaking(self, held: Iterable[Msg], concurrency: int) -> int:
-        """Slots beyond ``concurrency`` the worker may fill now (``overtaking_slots``); when
-        there are some, the next ``fetch`` pulls the fast lane only, for one poll."""
-        slots = overtaking_slots((m.subject for m in held), concurrency, self.extra_slots)
-        self._fast_only = slots > 0
+    def overtaking(self, held: Mapping[asyncio.Task[None], Msg], concurrency: int) -> int:
+        """Slots beyond ``concurrency`` the worker may fill now (``overtaking_slots``), from
+        its tasks in hand and their messages; when there are some, the next ``fetch`` pulls
+        the fast lane only, for one poll or until a task in hand is done."""
+        slots = overtaking_slots((m.subject for m in held.values()), concurrency,
+                                 self.extra_slots)
+        self._holding = list(held) if slots > 0 else []
         return slots
 
     async def fetch(self, fast: JetStreamContext.PullSubscription, batch: int,
@@ -84,9 +89,9 @@ class BulkLane:
         Raises:
             nats.errors.TimeoutError: neither lane had anything (as a plain fetch would).
         """
-        if self._fast_only:
-            self._fast_only = False
-            return await fast.fetch(batch, timeout=self.poll_s)
+        if self._holding:
+            holding, self._holding = self._holding, []
+            return await self._fast_while_busy(fast, batch, holding)
         deadline = time.monotonic() + within_s
         while True:
             if not await self._fast_pending():
@@ -97,6 +102,20 @@ class BulkLane:
                 return await fast.fetch(batch, timeout=pull)
             if time.monotonic() >= deadline:
                 raise nats.errors.TimeoutError
+
+    async def _fast_while_busy(self, fast: JetStreamContext.PullSubscription, batch: int,
+                               holding: list[asyncio.Task[None]]) -> list[Msg]:
+        """One fast-lane poll that gives up once a task in hand finishes: the worker then
+        has a normal slot, and the bulk lane may have the next task for it. (A message the
+        given-up pull still receives waits in the subscription for its next fast pull.)"""
+        pull = asyncio.ensure_future(fast.fetch(batch, timeout=self.poll_s))
+        await asyncio.wait([pull, *holding], return_when=asyncio.FIRST_COMPLETED)
+        if pull.done():
+            return pull.result()
+        pull.cancel()
+        with contextlib.suppress(asyncio.CancelledError, nats.errors.TimeoutError, TimeoutError):
+            await pull
+        return []
 
     async def _fast_pending(self) -> bool:
         """Whether the fast lane has undelivered tasks (True when it cannot tell: the fast

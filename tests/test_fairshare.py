@@ -188,3 +188,43 @@ async def test_a_queued_job_in_the_bulk_lane_counts_the_fast_lane_ahead(
     assert [(s.stage, s.ahead) for s in (spots[heavy[0]], spots[light], spots[heavy[1]],
                                          spots[heavy[2]]) if s is not None] == [
         ("probe", 0), ("probe", 1), ("probe", 2), ("probe", 3)]
+
+
+def _steps(preset: str) -> dict[str, Any]:
+    return {"probe": {"stage": "probe", "uses": [":input"]},
+            "encode": {"stage": "transcode", "uses": [":input", "probe"],
+                       "params": {"preset": preset, "max_height": 360}}}
+
+
+async def _light_during_bulk(make_settings: Any, short: Path, long: Path,
+                             extra_slots: int) -> tuple[JobRecord, JobRecord]:
+    """One worker (concurrency 1) busy with a long bulk-lane encode when a light job comes:
+    the bulk job's record and the light job's, once both are done."""
+    settings = make_settings(fair_burst_s=0.0, output_checks=False, ffmpeg_threads=1,
+                             concurrency=1, fair_extra_slots=extra_slots)
+    fns = [FUNCTIONS[f] for f in ("conductor", "probe", "transcode")]
+    async with running(settings, fns) as runtime:
+        services = runtime.services
+        assert services is not None
+        # The heavy tenant's first job takes the fast lane, its second (long) one bulk.
+        first = await submit_job(runtime, [short], steps=_steps("ultrafast"), tenant="heavy")
+        bulk = await submit_job(runtime, [long], steps=_steps("medium"), tenant="heavy")
+        await wait_for_job(services, first)
+        await wait_for_job(services, bulk, until=lambda r: r.steps["encode"].started_at
+                           is not None)
+        light = await submit_job(runtime, [short], steps=_steps("ultrafast"), tenant="light")
+        records = [await wait_for_job(services, j, timeout=90) for j in (bulk, light)]
+    assert all(r.status == JobStatus.SUCCEEDED for r in records), [r.error for r in records]
+    return records[0], records[1]
+
+
+async def test_a_worker_busy_with_bulk_work_starts_a_light_task_beside_it(
+        make_settings: Any, make_clip: Any) -> None:
+    short = make_clip("fair", duration=1.0, width=320, height=180, audio=False)
+    long = make_clip("fair-long", duration=12.0, width=640, height=360, audio=False)
+    bulk, light = await _light_during_bulk(make_settings, short, long, extra_slots=1)
+    # The light encode started while the bulk one still ran (the extra slot) ...
+    assert (light.steps["encode"].started_at or 0) < (bulk.steps["encode"].finished_at or 0)
+    # ... and without the extra slot it waits until the bulk one is done.
+    bulk, light = await _light_during_bulk(make_settings, short, long, extra_slots=0)
+    assert (light.steps["encode"].started_at or 0) >= (bulk.steps["encode"].finished_at or 0)
