@@ -14,7 +14,7 @@ A worker does not pre-empt a running task, so with every slot busy on bulk work 
 would still wait out a long one. ``overtaking`` gives such a worker up to
 ``fair_extra_slots`` more slots, filled from the fast lane only (the consumer loop still
 checks memory and disk headroom before the fetch): while it is busy that way, it polls the
-fast lane every ``fair_poll_s``.
+fast lane every ``fair_poll_s``, each poll ending early when a task in hand finishes.
 """
 
 from __future__ import annotations
@@ -30,12 +30,13 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from shared.fairshare import BULK_SUFFIX
+
 log = logging.getLogger(__name__)
 MIN_PULL_S = 0.05
 BULK_PULL_S = 0.05
 """How long an idle worker waits on its bulk lane: a waiting message is delivered at once,
 so a short pull loses no bulk work, and keeps a fast task from waiting behind it."""
-BULK_SUFFIX = ".bulk"
 
 
 def overtaking_slots(held: Iterable[str], concurrency: int, extra_slots: int) -> int:
