@@ -208,7 +208,8 @@ async def _light_during_bulk(make_settings: Any, short: Path, long: Path,
         assert services is not None
         # The heavy tenant's first job takes the fast lane, its second (long) one bulk.
         first = await submit_job(runtime, [short], steps=_steps("ultrafast"), tenant="heavy")
-        bulk = await submit_job(runtime, [long], steps=_steps("medium"), tenant="heavy")
+        # Slow enough to outlast the light job's probe many times over, even under load.
+        bulk = await submit_job(runtime, [long], steps=_steps("slow"), tenant="heavy")
         await wait_for_job(services, first)
         await wait_for_job(services, bulk, until=lambda r: r.steps["encode"].started_at
                            is not None)
@@ -221,7 +222,7 @@ async def _light_during_bulk(make_settings: Any, short: Path, long: Path,
 async def test_a_worker_busy_with_bulk_work_starts_a_light_task_beside_it(
         make_settings: Any, make_clip: Any) -> None:
     short = make_clip("fair", duration=1.0, width=320, height=180, audio=False)
-    long = make_clip("fair-long", duration=12.0, width=640, height=360, audio=False)
+    long = make_clip("fair-long", duration=16.0, width=640, height=360, audio=False)
     bulk, light = await _light_during_bulk(make_settings, short, long, extra_slots=1)
     # The light encode started while the bulk one still ran (the extra slot) ...
     assert (light.steps["encode"].started_at or 0) < (bulk.steps["encode"].finished_at or 0)
