@@ -16,6 +16,7 @@ from collections.abc import Callable
 from loadtests import (
     bench_bus,
     bench_cost,
+    bench_fairshare,
     bench_hls,
     bench_memory,
     bench_render,
@@ -42,6 +43,7 @@ BENCHMARKS: dict[str, Callable[..., BenchResult]] = {
     bench_triage.NAME: bench_triage.run,
     bench_scale.NAME: bench_scale.run,
     bench_hls.NAME: bench_hls.run,
+    bench_fairshare.NAME: bench_fairshare.run,
 }
 
 

@@ -42,6 +42,7 @@ from shared.errors import ErrorCode, StoreUnavailable
 from shared.events import DeadLetter, ErrorInfo, decode
 from shared.function import Context, Delivery, Subscription
 from shared.k8s_podcost import TasksInHand
+from shared.lanes import BulkLane
 from shared.retry import TRANSIENT_NATS_OR_CLOSED, policy_for, settle
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,11 @@ class ConsumerLoop:
         self, sub: Subscription[Any], ctx: Context, *, stream: str, subject: str,
         ensure_consumer: Any, headroom: Headroom | None = None,
         breaker: StoreBreaker | None = None, in_hand: TasksInHand | None = None,
+        bulk: BulkLane | None = None,
     ) -> None:
         self.sub = sub
+        self.bulk = bulk
+        """A stage's bulk lane (``shared.lanes``): fetched from when the fast one is empty."""
         self.in_hand = in_hand
         self.ctx = ctx
         self.stream = stream
@@ -92,6 +96,8 @@ class ConsumerLoop:
         try:
             while not stop.is_set():
                 free = self.concurrency - len(self.inflight)
+                if free <= 0 and self.bulk is not None:
+                    free = self.bulk.overtaking(self.inflight, self.concurrency)
                 if free <= 0:
                     await self._wait_for_slot(stop)
                     continue
@@ -109,6 +115,8 @@ class ConsumerLoop:
                         task.add_done_callback(self.in_hand.settled)
         finally:
             await self._drain()
+            if self.bulk is not None:
+                await self.bulk.close()
             if self.psub is not None:
                 with contextlib.suppress(Exception):
                     await self.psub.unsubscribe()
@@ -153,7 +161,10 @@ class ConsumerLoop:
     async def _fetch(self, batch: int) -> list[Msg]:
         assert self.psub is not None
         try:
-            msgs = await self.psub.fetch(batch, timeout=self.settings.fetch_timeout_s)
+            if self.bulk is not None:
+                msgs = await self.bulk.fetch(self.psub, batch, self.settings.fetch_timeout_s)
+            else:
+                msgs = await self.psub.fetch(batch, timeout=self.settings.fetch_timeout_s)
         except (nats.errors.TimeoutError, TimeoutError):
             # nats-py raises its own TimeoutError for batch=1 and the builtin for batch>1.
             await self._watchdog()

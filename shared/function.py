@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from shared.bus import Bus
     from shared.cancellation import CancelWatch
     from shared.costbook import CostBook
+    from shared.fairshare import FairShare
     from shared.jobstore import JobStore
     from shared.media import Binaries, FFmpegRunner
     from shared.store import ObjectStore
@@ -49,6 +50,9 @@ class Services:
     costs: CostBook | None = None
     """The cost model's calibrated coefficients (``shared.costbook``): step deadlines, ETAs,
     admission. None only where a process was wired without one (predictions use priors)."""
+    fair: FairShare | None = None
+    """The lane chooser for stage tasks (``shared.fairshare``): the conductor publishes with
+    it. None where a process was wired without one (every task takes the fast lane)."""
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,11 @@ from shared.bus import Bus, connect
 from shared.cancellation import CancelWatch
 from shared.consumer import ConsumerLoop
 from shared.costbook import CostBook
+from shared.fairshare import FairShare, bulk_durable, bulk_subject
 from shared.function import Context, Function, Services, Subscription
 from shared.jobstore import JobStore
 from shared.k8s_podcost import PodRef, TasksInHand, pod_from_environment
+from shared.lanes import BulkLane
 from shared.media import Binaries, FFmpegRunner, find_binaries
 from shared.retry import policy_for
 from shared.settings import Settings
@@ -84,10 +86,13 @@ class Runtime:
     def _stream_of(self, sub: Subscription[Any]) -> str:
         return self.names.stream(sub.family)
 
-    def _consumer(self, fn: Function, sub: Subscription[Any]) -> api.ConsumerConfig:
+    def _consumer(self, fn: Function, sub: Subscription[Any], *,
+                  bulk: bool = False) -> api.ConsumerConfig:
         s = self.settings
+        subject = sub.subject(self.names)
         return consumer_config(
-            durable=sub.durable, subject=sub.subject(self.names), ack_wait=s.ack_wait_s,
+            durable=bulk_durable(sub.durable) if bulk else sub.durable,
+            subject=bulk_subject(subject) if bulk else subject, ack_wait=s.ack_wait_s,
             max_deliver=policy_for(s, fn.name).max_deliver,
             max_ack_pending=s.max_ack_pending, replicas=s.replicas,
         )
@@ -99,7 +104,9 @@ class Runtime:
         subs = [(fn, sub) for fn in self.functions for sub in fn.subscriptions]
         kv = await provision(
             bus.js, self.names, self.settings,
-            [(self._stream_of(sub), self._consumer(fn, sub)) for fn, sub in subs],
+            [(self._stream_of(sub), self._consumer(fn, sub)) for fn, sub in subs]
+            + [(self._stream_of(sub), self._consumer(fn, sub, bulk=True))
+               for fn, sub in subs if sub.family == "stages"],
         )
         store = self._store or open_store(self.settings)
         await store.ensure_ready()
@@ -110,6 +117,7 @@ class Runtime:
             settings=self.settings, names=self.names, bus=bus, jobs=JobStore(kv), store=store,
             telemetry=self.telemetry, media=MediaTools(self.settings), cancels=cancels,
             costs=CostBook.lazy(bus.js, self.names, self.settings),
+            fair=FairShare(self.settings),
         )
         headroom = Headroom(self.settings)
         breaker = StoreBreaker(
@@ -128,6 +136,7 @@ class Runtime:
                     ensure_consumer=partial(self._ensure_consumer, fn, sub),
                     headroom=headroom if sub.family == "stages" else None, breaker=breaker,
                     in_hand=self.in_hand if sub.family == "stages" else None,
+                    bulk=self._bulk_lane(fn, sub) if sub.family == "stages" else None,
                 )
                 self.loops.append(loop)
                 self._spawn(loop.run(self.stop_event), f"{fn.name}:{sub.durable}")
@@ -135,9 +144,20 @@ class Runtime:
                 self._spawn(fn.service(self.services, self.stop_event), f"{fn.name}:service")
         return self.services
 
-    async def _ensure_consumer(self, fn: Function, sub: Subscription[Any]) -> None:
+    async def _ensure_consumer(self, fn: Function, sub: Subscription[Any], *,
+                               bulk: bool = False) -> None:
         assert self.services is not None
-        await self.services.bus.js.add_consumer(self._stream_of(sub), self._consumer(fn, sub))
+        await self.services.bus.js.add_consumer(self._stream_of(sub),
+                                                self._consumer(fn, sub, bulk=bulk))
+
+    def _bulk_lane(self, fn: Function, sub: Subscription[Any]) -> BulkLane:
+        """A stage's bulk lane (fair share, ``shared.fairshare``), beside its own consumer."""
+        assert self.services is not None
+        return BulkLane(self.services.bus.js, stream=self._stream_of(sub),
+                        durable=bulk_durable(sub.durable), fast_durable=sub.durable,
+                        poll_s=self.settings.fair_poll_s,
+                        ensure_consumer=partial(self._ensure_consumer, fn, sub, bulk=True),
+                        extra_slots=self.settings.fair_extra_slots)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)

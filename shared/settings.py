@@ -172,6 +172,28 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Admission: the gateway refuses a job (``429 over_budget``) when the submitting
     tenant's predicted compute-seconds still to run, this job included, would exceed this;
     0 turns the check off."""
+    fair_share: bool = True
+    """Fair share by predicted compute-seconds (shared/fairshare.py): the conductor sends a
+    task of a tenant already holding more than its share of queued compute to the stage's
+    bulk lane (``stages.<stage>.bulk``), which workers take only when the fast lane is empty;
+    off, every task goes to ``stages.<stage>`` (FIFO across tenants)."""
+    fair_burst_s: NonNegativeFloat = 60.0
+    """A tenant's share: it may have this many predicted compute-seconds queued (times its
+    weight) before its further tasks go to the bulk lane."""
+    tenant_weights: dict[str, Positive] = {}
+    """Per-tenant weight of the share, JSON (``{"acme": 2, "beta": 0.5}``); unlisted tenants
+    weigh 1."""
+    fair_ledger_ttl_s: Positive = 600.0
+    """A conductor forgets a job's queued compute when it has not heard of the job for this
+    long (another conductor may have seen it finish)."""
+    fair_extra_slots: NonNegativeInt = 1
+    """A stage worker whose every slot holds a bulk-lane task may take this many more tasks
+    from the fast lane (memory and disk headroom permitting), so a light tenant's task
+    starts at once instead of waiting out a heavy one; 0: never more than ``concurrency``."""
+    fair_poll_s: Positive = 0.25
+    """An idle stage worker waits this long on its fast lane between brief looks (50 ms) at
+    its bulk lane: a bulk task arriving at an idle worker waits at most about this long; a
+    worker busy with bulk work polls its fast lane this often for an extra slot."""
     output_checks: bool = True
     """Verify every media output before its step may finish (shared/media/verify.py)."""
     output_check_metric: Literal["auto", "vmaf", "ssim", "off"] = "auto"
@@ -298,7 +320,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         return self.public_url or f"http://{self.http_host}:{self.http_port}"
 
 
-JSON_FIELDS = ("retry_policy", "ingest_rules")
+JSON_FIELDS = ("retry_policy", "ingest_rules", "tenant_weights")
 """Settings whose variable holds JSON (a mapping), not a plain value."""
 
 

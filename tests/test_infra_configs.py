@@ -322,16 +322,18 @@ def test_k8s_stages_scale_on_their_consumer_lag() -> None:
     assert set(scaled) == set(STAGES)
     deployments = {d["metadata"]["name"]: d for d in jetcut_deployments()}
     for stage, so in scaled.items():
-        (trigger,) = so["spec"]["triggers"]
-        meta = trigger["metadata"]
-        assert trigger["type"] == "nats-jetstream"
-        assert meta["stream"] == "STAGES"
-        assert meta["consumer"] == f"stage-{stage}"
+        # Both lanes of the stage (fair share: the fast one, then the bulk one).
+        fast, bulk = so["spec"]["triggers"]
         container = deployments[stage]["spec"]["template"]["spec"]["containers"][0]
         assert container["args"] == ["run", stage]
-        # One replica per JETCUT_CONCURRENCY tasks of lag.
         concurrency = load_settings(_container_env(deployments[stage])).concurrency
-        assert int(meta["lagThreshold"]) == concurrency
+        for trigger, consumer in ((fast, f"stage-{stage}"), (bulk, f"stage-{stage}-bulk")):
+            meta = trigger["metadata"]
+            assert trigger["type"] == "nats-jetstream"
+            assert meta["stream"] == "STAGES"
+            assert meta["consumer"] == consumer
+            # One replica per JETCUT_CONCURRENCY tasks of lag.
+            assert int(meta["lagThreshold"]) == concurrency
 
 
 def test_kustomization_lists_every_manifest() -> None:

@@ -13,7 +13,9 @@ Consumes:
                                       ``changes``: re-plan, delete what the change
                                       invalidates, run from the checkpoints that hold
 Emits:
-  stages.<stage>       StageTask      Nats-Msg-Id <job_id>:<step>:<attempt>
+  stages.<stage>       StageTask      Nats-Msg-Id <job_id>:<step>:<attempt>; to
+  stages.<stage>.bulk                 instead when its tenant is over its fair share
+                                      (``shared.fairshare``)
   events.<tenant>.<id> JobEvent       status changes (``shared.announce``; the first task to
                                       start announces ``running`` the same way)
   jobs.cleanup         JobCleanup     when a job succeeds (Nats-Msg-Id cleanup:<job_id>):
@@ -28,7 +30,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
 
 from shared import announce, msgids, playback
-from shared.costbook import job_eta, task_prediction
+from shared.costbook import job_backlog, job_eta, task_prediction
 from shared.costmodel import timeout_for
 from shared.errors import ErrorCode, JetcutError, PermanentError, error_info
 from shared.events import (
@@ -45,6 +47,7 @@ from shared.events import (
     TaskInput,
     part_name,
 )
+from shared.fairshare import Lane, bulk_subject
 from shared.function import Context, Function
 from shared.ids import job_id_for
 from shared.jobstate import (
@@ -287,14 +290,19 @@ async def _publish(record: JobRecord, ctx: Context, tasks: list[tuple[str, int |
     """Publish ``tasks`` at once, each still awaiting its own PubAck: a fan-out of N parts
     costs one round trip of wall time, not N. If any publish fails, the message is
     redelivered and all are published again (their ids make repeats no-ops)."""
+    lanes = await _lanes(record, ctx, tasks)  # also notes a finished job's end in the ledger
     if record.terminal or not tasks:
         return
     bus, names = ctx.services.bus, ctx.services.names
     built = [_task(record, step_name, part, ctx,
                    await task_prediction(ctx.services.costs, record, step_name, part))
              for step_name, part in tasks]
-    await _all(bus.publish(names.stage(task.stage), task, msg_id=task.task_id)
-               for task in built)
+    await _all(bus.publish(_subject(names.stage(task.stage), lane), task, msg_id=task.task_id)
+               for task, lane in zip(built, lanes, strict=True))
+
+
+def _subject(fast: str, lane: Lane) -> str:
+    return fast if lane == "fast" else bulk_subject(fast)
 
 
 async def _all(publishes: Iterable[Awaitable[object]]) -> None:
@@ -304,6 +312,18 @@ async def _all(publishes: Iterable[Awaitable[object]]) -> None:
     for result in results:
         if isinstance(result, BaseException):
             raise result
+
+
+async def _lanes(record: JobRecord, ctx: Context,
+                 tasks: list[tuple[str, int | None]]) -> list[Lane]:
+    """Each task's lane (fair share by predicted compute-seconds, ``shared.fairshare``);
+    notes the job's backlog in this conductor's ledger, its end included."""
+    fair, costs = ctx.services.fair, ctx.services.costs
+    if fair is None:
+        return ["fast"] * len(tasks)
+    backlog = await job_backlog(costs, record, time.time())
+    predicted = [await task_prediction(costs, record, step, part) for step, part in tasks]
+    return fair.lanes(record.tenant, record.job_id, backlog, predicted)
 
 
 def _task(record: JobRecord, step_name: str, part: int | None, ctx: Context,

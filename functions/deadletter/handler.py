@@ -45,9 +45,11 @@ class MaxDeliveries(Event, tag="io.nats.jetstream.advisory.v1.max_deliver", kw_o
 
 
 def function_of(consumer: str, *, stage: bool) -> str:
-    """The function behind a consumer: ``stage-<function>`` on STAGES, ``<function>-<handler>``
+    """The function behind a consumer: ``stage-<function>`` (or its bulk lane,
+    ``stage-<function>-bulk``: ``shared.fairshare``) on STAGES, ``<function>-<handler>``
     on JOBS (``shared.function.Function.subscribe``'s naming)."""
-    name = consumer.removeprefix("stage-") if stage else consumer.split("-", 1)[0]
+    name = (consumer.removeprefix("stage-").removesuffix("-bulk") if stage
+            else consumer.split("-", 1)[0])
     return name if TOKEN_RE.match(name) else "unknown"
 
 

@@ -9,6 +9,9 @@ the oldest pending age.
 A queued job's position is counted, not estimated: starting at the stage consumer's first
 undelivered sequence, the tasks on ``stages.<stage>`` are read in order until the job's
 own (at most ``JETCUT_QUEUE_POSITION_SCAN`` reads; beyond that it is reported ``capped``).
+A task in the stage's bulk lane (``stages.<stage>.bulk``, fair share) waits behind every
+task of the fast lane too, so those are counted first. The bulk lane also shows up in the
+queue view as its own row, ``<stage>.bulk``.
 A job the conductor has not planned yet waits the same way in ``jobs.submit``.
 """
 
@@ -24,6 +27,7 @@ from nats.js.errors import NotFoundError
 from functions.gateway.deps import ServicesDep
 from functions.gateway.openapi import errors
 from functions.gateway.views import QueueSpot
+from shared.fairshare import bulk_subject
 from shared.function import Services
 from shared.jobstate import JobRecord, JobStatus, StepStatus
 
@@ -113,7 +117,9 @@ async def queue_view(services: Services) -> QueueView:
         subject = info.config.filter_subject or ""
         consumers[names.strip(subject).removeprefix("stages.")] = info
     stages = [
-        await stage_queue(services, stream, stage, names.stage(stage), consumers.get(stage),
+        # A stage's bulk lane (fair share) is its own row, ``<stage>.bulk``.
+        await stage_queue(services, stream, stage, names.qualify(f"stages.{stage}"),
+                          consumers.get(stage),
                           by_stage.get(stage))
         for stage in sorted(set(consumers) | set(by_stage))
     ]
@@ -140,14 +146,16 @@ class QueueController(Controller):
 
 
 async def _walk(services: Services, stream: str, subject: str, start: int, job_id: str,
-                stage: str) -> QueueSpot:
-    """Count the messages on ``subject`` from ``start`` until the job's own."""
+                stage: str, *, ahead: int = 0, missing: QueueSpot | None = None) -> QueueSpot:
+    """Count the messages on ``subject`` from ``start`` until the job's own, after ``ahead``
+    counted already; ``missing`` (default: next in line) when the job's is not there."""
     cap = services.settings.queue_position_scan
-    seq, ahead = start, 0
+    seq = start
     while ahead < cap:
         msg = await _next(services, stream, subject, seq)
         if msg is None:
-            return QueueSpot(stage=stage, ahead=0, capped=False)  # delivered meanwhile
+            # Delivered meanwhile, unless the caller looks elsewhere next.
+            return missing or QueueSpot(stage=stage, ahead=0, capped=False)
         try:
             if _job_ref.decode(msg.data or b"").job_id == job_id:
                 return QueueSpot(stage=stage, ahead=ahead, capped=False)
@@ -172,9 +180,22 @@ async def queue_spot(services: Services, record: JobRecord) -> QueueSpot | None:
     if not ready:
         return None
     stage = min(ready, key=lambda s: s.ready_at or 0.0).stage
-    subject = names.stage(stage)
+    subject, bulk = names.stage(stage), bulk_subject(names.stage(stage))
     # No consumer yet (no worker of the stage ever started): every task on it is ahead.
-    found = [i for i in await services.bus.js.consumers_info(names.stages_stream)
-             if i.config.filter_subject == subject]
-    start = _first_undelivered(found[0] if found else None)
-    return await _walk(services, names.stages_stream, subject, start, record.job_id, stage)
+    consumers = {i.config.filter_subject: i
+                 for i in await services.bus.js.consumers_info(names.stages_stream)}
+    start = _first_undelivered(consumers.get(subject))
+    not_fast = QueueSpot(stage=stage, ahead=-1)
+    spot = await _walk(services, names.stages_stream, subject, start, record.job_id, stage,
+                       missing=not_fast)
+    if spot is not not_fast:
+        return spot
+    # In the bulk lane: behind every undelivered task of the fast lane.
+    fast = consumers.get(subject)
+    if fast is not None:
+        before = fast.num_pending or 0
+    else:  # nothing delivered yet: every task on it
+        info = await services.bus.js.stream_info(names.stages_stream, subjects_filter=subject)
+        before = (info.state.subjects or {}).get(subject, 0)
+    return await _walk(services, names.stages_stream, bulk, _first_undelivered(
+        consumers.get(bulk)), record.job_id, stage, ahead=before)

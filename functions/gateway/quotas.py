@@ -156,8 +156,11 @@ class Backlog:
             s = self.services
             info = await s.bus.js.stream_info(s.names.stages_stream,
                                               subjects_filter=s.names.all("stages"))
-            depth = {s.names.strip(subject).removeprefix("stages."): count
-                     for subject, count in (info.state.subjects or {}).items()}
+            depth: dict[str, int] = {}
+            for subject, count in (info.state.subjects or {}).items():
+                # Both lanes of a stage (fair share: ``stages.<stage>.bulk``) count.
+                stage = s.names.strip(subject).removeprefix("stages.").removesuffix(".bulk")
+                depth[stage] = depth.get(stage, 0) + count
             try:
                 consumer = await s.bus.js.consumer_info(s.names.jobs_stream, CONDUCTOR_SUBMIT)
                 depth[SUBMIT_QUEUE] = consumer.num_pending or 0

@@ -36,6 +36,7 @@ from functions.janitor.ingestsweep import make_missing_jobs
 from functions.janitor.tempdirs import remove_orphan_dirs
 from shared import msgids
 from shared.events import JobCleanup, JobRetry
+from shared.fairshare import bulk_subject
 from shared.function import Services
 from shared.jobstate import LIVE_STEP, JobRecord, JobStatus
 from shared.jobstore import JobNotFound
@@ -168,7 +169,8 @@ async def sweep(services: Services, *, now: float | None = None) -> SweepReport:
 class DrainedQueues:
     """Which queues a stuck job waits on are empty, so its task cannot still arrive.
 
-    Looked up once per queue per sweep: one STREAM.INFO filtered on the stage's subject
+    Looked up once per queue per sweep: a STREAM.INFO filtered on each of the stage's two
+    subjects (its fast and bulk lanes)
     (a work-queue stream keeps a message until it is acked, delivered or not), or the
     conductor's submit consumer for a job that was never planned.
     """
@@ -193,9 +195,13 @@ class DrainedQueues:
         return self.known[key]
 
     async def _stage_drained(self, subject: str) -> bool:
-        info = await self.services.bus.js.stream_info(self.services.names.stages_stream,
-                                                      subjects_filter=subject)
-        return not (info.state.subjects or {}).get(subject)
+        # Both lanes of the stage (fair share): a task may wait in the bulk one.
+        for lane in (subject, bulk_subject(subject)):
+            info = await self.services.bus.js.stream_info(self.services.names.stages_stream,
+                                                          subjects_filter=lane)
+            if (info.state.subjects or {}).get(lane):
+                return False
+        return True
 
     async def _submit_drained(self) -> bool:
         try:

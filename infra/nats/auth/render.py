@@ -31,7 +31,8 @@ STAGES = ("audio-extract", "concat", "encode-part", "loudnorm", "montage", "noop
           "package-hls", "preview", "probe", "rendition", "segment", "subtitles",
           "thumbnail", "transcode", "watermark")
 """Stage functions (``shared.recipes.STAGES``); each consumes ``stages.<stage>`` with the
-durable ``stage-<stage>``."""
+durable ``stage-<stage>`` and its bulk lane ``stages.<stage>.bulk`` with ``stage-<stage>-bulk``
+(fair share: ``shared.fairshare``)."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,8 @@ class User:
 def stage(name: str) -> User:
     return User(
         name=name, publish=("jobs.stage.complete", "events.>", f"dlq.{name}"),
-        subscribe=("jobs.cancel",), consumers=(("STAGES", f"stage-{name}"),), kv=("jobs",),
+        subscribe=("jobs.cancel",),
+        consumers=(("STAGES", f"stage-{name}"), ("STAGES", f"stage-{name}-bulk")), kv=("jobs",),
     )
 
 
