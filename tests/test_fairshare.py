@@ -222,7 +222,7 @@ async def _light_during_bulk(make_settings: Any, short: Path, long: Path,
 async def test_a_worker_busy_with_bulk_work_starts_a_light_task_beside_it(
         make_settings: Any, make_clip: Any) -> None:
     short = make_clip("fair", duration=1.0, width=320, height=180, audio=False)
-    long = make_clip("fair-long", duration=16.0, width=640, height=360, audio=False)
+    long = make_clip("fair-long", duration=40.0, width=640, height=360, audio=False)
     bulk, light = await _light_during_bulk(make_settings, short, long, extra_slots=1)
     # The light encode started while the bulk one still ran (the extra slot) ...
     assert (light.steps["encode"].started_at or 0) < (bulk.steps["encode"].finished_at or 0)
