@@ -38,6 +38,7 @@ from loadtests.common import BenchResult, Row, nats_server, say, temp_dir
 from shared.events import InputRef, JobSubmit, StepSpec
 from shared.ids import new_job_id
 from shared.media import Binaries, find_binaries
+from shared.media.probe import probe
 from shared.params.hls import EncodePartParams, default_maxrate_k, rung_size
 from shared.runtime import Runtime
 from shared.settings import Settings, load_settings
@@ -91,7 +92,8 @@ def video_facts(binaries: Binaries, path: Path) -> tuple[int, int]:
 
 def single_command(binaries: Binaries, clip: Path, out: Path, duration: float,
                    segment_s: float) -> list[str]:
-    video = {"fps": 25.0, "rotation": 0}
+    video = asyncio.run(probe(binaries, str(clip))).video
+    assert video is not None, f"{clip} has no video stream"
     args = encode_args(clip, out, _params(segment_s), video, rung_size(1280, 720, HEIGHT),
                        0.0, duration)
     cut = args.index("-an")
