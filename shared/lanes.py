@@ -3,11 +3,13 @@
 The fast lane is the stage's own pull subscription (the consumer loop's); this adds the bulk
 lane's. Each round asks the fast consumer how many tasks it has undelivered (one
 CONSUMER.INFO round trip, about a millisecond) and pulls fast when it has some; otherwise it
-takes a brief look at bulk (``BULK_PULL_S``, where a waiting task is delivered at once), and
-when that is empty too waits on fast for ``fair_poll_s``. So a run of bulk tasks costs one
-round trip each, not a pull that waits out an empty fast lane; a fast task that arrives
-while the worker looks at bulk is taken within about ``BULK_PULL_S``; a bulk task that
-arrives at an idle worker within about ``fair_poll_s``. An idle worker makes a few requests
+asks the bulk consumer the same (plus its unacked ones, which a pull may redeliver) and,
+when it may have work, takes a brief look at bulk (``BULK_PULL_S``, where a waiting task is
+delivered at once); when that is empty too it waits on fast for ``fair_poll_s``. So a run
+of bulk tasks costs one round trip each, not a pull that waits out an empty fast lane; a
+fast task that arrives while the worker looks at bulk is taken within about
+``BULK_PULL_S``, one that arrives at an idle worker at once; a bulk task that arrives at an
+idle worker within about ``fair_poll_s``. An idle worker makes a few requests
 a second instead of one per ``fetch_timeout_s``.
 
 A worker does not pre-empt a running task, so with every slot busy on bulk work a fast task
@@ -95,7 +97,7 @@ class BulkLane:
             return await self._fast_while_busy(fast, batch, holding)
         deadline = time.monotonic() + within_s
         while True:
-            if not await self._fast_pending():
+            if not await self._fast_pending() and await self._bulk_waiting():
                 with contextlib.suppress(nats.errors.TimeoutError, TimeoutError):
                     return await self._fetch_bulk(batch, BULK_PULL_S)
             pull = max(MIN_PULL_S, min(self.poll_s, deadline - time.monotonic()))
@@ -126,6 +128,19 @@ class BulkLane:
         except Exception:
             return True
         return bool(info.num_pending)
+
+    async def _bulk_waiting(self) -> bool:
+        """Whether the bulk lane may have a task for this worker: undelivered ones, or
+        delivered ones not acked yet (one of them may be due for redelivery, which only a
+        pull brings). False lets an idle worker go straight to its fast-lane pull, so a fast
+        task that arrives is delivered at once instead of after a look at an empty bulk
+        lane (the single-tenant case: no latency added per step). True when it cannot
+        tell."""
+        try:
+            info = await self.js.consumer_info(self.stream, self.durable)
+        except Exception:
+            return True
+        return bool(info.num_pending or info.num_ack_pending)
 
     async def _fetch_bulk(self, batch: int, pull: float) -> list[Msg]:
         try:
