@@ -171,15 +171,7 @@ async def job_eta(book: CostBook | None, record: JobRecord, now: float) -> float
     """Predicted seconds until ``record`` finishes (None once it has: no ETA to give)."""
     if record.status not in ACTIVE_JOB:
         return None
-    entries: dict[str, CostEntry | None] = {}
-    info = job_probe(record)
-    for name, step in record.steps.items():
-        for part in ([None] if not step.parts else range(len(step.parts))):
-            work = step_work(record, name, part, info)
-            for key in (work.key, pooled(work).key):
-                if key not in entries:
-                    entries[key] = await book.entry(key) if book is not None else None
-    return remaining_s(record, partial(_predicted, entries), now)
+    return remaining_s(record, partial(_predicted, await _step_entries(book, record)), now)
 
 
 async def job_backlog(book: CostBook | None, record: JobRecord, now: float) -> float:
@@ -198,6 +190,14 @@ async def job_backlog(book: CostBook | None, record: JobRecord, now: float) -> f
             work = work_of(spec.stage, spec.params, None, None, input_mb)
             total += await book.predict(work) if book is not None else predict(work, None)
         return round(total, 1)
+    return remaining_compute_s(record, partial(_predicted, await _step_entries(book, record)),
+                               now)
+
+
+async def _step_entries(book: CostBook | None,
+                        record: JobRecord) -> dict[str, CostEntry | None]:
+    """The cost entries (each class's and its stage's pooled one) of every step and part of
+    ``record``, each read once."""
     entries: dict[str, CostEntry | None] = {}
     info = job_probe(record)
     for name, step in record.steps.items():
@@ -206,7 +206,7 @@ async def job_backlog(book: CostBook | None, record: JobRecord, now: float) -> f
             for key in (work.key, pooled(work).key):
                 if key not in entries:
                     entries[key] = await book.entry(key) if book is not None else None
-    return remaining_compute_s(record, partial(_predicted, entries), now)
+    return entries
 
 
 def _predicted(entries: dict[str, CostEntry | None], work: Work) -> float:

@@ -290,13 +290,14 @@ async def _publish(record: JobRecord, ctx: Context, tasks: list[tuple[str, int |
     """Publish ``tasks`` at once, each still awaiting its own PubAck: a fan-out of N parts
     costs one round trip of wall time, not N. If any publish fails, the message is
     redelivered and all are published again (their ids make repeats no-ops)."""
-    lanes = await _lanes(record, ctx, tasks)  # also notes a finished job's end in the ledger
+    predicted = [await task_prediction(ctx.services.costs, record, step_name, part)
+                 for step_name, part in tasks]
+    lanes = await _lanes(record, ctx, predicted)  # also notes a finished job's end
     if record.terminal or not tasks:
         return
     bus, names = ctx.services.bus, ctx.services.names
-    built = [_task(record, step_name, part, ctx,
-                   await task_prediction(ctx.services.costs, record, step_name, part))
-             for step_name, part in tasks]
+    built = [_task(record, step_name, part, ctx, seconds)
+             for (step_name, part), seconds in zip(tasks, predicted, strict=True)]
     await _all(bus.publish(_subject(names.stage(task.stage), lane), task, msg_id=task.task_id)
                for task, lane in zip(built, lanes, strict=True))
 
@@ -314,15 +315,14 @@ async def _all(publishes: Iterable[Awaitable[object]]) -> None:
             raise result
 
 
-async def _lanes(record: JobRecord, ctx: Context,
-                 tasks: list[tuple[str, int | None]]) -> list[Lane]:
-    """Each task's lane (fair share by predicted compute-seconds, ``shared.fairshare``);
-    notes the job's backlog in this conductor's ledger, its end included."""
-    fair, costs = ctx.services.fair, ctx.services.costs
+async def _lanes(record: JobRecord, ctx: Context, predicted: list[float]) -> list[Lane]:
+    """Each task's lane, given its predicted compute-seconds (fair share,
+    ``shared.fairshare``); notes the job's backlog in this conductor's ledger, its end
+    included."""
+    fair = ctx.services.fair
     if fair is None:
-        return ["fast"] * len(tasks)
-    backlog = await job_backlog(costs, record, time.time())
-    predicted = [await task_prediction(costs, record, step, part) for step, part in tasks]
+        return ["fast"] * len(predicted)
+    backlog = await job_backlog(ctx.services.costs, record, time.time())
     return fair.lanes(record.tenant, record.job_id, backlog, predicted)
 
 
